@@ -1,0 +1,195 @@
+// Bit-exact NVFP4 numerics: the one device-side implementation of DESIGN.md's
+// per-block arithmetic, shared by every quantization kernel.
+//
+// CuPy appends -ftz=true to every NVRTC compile. Under it the compiler turns
+// plain C++ float arithmetic into .ftz instructions, which flush subnormal
+// inputs and results and would break bit-exactness for tiny blocks. So every
+// float operation whose operands can be subnormal is written as inline PTX
+// without .ftz (inline asm is passed to ptxas verbatim), and comparisons,
+// abs and max are done on the raw bits. tests/test_compile.py checks that the
+// generated PTX holds no .ftz instruction.
+#pragma once
+
+namespace nvfp4 {
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+constexpr u32 kF32AbsMask = 0x7fffffffu;
+constexpr u32 kF32InfBits = 0x7f800000u;
+constexpr u32 kF32MaxBits = 0x7f7fffffu;  // FLT_MAX
+constexpr u8 kE4M3NaN = 0x7f;
+constexpr u8 kE4M3Max = 0x7e;  // 448.0
+
+// ---------------------------------------------------------------------------
+// IEEE float32 operations, round-to-nearest-even, subnormals kept.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float d;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float d;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+
+// ---------------------------------------------------------------------------
+// Input element types. Each knows its raw storage, how to take |x| on the raw
+// bits (so a max over them is an exact, NaN-propagating amax: NaN bit patterns
+// sort above infinity) and how to widen to float32 exactly.
+// ---------------------------------------------------------------------------
+struct Float16Input {
+  typedef u16 raw_t;
+  static constexpr u32 kAbsMask = 0x7fffu;
+  __device__ static float to_f32(u32 raw) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)raw));
+    return f;
+  }
+};
+
+struct BFloat16Input {
+  typedef u16 raw_t;
+  static constexpr u32 kAbsMask = 0x7fffu;
+  __device__ static float to_f32(u32 raw) { return __uint_as_float(raw << 16); }
+};
+
+struct Float32Input {
+  typedef u32 raw_t;
+  static constexpr u32 kAbsMask = kF32AbsMask;
+  __device__ static float to_f32(u32 raw) { return __uint_as_float(raw); }
+};
+
+// ---------------------------------------------------------------------------
+// FP8 E4M3 (scale bytes).
+// ---------------------------------------------------------------------------
+
+// Round-to-nearest-even on a right shift of an integer significand.
+__device__ __forceinline__ u32 shift_right_rne(u32 value, u32 shift) {
+  const u32 kept = value >> shift;
+  const u32 rest = value & ((1u << shift) - 1u);
+  const u32 half = 1u << (shift - 1u);
+  return kept + ((rest > half || (rest == half && (kept & 1u))) ? 1u : 0u);
+}
+
+// s >= +0 (or +inf), never NaN: RNE to E4M3, saturating at 448.
+__device__ __forceinline__ u8 e4m3_from_f32_software(float s) {
+  const u32 bits = __float_as_uint(s);
+  if (bits >= 0x43e00000u) return kE4M3Max;  // s >= 448 rounds or saturates to 448
+  const int exponent = (int)(bits >> 23) - 127;
+  if (exponent >= -6) {
+    // Normal E4M3: keep 3 mantissa bits, rebias 127 -> 7. A carry out of the
+    // mantissa moves into the exponent, which is exactly the right result.
+    return (u8)(shift_right_rne(bits, 20) - (120u << 3));
+  }
+  if (exponent < -10) return 0;  // s < 2^-10: below half the smallest subnormal
+  // Subnormal E4M3, value m * 2^-9: m = RNE(s * 2^9) from the 24-bit significand.
+  const u32 significand = (bits & 0x7fffffu) | 0x800000u;
+  return (u8)shift_right_rne(significand, (u32)(14 - exponent));
+}
+
+__device__ __forceinline__ u8 e4m3_from_f32(float s) {
+#if NVFP4_HW_E4M3
+  // sm_89+: the hardware conversion, same rounding and saturation.
+  u16 pair;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.0f), "f"(s));
+  return (u8)(pair & 0xffu);
+#else
+  return e4m3_from_f32_software(s);
+#endif
+}
+
+// Exact value of a non-negative, non-NaN E4M3 byte.
+__device__ __forceinline__ float e4m3_to_f32(u8 code) {
+  const u32 exponent = code >> 3;
+  const u32 mantissa = code & 7u;
+  if (exponent == 0) return mul_rn((float)mantissa, 0x1p-9f);  // subnormal: m * 2^-9, exact
+  return __uint_as_float(((exponent + 120u) << 23) | (mantissa << 20));
+}
+
+// ---------------------------------------------------------------------------
+// FP4 E2M1 (values). Codes 0..7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is sign.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ u32 e2m1_from_f32_software(float y) {
+  const u32 bits = __float_as_uint(y);
+  const u32 a = bits & kF32AbsMask;
+  // RNE thresholds from DESIGN.md: ties at 0.25, 1.25, 2.5, 5 go down (to the
+  // even code), ties at 0.75, 1.75, 3.5 go up. Compared as bits: exact, no FTZ.
+  const u32 magnitude = (a > 0x3e800000u) + (a >= 0x3f400000u) + (a > 0x3fa00000u) +
+                        (a >= 0x3fe00000u) + (a > 0x40200000u) + (a >= 0x40600000u) +
+                        (a > 0x40a00000u);
+  return magnitude | ((bits >> 28) & 8u);
+}
+
+// Two values to one byte: lo in bits 0..3, hi in bits 4..7.
+__device__ __forceinline__ u32 e2m1x2_from_f32(float lo, float hi) {
+#if NVFP4_HW_E2M1
+  // sm_100a/sm_120a family: the hardware conversion (first operand -> high nibble).
+  u16 pair;
+  asm("{\n\t.reg .b8 byte;\n\t"
+      "cvt.rn.satfinite.e2m1x2.f32 byte, %1, %2;\n\t"
+      "cvt.u16.u8 %0, byte;\n\t}"
+      : "=h"(pair)
+      : "f"(hi), "f"(lo));
+  return pair;
+#else
+  return e2m1_from_f32_software(lo) | (e2m1_from_f32_software(hi) << 4);
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// The per-block arithmetic of DESIGN.md, steps 3-5 and the special cases.
+// ---------------------------------------------------------------------------
+struct BlockScale {
+  u8 scale_byte;    // E4M3 bits written to the scale tensor
+  float reciprocal;  // r: multiply the block's values by this
+  bool zero_codes;   // NaN block or invalid global scale: all 16 codes are 0
+};
+
+__device__ __forceinline__ bool is_valid_global_scale(float gs) {
+  // Finite and > 0 (positive subnormals included).
+  const u32 bits = __float_as_uint(gs);
+  return bits - 1u < kF32MaxBits;
+}
+
+// amax_bits: float32 bits of max |v_i| over the block (NaN bit patterns above inf).
+__device__ __forceinline__ BlockScale block_scale(u32 amax_bits, float gs) {
+  BlockScale out;
+  if (!is_valid_global_scale(gs) || amax_bits > kF32InfBits) {
+    out.scale_byte = kE4M3NaN;
+    out.reciprocal = 0.0f;
+    out.zero_codes = true;
+    return out;
+  }
+  const float amax = __uint_as_float(amax_bits);
+  const float s = mul_rn(gs, div_rn(amax, 6.0f));
+  out.scale_byte = e4m3_from_f32(s);
+  out.zero_codes = false;
+  if (out.scale_byte == 0) {
+    out.reciprocal = 0.0f;
+  } else {
+    const float r = div_rn(1.0f, div_rn(e4m3_to_f32(out.scale_byte), gs));
+    out.reciprocal = (__float_as_uint(r) > kF32MaxBits) ? __uint_as_float(kF32MaxBits) : r;
+  }
+  return out;
+}
+
+// Eight consecutive values of one block -> 32 bits of packed codes
+// (element 2j in the low nibble of byte j).
+__device__ __forceinline__ u32 pack_eight(const float (&v)[8], const BlockScale& scale) {
+  if (scale.zero_codes) return 0u;
+  u32 packed = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float lo = mul_rn(v[2 * j], scale.reciprocal);
+    const float hi = mul_rn(v[2 * j + 1], scale.reciprocal);
+    packed |= e2m1x2_from_f32(lo, hi) << (8 * j);
+  }
+  return packed;
+}
+
+}  // namespace nvfp4

@@ -1,0 +1,32 @@
+"""nvfp4_cupy: NVFP4 quantization for CuPy on every NVIDIA GPU from sm_80.
+
+The GPU functions need CuPy and are imported on first use, so that
+`nvfp4_cupy.reference` (NumPy and ml_dtypes only) works without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "scaled_fp4_quant",
+    "create_fp4_output_tensors",
+    "reference",
+    "__version__",
+]
+
+_GPU_NAMES = {"scaled_fp4_quant", "create_fp4_output_tensors"}
+
+
+def __getattr__(name: str):
+    if name in _GPU_NAMES:
+        return getattr(importlib.import_module(".quantize", __name__), name)
+    if name == "reference":
+        return importlib.import_module(".reference", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

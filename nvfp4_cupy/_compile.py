@@ -1,0 +1,100 @@
+"""What a kernel variant is made of: its CUDA source (from cuda_src/), its
+template name and its NVRTC options. No device needed here: the launcher
+(_kernels.py) hands this to CuPy, and the tests hand it to NVRTC directly to
+compile every variant for every architecture on a CPU-only machine."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ._format import ScaleLayout
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+
+INPUT_STRUCTS = {
+    "float16": "nvfp4::Float16Input",
+    "bfloat16": "nvfp4::BFloat16Input",
+    "float32": "nvfp4::Float32Input",
+}
+
+
+def source_dir() -> Path:
+    """cuda_src/ inside an installed wheel, else beside the package in a checkout."""
+    for candidate in (_PACKAGE_DIR / "cuda_src", _PACKAGE_DIR.parent / "cuda_src"):
+        if (candidate / "nvfp4_quantize.cu").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"nvfp4_cupy: cuda_src/ not found beside {_PACKAGE_DIR} (broken install?)"
+    )
+
+
+@lru_cache(maxsize=None)
+def kernel_source(filename: str = "nvfp4_quantize.cu") -> str:
+    """The .cu file with its local #include "..." files inlined, once each.
+
+    Inlining makes the source text CuPy hashes for its disk cache cover every
+    header, so editing a header can never serve a stale cubin."""
+    directory = source_dir()
+    seen: set[str] = set()
+
+    def expand(name: str) -> str:
+        if name in seen:
+            return ""
+        seen.add(name)
+        text = (directory / name).read_text()
+        return _INCLUDE.sub(lambda match: expand(match.group(1)), text)
+
+    return expand(filename)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which conversions run in hardware. Part of every cache key: it changes
+    the generated code."""
+
+    hw_e4m3: bool  # cvt.rn.satfinite.e4m3x2.f32, sm_89+
+    hw_e2m1: bool  # cvt.rn.satfinite.e2m1x2.f32, arch-specific sm_100a/103a/110a/120a/121a
+    arch_specific: str | None = None  # e.g. "sm_100a": needed for the e2m1 instruction
+
+    @property
+    def description(self) -> str:
+        if self.hw_e2m1:
+            return f"hardware E2M1 and E4M3 conversion ({self.arch_specific})"
+        if self.hw_e4m3:
+            return "hardware E4M3, software E2M1 conversion"
+        return "software E2M1 and E4M3 conversion"
+
+
+SOFTWARE = Target(hw_e4m3=False, hw_e2m1=False)
+
+
+def target_for(compute_capability: int, nvrtc_archs: tuple[int, ...]) -> Target:
+    """The fastest exact conversions a GPU of this compute capability (e.g. 90
+    for sm_90) has, among those this NVRTC (supporting `nvrtc_archs`) can emit."""
+    if compute_capability // 10 in (10, 11, 12) and compute_capability in nvrtc_archs:
+        return Target(hw_e4m3=True, hw_e2m1=True, arch_specific=f"sm_{compute_capability}a")
+    return Target(hw_e4m3=compute_capability >= 89, hw_e2m1=False)
+
+
+def compile_options(target: Target) -> tuple[str, ...]:
+    options = [
+        "-std=c++17",
+        f"-DNVFP4_HW_E4M3={int(target.hw_e4m3)}",
+        f"-DNVFP4_HW_E2M1={int(target.hw_e2m1)}",
+    ]
+    if target.arch_specific:
+        # CuPy appends a plain -arch=sm_XX after this; NVRTC keeps the
+        # arch-specific one (tests/test_compile.py holds it to that).
+        options.append(f"-arch={target.arch_specific}")
+    return tuple(options)
+
+
+def quantize_kernel_name(dtype_name: str, layout: ScaleLayout, vector_loads: bool) -> str:
+    return (
+        f"nvfp4::quantize_nvfp4<{INPUT_STRUCTS[dtype_name]}, {layout.cuda_struct}, "
+        f"{'true' if vector_loads else 'false'}>"
+    )

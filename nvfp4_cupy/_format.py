@@ -1,0 +1,107 @@
+"""What both the golden model and the GPU launcher must agree on before any
+arithmetic: block size, scale layouts and their shapes, and the checks on
+shape, padding, layout and global-scale arguments. Pure Python and NumPy."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK_SIZE = 16
+E2M1_MAX = 6.0
+E4M3_MAX = 448.0
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ScaleLayout:
+    """A scale-tensor layout: its name in the API, its kernel struct, and how
+    far it rounds rows and block columns up."""
+
+    name: str
+    cuda_struct: str
+    row_multiple: int
+    col_multiple: int
+
+    def scale_shape(self, m: int, padded_n: int) -> tuple[int, int]:
+        blocks = padded_n // BLOCK_SIZE
+        return round_up(m, self.row_multiple), round_up(blocks, self.col_multiple)
+
+
+LAYOUTS = {
+    "swizzled": ScaleLayout("swizzled", "nvfp4::SwizzledScales", 128, 4),
+    "linear": ScaleLayout("linear", "nvfp4::LinearScales", 1, 1),
+    "8x4": ScaleLayout("8x4", "nvfp4::Tiled8x4Scales", 8, 4),
+}
+
+
+def resolve_layout(is_sf_swizzled_layout: bool = True, layout: str | None = None) -> ScaleLayout:
+    """`layout` wins over the vLLM-style boolean when given."""
+    if layout is None:
+        if not isinstance(is_sf_swizzled_layout, (bool, np.bool_)):
+            raise TypeError(
+                f"is_sf_swizzled_layout must be a bool, got {type(is_sf_swizzled_layout).__name__}"
+            )
+        return LAYOUTS["swizzled" if is_sf_swizzled_layout else "linear"]
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+    return LAYOUTS[layout]
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def resolve_padded_n(n: int, padded_n: int | None) -> int:
+    """Output K: defaults to n rounded up to a whole block; must cover n and be
+    a multiple of 16."""
+    if n <= 0:
+        raise ValueError(f"x: the last dimension n must be positive, got n={n}")
+    if padded_n is None:
+        return round_up(n, BLOCK_SIZE)
+    padded_n = _as_int(padded_n, "padded_n")
+    if padded_n % BLOCK_SIZE:
+        raise ValueError(f"padded_n must be a multiple of {BLOCK_SIZE}, got padded_n={padded_n}")
+    if padded_n < n:
+        raise ValueError(f"padded_n must be >= n, got padded_n={padded_n} < n={n}")
+    return padded_n
+
+
+def check_dtype(dtype, name: str = "x") -> str:
+    dtype_name = np.dtype(dtype).name
+    if dtype_name not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got dtype {dtype_name}")
+    return dtype_name
+
+
+def rows_and_n(shape: tuple[int, ...], name: str = "x") -> tuple[int, int]:
+    """[..., n] -> (m, n): leading dimensions flatten into rows."""
+    if len(shape) == 0:
+        raise ValueError(f"{name} must have at least one dimension (shape [..., n]), got a 0-d array")
+    return math.prod(shape[:-1]), shape[-1]
+
+
+def host_global_scale(value) -> np.float32:
+    """A host global scale (Python or NumPy number) as the float32 the kernels
+    use; it must be finite and > 0 there. (Only a scale held in a device array
+    can be invalid at run time: the kernels then write NaN scales.)"""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"global_scale must be a float or a 1-element float32 device array, got {type(value).__name__}"
+        )
+    with np.errstate(over="ignore", under="ignore"):
+        gs = np.float32(value)
+    if not (np.isfinite(gs) and gs > 0):
+        raise ValueError(
+            f"global_scale must be finite and > 0 in float32, got {value!r} (float32: {float(gs)})"
+        )
+    return gs

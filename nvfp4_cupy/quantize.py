@@ -1,0 +1,234 @@
+"""NVFP4 quantization on the GPU: argument checks, output buffers, launch.
+
+Everything a caller can get wrong is checked here, before any allocation is
+written or any kernel launched."""
+
+from __future__ import annotations
+
+import numbers
+
+import cupy as cp
+import numpy as np
+
+from . import _kernels
+from ._compile import Target
+from ._format import (
+    BLOCK_SIZE,
+    check_dtype,
+    host_global_scale,
+    resolve_layout,
+    resolve_padded_n,
+    rows_and_n,
+)
+
+_THREADS_PER_BLOCK = 256
+_VECTOR_BYTES = 16
+_HALF_BLOCK = BLOCK_SIZE // 2  # values per thread
+_MAX_GRID_Y = 65535
+_MAX_INDEX = 2**31 - 1  # rows and columns are 32-bit in the kernel
+
+
+def _device_array(obj, name: str) -> cp.ndarray:
+    """A CuPy array, or any DLPack producer (a torch CUDA tensor) zero-copy."""
+    if isinstance(obj, cp.ndarray):
+        return obj
+    if isinstance(obj, np.ndarray):
+        raise TypeError(f"{name} is a NumPy (host) array; pass a CuPy array or a CUDA tensor")
+    if hasattr(obj, "__dlpack__"):
+        try:
+            return cp.from_dlpack(obj)
+        except Exception as exc:  # the producer's own error says why (CPU tensor, dtype, ...)
+            raise TypeError(f"{name}: cannot use {type(obj).__name__} as a CUDA array: {exc}") from None
+    raise TypeError(f"{name} must be a CuPy array or a CUDA tensor, got {type(obj).__name__}")
+
+
+def _row_stride(x: cp.ndarray) -> int:
+    """Elements between rows, when the leading dimensions of x collapse into
+    evenly strided rows of contiguous values (any C-contiguous array, and
+    views such as h[:, :4096]); else a ValueError."""
+    itemsize = x.itemsize
+    if x.shape[-1] > 1 and x.strides[-1] != itemsize:
+        raise ValueError(
+            f"x: the last dimension must be contiguous (stride {itemsize} bytes), got strides "
+            f"{x.strides}; pass cupy.ascontiguousarray(x)"
+        )
+    leading = [(size, stride) for size, stride in zip(x.shape[:-1], x.strides[:-1]) if size > 1]
+    if not leading:
+        return x.shape[-1]
+    for (size_outer, stride_outer), (size_inner, stride_inner) in zip(leading, leading[1:]):
+        if stride_outer != stride_inner * size_inner:
+            raise ValueError(
+                f"x: leading dimensions of shape {x.shape} with strides {x.strides} do not "
+                "flatten into evenly strided rows; pass cupy.ascontiguousarray(x)"
+            )
+    row_stride_bytes = leading[-1][1]
+    if row_stride_bytes % itemsize:
+        raise ValueError(f"x: row stride {row_stride_bytes} bytes is not a whole number of elements")
+    return row_stride_bytes // itemsize
+
+
+def _byte_range(array: cp.ndarray, rows: int, row_stride: int, n: int) -> tuple[int, int]:
+    first = array.data.ptr
+    last_row = first + (rows - 1) * row_stride * array.itemsize
+    return min(first, last_row), max(first, last_row) + n * array.itemsize
+
+
+def _check_output(buffer, name: str, shape: tuple[int, int], device_id: int) -> cp.ndarray:
+    buffer = _device_array(buffer, name)
+    if buffer.dtype != np.uint8:
+        raise TypeError(f"{name} must have dtype uint8, got {buffer.dtype}")
+    if buffer.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {buffer.shape}")
+    if not buffer.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {buffer.strides}")
+    if buffer.device.id != device_id:
+        raise ValueError(f"{name} is on device {buffer.device.id} but x is on device {device_id}")
+    return buffer
+
+
+def _global_scale_argument(global_scale, device_id: int):
+    """(device array or None, host float32): a device scale is read by the
+    kernel (no host sync, capturable in CUDA graphs); a host one is checked here."""
+    if isinstance(global_scale, (numbers.Real, np.generic)) and not isinstance(global_scale, np.ndarray):
+        return None, host_global_scale(global_scale)
+    array = _device_array(global_scale, "global_scale")
+    if array.dtype != np.float32:
+        raise TypeError(f"global_scale as a device array must be float32, got {array.dtype}")
+    if array.size != 1:
+        raise ValueError(f"global_scale as a device array must hold one element, got shape {array.shape}")
+    if array.device.id != device_id:
+        raise ValueError(f"global_scale is on device {array.device.id} but x is on device {device_id}")
+    return array, np.float32(0)
+
+
+def _resolve_stream(stream, device_id: int):
+    if stream is None:
+        return cp.cuda.get_current_stream()
+    if not isinstance(stream, (cp.cuda.Stream, cp.cuda.ExternalStream)):
+        raise TypeError(f"stream must be a cupy.cuda.Stream or None, got {type(stream).__name__}")
+    stream_device = getattr(stream, "device_id", device_id)
+    if stream_device not in (-1, device_id):
+        raise ValueError(f"stream belongs to device {stream_device} but x is on device {device_id}")
+    return stream
+
+
+def _launch_geometry(scale_rows: int, scale_cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Threads: x over half blocks (a power of two >= 2, so both halves of a
+    block share a warp), y over rows, 256 in all (whole warps)."""
+    half_blocks = 2 * scale_cols
+    threads_x = min(_THREADS_PER_BLOCK, 1 << (half_blocks - 1).bit_length())
+    threads_y = _THREADS_PER_BLOCK // threads_x
+    grid = (-(-scale_rows // threads_y), -(-half_blocks // threads_x))
+    return grid, (threads_x, threads_y)
+
+
+def scaled_fp4_quant(
+    x,
+    global_scale,
+    is_sf_swizzled_layout=True,
+    padded_n=None,
+    *,
+    layout=None,
+    out=None,
+    out_scale=None,
+    stream=None,
+):
+    """Quantize x [..., n] (float16, bfloat16 or float32 on the GPU) to NVFP4.
+
+    Returns (packed uint8 [m, padded_n // 2], scales uint8 in `layout`), the
+    same bytes as nvfp4_cupy.reference.scaled_fp4_quant. `global_scale` is a
+    host float, or a 1-element float32 device array read by the kernel.
+    `padded_n` (default n rounded up to 16) pads K with zeros in the kernel.
+    `out`/`out_scale` may be uninitialized buffers: every byte is written.
+    """
+    return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream)
+
+
+def _quantize(
+    x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, target: Target | None = None
+):
+    """scaled_fp4_quant, with the conversion target forced when given (tests
+    run the sm_80 software path on newer GPUs this way)."""
+    x = _device_array(x, "x")
+    dtype_name = check_dtype(x.dtype)
+    m, n = rows_and_n(x.shape)
+    padded_n = resolve_padded_n(n, padded_n)
+    row_stride = _row_stride(x) if m else n
+    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
+    device_id = x.device.id
+    global_scale_array, global_scale_value = _global_scale_argument(global_scale, device_id)
+
+    packed_shape = (m, padded_n // 2)
+    scale_shape = scale_layout.scale_shape(m, padded_n)
+    grid, block = _launch_geometry(*scale_shape)
+    if scale_shape[0] > _MAX_INDEX or padded_n > _MAX_INDEX or grid[1] > _MAX_GRID_Y:
+        raise ValueError(f"x: shape {x.shape} with padded_n={padded_n} is too large for one launch")
+
+    with cp.cuda.Device(device_id):
+        stream = _resolve_stream(stream, device_id)
+        outputs = []
+        for buffer, name, shape in ((out, "out", packed_shape), (out_scale, "out_scale", scale_shape)):
+            outputs.append(None if buffer is None else _check_output(buffer, name, shape, device_id))
+        if m and any(buffer is not None for buffer in outputs):
+            _check_no_overlap(x, m, row_stride, n, outputs)
+        with stream:
+            packed, scales = (
+                cp.empty(shape, dtype=np.uint8) if buffer is None else buffer
+                for buffer, shape in zip(outputs, (packed_shape, scale_shape))
+            )
+        if m == 0:
+            return packed, scales
+        vector_loads = (
+            x.data.ptr % _VECTOR_BYTES == 0
+            and (row_stride * x.itemsize) % _VECTOR_BYTES == 0
+            and n % _HALF_BLOCK == 0
+        )
+        kernel = _kernels.quantize_function(device_id, dtype_name, scale_layout, vector_loads, target)
+        kernel(
+            grid,
+            block,
+            (
+                x,
+                np.int64(row_stride),
+                np.int32(m),
+                np.int32(n),
+                np.int32(padded_n),
+                global_scale_array if global_scale_array is not None else np.uint64(0),
+                global_scale_value,
+                packed,
+                scales,
+                np.int32(scale_shape[0]),
+                np.int32(scale_shape[1]),
+            ),
+            stream=stream,
+        )
+    return packed, scales
+
+
+def _check_no_overlap(x, m, row_stride, n, outputs) -> None:
+    x_range = _byte_range(x, m, row_stride, n)
+    ranges = [("x", x_range)] + [
+        (name, (buffer.data.ptr, buffer.data.ptr + buffer.nbytes))
+        for name, buffer in zip(("out", "out_scale"), outputs)
+        if buffer is not None and buffer.nbytes
+    ]
+    for i, (name_a, (lo_a, hi_a)) in enumerate(ranges):
+        for name_b, (lo_b, hi_b) in ranges[i + 1 :]:
+            if lo_a < hi_b and lo_b < hi_a:
+                raise ValueError(f"{name_b} overlaps {name_a} in device memory; pass separate buffers")
+
+
+def create_fp4_output_tensors(m, n, is_sf_swizzled_layout=True, padded_n=None, *, layout=None):
+    """Uninitialized (packed, scales) buffers for scaled_fp4_quant on the
+    current device."""
+    for name, value in (("m", m), ("n", n)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if m < 0:
+        raise ValueError(f"m must be >= 0, got m={m}")
+    padded_n = resolve_padded_n(int(n), padded_n)
+    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
+    return (
+        cp.empty((int(m), padded_n // 2), dtype=np.uint8),
+        cp.empty(scale_layout.scale_shape(int(m), padded_n), dtype=np.uint8),
+    )

@@ -1,0 +1,181 @@
+"""The golden model: NVFP4 quantization in NumPy and ml_dtypes, defining the
+exact bytes every GPU kernel must produce (DESIGN.md). Imports and runs
+without CuPy, so bytes can be checked on any laptop.
+
+Independent of the kernels: the FP4/FP8 roundings are ml_dtypes casts, the
+scale layouts are the DESIGN.md offset formulas, and the helpers that undo the
+layouts use reshapes instead of those formulas.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from ._format import (
+    BLOCK_SIZE,
+    E2M1_MAX,
+    E4M3_MAX,
+    LAYOUTS,
+    ScaleLayout,
+    check_dtype,
+    host_global_scale,
+    resolve_layout,
+    resolve_padded_n,
+    rows_and_n,
+)
+
+__all__ = [
+    "scaled_fp4_quant",
+    "quantize_blocks",
+    "scale_offsets",
+    "unpack_codes",
+    "e2m1_values",
+    "e4m3_values",
+    "unswizzle_scales",
+    "dequantize",
+]
+
+E4M3_NAN_BYTE = 0x7F
+_FLT_MAX = np.float32(np.finfo(np.float32).max)
+
+
+def quantize_blocks(values: np.ndarray, global_scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [m, padded_n] -> (E2M1 codes uint8 [m, padded_n], E4M3 scale
+    bytes uint8 [m, padded_n // 16]), DESIGN.md steps 1-6 and special cases."""
+    m, padded_n = values.shape
+    blocks = values.reshape(m, padded_n // BLOCK_SIZE, BLOCK_SIZE)
+    gs = np.float32(global_scale)
+    with np.errstate(all="ignore"):
+        amax = np.max(np.abs(blocks), axis=-1)  # NaN-propagating
+        s = gs * (amax / np.float32(E2M1_MAX))
+        # ml_dtypes' cast rounds to nearest even but turns overflow into NaN;
+        # the contract saturates, and everything >= 448 rounds or saturates to 448.
+        sf = np.minimum(s, np.float32(E4M3_MAX)).astype(ml_dtypes.float8_e4m3fn)
+        sf_value = sf.astype(np.float32)
+        r = np.where(sf_value == 0, np.float32(0), np.minimum(np.float32(1) / (sf_value / gs), _FLT_MAX))
+        y = blocks * r[..., None].astype(np.float32)
+        codes = np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+    scale_bytes = sf.view(np.uint8).copy()
+
+    # Special cases, in DESIGN.md's order: an invalid global scale NaNs every
+    # block; otherwise a block holding a NaN is NaN-scaled with zero codes.
+    nan_blocks = np.isnan(amax) if (np.isfinite(gs) and gs > 0) else np.ones_like(amax, dtype=bool)
+    scale_bytes[nan_blocks] = E4M3_NAN_BYTE
+    codes = codes.copy()
+    codes[nan_blocks] = 0
+    return codes.reshape(m, padded_n), scale_bytes
+
+
+def scale_offsets(layout: ScaleLayout | str, rows, ks, scale_cols: int) -> np.ndarray:
+    """Byte offset of the scale of block `ks` of row `rows` (DESIGN.md)."""
+    name = layout if isinstance(layout, str) else layout.name
+    rows = np.asarray(rows, dtype=np.int64)
+    ks = np.asarray(ks, dtype=np.int64)
+    if name == "linear":
+        return rows * scale_cols + ks
+    if name == "swizzled":
+        tile = (rows // 128) * (scale_cols // 4) + ks // 4
+        return tile * 512 + (rows % 32) * 16 + ((rows // 32) % 4) * 4 + ks % 4
+    if name == "8x4":
+        tile = (rows // 8) * (scale_cols // 4) + ks // 4
+        return tile * 32 + (rows % 8) * 4 + ks % 4
+    raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {name!r}")
+
+
+def _lay_out_scales(scale_bytes: np.ndarray, layout: ScaleLayout, padded_n: int) -> np.ndarray:
+    m, blocks = scale_bytes.shape
+    shape = layout.scale_shape(m, padded_n)
+    out = np.zeros(shape[0] * shape[1], dtype=np.uint8)
+    rows, ks = np.indices((m, blocks))
+    out[scale_offsets(layout, rows, ks, shape[1])] = scale_bytes
+    return out.reshape(shape)
+
+
+def _pack_codes(codes: np.ndarray) -> np.ndarray:
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+
+
+def _global_scale_value(global_scale) -> np.float32:
+    """A float32 ndarray of one element stands for a device array: taken as is,
+    and an invalid value gives the NaN-scale output. Anything else is a host
+    scalar and must be valid."""
+    if isinstance(global_scale, np.ndarray):
+        if global_scale.dtype != np.float32 or global_scale.size != 1:
+            raise ValueError(
+                "global_scale as an array must be float32 with one element, got "
+                f"dtype {global_scale.dtype} shape {global_scale.shape}"
+            )
+        return global_scale.reshape(())[()]
+    return host_global_scale(global_scale)
+
+
+def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None):
+    """Golden NVFP4 quantization of `x` [..., n] (float16, bfloat16 or
+    float32, NumPy). Returns (packed uint8 [m, padded_n // 2], scales uint8 in
+    the chosen layout), the bytes nvfp4_cupy.scaled_fp4_quant must produce."""
+    x = np.asarray(x)
+    check_dtype(x.dtype)
+    m, n = rows_and_n(x.shape)
+    padded_n = resolve_padded_n(n, padded_n)
+    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
+    gs = _global_scale_value(global_scale)
+
+    values = np.zeros((m, padded_n), dtype=np.float32)
+    values[:, :n] = x.reshape(m, n).astype(np.float32)
+    codes, scale_bytes = quantize_blocks(values, gs)
+    return _pack_codes(codes), _lay_out_scales(scale_bytes, scale_layout, padded_n)
+
+
+# ---------------------------------------------------------------------------
+# Helpers to read the bytes back.
+# ---------------------------------------------------------------------------
+def unpack_codes(packed: np.ndarray) -> np.ndarray:
+    """uint8 [m, k // 2] -> E2M1 codes uint8 [m, k] (low nibble first)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    codes = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
+    codes[..., 0::2] = packed & 0x0F
+    codes[..., 1::2] = packed >> 4
+    return codes
+
+
+def e2m1_values(codes: np.ndarray) -> np.ndarray:
+    """E2M1 codes (0..15) -> float32 values."""
+    return np.asarray(codes, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+
+
+def e4m3_values(scale_bytes: np.ndarray) -> np.ndarray:
+    """E4M3 bytes -> float32 values (0x7F is NaN)."""
+    return np.asarray(scale_bytes, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def unswizzle_scales(scales: np.ndarray, m: int, padded_n: int, layout="swizzled") -> np.ndarray:
+    """A scale tensor in `layout` -> row-major uint8 [m, padded_n // 16],
+    dropping layout padding. Undoes the tiling with reshapes, independently of
+    scale_offsets."""
+    scale_layout = resolve_layout(layout=layout)
+    rows, cols = scale_layout.scale_shape(m, padded_n)
+    scales = np.asarray(scales, dtype=np.uint8).reshape(rows, cols)
+    blocks = padded_n // BLOCK_SIZE
+    if scale_layout.name == "swizzled":
+        # [row tile, col tile, row % 32, (row // 32) % 4, k % 4]
+        tiles = scales.reshape(rows // 128, cols // 4, 32, 4, 4)
+        scales = tiles.transpose(0, 3, 2, 1, 4).reshape(rows, cols)
+    elif scale_layout.name == "8x4":
+        tiles = scales.reshape(rows // 8, cols // 4, 8, 4)
+        scales = tiles.transpose(0, 2, 1, 3).reshape(rows, cols)
+    return np.ascontiguousarray(scales[:m, :blocks])
+
+
+def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled") -> np.ndarray:
+    """Bytes back to float32 [m, n]: e2m1 * float(e4m3) / global_scale, each
+    step IEEE float32."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    m, padded_n = packed.shape[0], packed.shape[1] * 2
+    n = padded_n if n is None else n
+    row_scales = unswizzle_scales(scales, m, padded_n, layout)
+    per_element = np.repeat(e4m3_values(row_scales), BLOCK_SIZE, axis=1)
+    gs = np.float32(_global_scale_value(global_scale))
+    with np.errstate(all="ignore"):
+        values = e2m1_values(unpack_codes(packed)) * per_element / gs
+    return values[:, :n]

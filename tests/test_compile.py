@@ -1,0 +1,103 @@
+"""Every kernel variant compiled by NVRTC for sm_80, sm_89, sm_90, sm_100a and
+sm_120a on the CPU, with the options CuPy adds at run time: no spills, the
+hardware FP4 conversion exactly where it exists, and no flush-to-zero
+instruction even under CuPy's -ftz=true."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import pytest
+
+from nvfp4_cupy._compile import (
+    INPUT_STRUCTS,
+    SOFTWARE,
+    compile_options,
+    kernel_source,
+    quantize_kernel_name,
+    target_for,
+)
+from nvfp4_cupy._format import LAYOUTS
+
+pytestmark = pytest.mark.nvrtc
+
+ALL_KERNELS = tuple(
+    quantize_kernel_name(dtype, layout, vector_loads)
+    for dtype in INPUT_STRUCTS
+    for layout in LAYOUTS.values()
+    for vector_loads in (True, False)
+)
+COMPUTE_CAPABILITIES = (80, 89, 90, 100, 120)
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_compile(compute_capability: int, software: bool = False):
+    """Compile all variants as _kernels.py would on a GPU of this compute
+    capability: our options first, then what CuPy appends (-ftz=true and a
+    plain -arch=sm_XX). Returns (target, PTX text, ptxas log)."""
+    from cupy_backends.cuda.libs import nvrtc
+
+    archs = tuple(nvrtc.getSupportedArchs())
+    if compute_capability not in archs:
+        pytest.skip(f"this NVRTC ({nvrtc.getVersion()}) cannot compile for sm_{compute_capability}")
+    target = SOFTWARE if software else target_for(compute_capability, archs)
+    options = [*compile_options(target), "-ftz=true", f"-arch=sm_{compute_capability}", "-Xptxas=-v"]
+    program = nvrtc.createProgram(kernel_source(), "nvfp4_quantize.cu", [], [])
+    for name in ALL_KERNELS:
+        nvrtc.addNameExpression(program, name)
+    try:
+        nvrtc.compileProgram(program, options)
+    except nvrtc.NVRTCError as exc:
+        raise AssertionError(f"NVRTC failed for sm_{compute_capability}:\n{nvrtc.getProgramLog(program)}") from exc
+    ptx = nvrtc.getPTX(program).decode()
+    assert nvrtc.getCUBIN(program), "no cubin produced"
+    return target, ptx, nvrtc.getProgramLog(program)
+
+
+def ptx_instructions(ptx: str) -> list[str]:
+    return [line.strip() for line in ptx.splitlines() if line.strip() and not line.strip().startswith("//")]
+
+
+@pytest.mark.parametrize("compute_capability", COMPUTE_CAPABILITIES)
+def test_every_variant_compiles_without_spills(compute_capability):
+    _, ptx, log = nvrtc_compile(compute_capability)
+    entries = re.findall(r"\.entry (\S+)\(", ptx, re.MULTILINE)
+    assert len(entries) == len(ALL_KERNELS), entries
+    spills = re.findall(r"(\d+) bytes spill stores", log)
+    assert len(spills) == len(ALL_KERNELS), log
+    assert all(count == "0" for count in spills), log
+    stacks = re.findall(r"(\d+) bytes stack frame", log)
+    assert all(size == "0" for size in stacks), log
+
+
+@pytest.mark.parametrize("compute_capability", COMPUTE_CAPABILITIES)
+def test_hardware_conversions_exactly_where_they_exist(compute_capability):
+    target, ptx, _ = nvrtc_compile(compute_capability)
+    e2m1 = "cvt.rn.satfinite.e2m1x2.f32" in ptx
+    e4m3 = "cvt.rn.satfinite.e4m3x2.f32" in ptx
+    assert e2m1 == (compute_capability >= 100) == target.hw_e2m1
+    assert e4m3 == (compute_capability >= 89) == target.hw_e4m3
+    if compute_capability >= 100:
+        # CuPy's plain -arch=sm_XX came after ours; the arch-specific target must win.
+        assert f".target sm_{compute_capability}a" in ptx
+
+
+@pytest.mark.parametrize("compute_capability", [90, 100])
+def test_software_path_compiles_anywhere(compute_capability):
+    _, ptx, log = nvrtc_compile(compute_capability, software=True)
+    assert "e2m1x2" not in ptx and "e4m3x2" not in ptx
+    assert "bytes spill stores" in log
+
+
+@pytest.mark.parametrize("compute_capability", COMPUTE_CAPABILITIES)
+def test_no_flush_to_zero_under_cupys_ftz_option(compute_capability):
+    _, ptx, _ = nvrtc_compile(compute_capability)
+    flushing = [line for line in ptx_instructions(ptx) if ".ftz" in line]
+    assert not flushing, f"-ftz=true leaked into: {flushing[:5]}"
+
+
+def test_source_inlines_every_local_header():
+    source = kernel_source()
+    assert '#include "' not in source
+    assert "struct SwizzledScales" in source and "block_scale" in source

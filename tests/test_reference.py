@@ -1,0 +1,265 @@
+"""The golden model against hand-computed bytes, every rounding tie, every
+E2M1 and E4M3 code, and the special values of DESIGN.md. CPU only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from bytes_check import assert_bytes_equal
+from nvfp4_cupy import reference as ref
+
+# DESIGN.md's E2M1 table, as data: magnitudes of codes 0..7, and for each
+# boundary between codes i and i+1 whether the tie goes up.
+E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+E2M1_TIE_GOES_UP = [False, True, False, True, False, True, False]
+
+
+def e4m3_positive_values() -> list[Fraction]:
+    """Every finite E4M3 value >= 0 by its definition (bias 7, 3 mantissa
+    bits, no infinity, S.1111.111 is NaN), index = code."""
+    values = []
+    for code in range(0x7F):
+        exponent, mantissa = code >> 3, code & 7
+        if exponent == 0:
+            values.append(Fraction(mantissa, 8) * Fraction(1, 2**6))
+        else:
+            values.append((1 + Fraction(mantissa, 8)) * Fraction(2) ** (exponent - 7))
+    return values
+
+
+def one_block(values, gs=1.0, dtype=np.float32):
+    """Quantize a single 16-value row: (codes[16], scale byte)."""
+    x = np.asarray(values, dtype=dtype).reshape(1, 16)
+    packed, scales = ref.scaled_fp4_quant(x, gs, layout="linear")
+    return ref.unpack_codes(packed)[0], int(scales[0, 0])
+
+
+def test_hand_computed_block():
+    # amax 6 and gs 1: s = 1.0 -> E4M3 0x38, r = 1, codes are the values' own.
+    values = [6, -6, 0.5, -0.5, 1, 1.5, 2, 3, 4, -4, 0, -0.0, 0.3, -0.2, 5.5, 2.6]
+    codes, scale = one_block(values)
+    assert scale == 0x38
+    expected = [7, 15, 1, 9, 2, 3, 4, 5, 6, 14, 0, 8, 1, 8, 7, 5]
+    assert codes.tolist() == expected
+
+
+def test_hand_computed_scale_and_reciprocal():
+    # amax 3, gs 448 * 6 / 3 = 896: s = 896 * 0.5 = 448 -> 0x7E; r = 1 / (448 / 896) = 2.
+    values = [3, 1.5, -0.75, 0.2] + [0] * 12
+    codes, scale = one_block(values, gs=896.0)
+    assert scale == 0x7E
+    assert codes[:4].tolist() == [7, 5, 11, 1]  # y = 6, 3, -1.5, 0.4 (0.4 rounds to 0.5)
+
+
+def test_packing_puts_even_elements_in_low_nibble():
+    values = [6, 0.5] + [0] * 14
+    packed, _ = ref.scaled_fp4_quant(np.asarray(values, np.float32).reshape(1, 16), 1.0)
+    assert packed[0, 0] == 0x17  # low nibble 7 (6.0), high nibble 1 (0.5)
+
+
+@pytest.mark.parametrize("boundary", range(7))
+def test_every_e2m1_tie_and_its_neighbours(boundary):
+    lower, upper = E2M1_MAGNITUDES[boundary], E2M1_MAGNITUDES[boundary + 1]
+    tie = np.float32((lower + upper) / 2)
+    below = np.nextafter(tie, np.float32(0))
+    above = np.nextafter(tie, np.float32(10))
+    tie_code = boundary + 1 if E2M1_TIE_GOES_UP[boundary] else boundary
+    # A 6 in the block pins s = 1 (gs = 1), so r = 1 and y = v.
+    for sign, sign_bit in ((1, 0), (-1, 8)):
+        values = [6, sign * below, sign * tie, sign * above] + [0] * 12
+        codes, scale = one_block(values)
+        assert scale == 0x38
+        got = codes[1:4].tolist()
+        # (a negative value rounding to zero keeps its sign: code 8)
+        want = [boundary | sign_bit, tie_code | sign_bit, (boundary + 1) | sign_bit]
+        assert got == want, f"boundary {lower}..{upper}: got {got}, want {want}"
+
+
+def test_all_16_e2m1_codes_round_trip():
+    magnitudes = np.array(E2M1_MAGNITUDES, np.float32)
+    values = np.concatenate([magnitudes, -magnitudes])  # 16 values, amax 6
+    codes, scale = one_block(values)
+    assert scale == 0x38
+    assert codes.tolist() == list(range(16))
+    assert np.array_equal(ref.e2m1_values(codes), values)
+
+
+def test_e2m1_saturates_and_keeps_sign_of_infinity():
+    # The 448 cap leaves r > 1 / amax: y exceeds 6 and must saturate to +-6.
+    gs = np.float32(1e6)
+    codes, scale = one_block([1.0, -1.0, 0.5] + [0] * 13, gs=gs)
+    assert scale == 0x7E
+    assert codes[:3].tolist() == [7, 15, 7]
+
+
+def test_all_256_e4m3_codes():
+    values = e4m3_positive_values()
+    as_ml = np.array([float(v) for v in values], np.float32).astype(ml_dtypes.float8_e4m3fn)
+    assert as_ml.view(np.uint8).tolist() == list(range(0x7F))
+    assert np.isnan(ref.e4m3_values(np.array([0x7F, 0xFF], np.uint8))).all()
+    negative = ref.e4m3_values(np.arange(0x80, 0xFF, dtype=np.uint8))
+    assert np.array_equal(negative, -np.array([float(v) for v in values], np.float32))
+    # Each finite code as the exact s of a block: amax = 6 makes s = gs.
+    for code in range(1, 0x7F):
+        _, scale = one_block([6.0] + [0] * 15, gs=float(values[code]))
+        assert scale == code, f"E4M3 code 0x{code:02x}"
+
+
+def test_e4m3_ties_round_to_even_and_saturate():
+    values = e4m3_positive_values()
+    for code in range(0x7E):
+        tie = (values[code] + values[code + 1]) / 2
+        s = np.float32(float(tie))
+        assert Fraction(float(s)) == tie
+        even = code if code % 2 == 0 else code + 1
+        for probe, want in (
+            (np.nextafter(s, np.float32(0)), code),
+            (s, even),
+            (np.nextafter(s, np.float32(1e9)), code + 1),
+        ):
+            _, scale = one_block([6.0] + [0] * 15, gs=probe)  # s = gs * (6 / 6) = probe
+            assert scale == want, f"s={probe!r}: got 0x{scale:02x}, want 0x{want:02x}"
+    for s in (448.0, 460.0, 464.0, 1e30):
+        _, scale = one_block([6.0] + [0] * 15, gs=s)
+        assert scale == 0x7E, f"s={s} must saturate to 448"
+    # Below half the smallest subnormal (2^-10) rounds to 0: scale 0, r = 0.
+    codes, scale = one_block([6 * 2.0**-10, -1e-4] + [0] * 14)
+    assert scale == 0 and codes[:2].tolist() == [0, 8]
+
+
+def test_nan_block_zeroes_only_itself():
+    x = np.ones((2, 32), np.float32)
+    x[0, 20] = np.nan
+    packed, scales = ref.scaled_fp4_quant(x, 1.0, layout="linear")
+    # s = 1 / 6 -> 1.375 * 2^-3 (0x23); r = 1 / 0.171875 puts 1.0 at 5.8 -> code 7.
+    assert scales[0].tolist() == [0x23, 0x7F] and scales[1].tolist() == [0x23, 0x23]
+    assert packed[0, 8:].tolist() == [0] * 8 and packed[0, :8].tolist() == [0x77] * 8
+
+
+def test_infinity_saturates_scale_and_codes():
+    codes, scale = one_block([np.inf, -np.inf, 1.0] + [0] * 13, gs=1.0)
+    assert scale == 0x7E
+    assert codes[:3].tolist() == [7, 15, 0]  # 1 * (1 / 448) rounds to 0
+
+
+def test_zero_blocks_keep_negative_zero_codes():
+    codes, scale = one_block([0.0, -0.0] * 8)
+    assert scale == 0 and codes.tolist() == [0, 8] * 8
+
+
+def test_invalid_device_global_scale_nans_every_block_but_not_layout_padding():
+    x = np.ones((3, 48), np.float16)
+    for bad in (np.inf, -1.0, 0.0, np.nan):
+        packed, scales = ref.scaled_fp4_quant(x, np.array([bad], np.float32), padded_n=80)
+        assert not packed.any()
+        blocks = ref.unswizzle_scales(scales, 3, 80)
+        assert (blocks == 0x7F).all(), f"gs={bad}"
+        assert int(np.count_nonzero(scales)) == 3 * 5  # layout padding stays 0x00
+
+
+@pytest.mark.parametrize("bad", [0.0, -2.0, float("inf"), float("nan"), 1e39, 1e-50])
+def test_invalid_host_global_scale_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="global_scale"):
+        ref.scaled_fp4_quant(np.ones((1, 16), np.float32), bad)
+
+
+def test_subnormal_inputs_are_not_flushed():
+    # amax = 1e-39 is a float32 subnormal; flushing it would give scale 0.
+    # s = 1e38 * amax / 6 = 0.01667 -> 1.125 * 2^-6 (0x09); r = 1 / (sf / gs)
+    # overflows and clamps to FLT_MAX, so y = 0.34 (code 1) and -0.17 (code 8).
+    tiny = np.float32(1e-39)
+    codes, scale = one_block([tiny, -tiny / 2] + [0] * 14, gs=1e38)
+    assert scale == 0x09 and codes[:2].tolist() == [1, 8]
+
+
+def test_padding_columns_are_zero_and_blocks_are_empty():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 48)).astype(np.float32)
+    packed, scales = ref.scaled_fp4_quant(x, 100.0, padded_n=128, layout="linear")
+    assert packed.shape == (5, 64) and scales.shape == (5, 8)
+    assert not packed[:, 24:].any() and not scales[:, 3:].any()
+    same, same_scales = ref.scaled_fp4_quant(x, 100.0, layout="linear")
+    assert_bytes_equal(packed[:, :24], same, "packed data columns")
+    assert_bytes_equal(scales[:, :3], same_scales, "scales of data blocks")
+
+
+def test_bfloat16_and_float16_widen_exactly():
+    rng = np.random.default_rng(2)
+    x16 = rng.standard_normal((7, 64)).astype(ml_dtypes.bfloat16)
+    for x in (x16, x16.astype(np.float16)):
+        got = ref.scaled_fp4_quant(x, 37.5)
+        want = ref.scaled_fp4_quant(x.astype(np.float32), 37.5)
+        assert_bytes_equal(got[0], want[0], f"{x.dtype} packed")
+        assert_bytes_equal(got[1], want[1], f"{x.dtype} scales")
+
+
+def test_leading_dimensions_flatten_into_rows():
+    x = np.random.default_rng(3).standard_normal((2, 3, 32)).astype(np.float16)
+    got = ref.scaled_fp4_quant(x, 10.0, layout="8x4")
+    want = ref.scaled_fp4_quant(x.reshape(6, 32), 10.0, layout="8x4")
+    assert_bytes_equal(got[0], want[0], "packed")
+    assert_bytes_equal(got[1], want[1], "scales")
+
+
+def test_dequantize_inverts_within_the_format():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    gs = np.float32(448 * 6 / np.abs(x).max())
+    packed, scales = ref.scaled_fp4_quant(x, gs)
+    y = ref.dequantize(packed, scales, gs)
+    sqnr = 10 * np.log10((x**2).sum() / ((x - y) ** 2).sum())
+    assert 18 < sqnr < 23, sqnr  # NVFP4 on Gaussian data: about 20 dB
+    # Each dequantized value is exactly code * scale / gs.
+    codes = ref.unpack_codes(packed)
+    row_scales = np.repeat(ref.e4m3_values(ref.unswizzle_scales(scales, 64, 256)), 16, axis=1)
+    assert np.array_equal(y, ref.e2m1_values(codes) * row_scales / gs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"padded_n": 40}, ValueError, "multiple of 16"),
+        ({"padded_n": 16}, ValueError, "padded_n must be >= n"),
+        ({"padded_n": 64.0}, TypeError, "padded_n must be an int"),
+        ({"layout": "4x8"}, ValueError, "layout must be one of"),
+        ({"is_sf_swizzled_layout": "yes"}, TypeError, "is_sf_swizzled_layout"),
+    ],
+)
+def test_argument_errors_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ref.scaled_fp4_quant(np.ones((2, 32), np.float16), 1.0, **kwargs)
+
+
+def test_input_errors():
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32, got dtype int32"):
+        ref.scaled_fp4_quant(np.ones((2, 32), np.int32), 1.0)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        ref.scaled_fp4_quant(np.float32(1.0), 1.0)
+    with pytest.raises(ValueError, match="n must be positive"):
+        ref.scaled_fp4_quant(np.ones((2, 0), np.float32), 1.0)
+    with pytest.raises(TypeError, match="global_scale"):
+        ref.scaled_fp4_quant(np.ones((2, 32), np.float32), "1.0")
+
+
+def test_empty_input_gives_empty_outputs():
+    packed, scales = ref.scaled_fp4_quant(np.ones((0, 64), np.float16), 1.0)
+    assert packed.shape == (0, 32) and scales.shape == (0, 4)
+
+
+def test_reference_runs_without_cupy():
+    code = (
+        "import sys; sys.modules['cupy'] = None; sys.modules['cupy_backends'] = None\n"
+        "import numpy as np, nvfp4_cupy\n"
+        "from nvfp4_cupy import reference\n"
+        "p, s = reference.scaled_fp4_quant(np.ones((3, 32), np.float32), 2.0)\n"
+        "assert p.shape == (3, 16) and s.shape == (128, 4)\n"
+        "try:\n    nvfp4_cupy.scaled_fp4_quant\nexcept ImportError:\n    print('gpu import refused')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "gpu import refused" in done.stdout

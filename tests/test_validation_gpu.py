@@ -1,0 +1,120 @@
+"""Bad input to the GPU function: a TypeError/ValueError naming the argument,
+raised before any launch, with caller buffers left as they were."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bytes_check import POISONS
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+
+
+@pytest.fixture
+def nv():
+    import nvfp4_cupy
+
+    return nvfp4_cupy
+
+
+@pytest.fixture
+def x():
+    return cp.ones((4, 64), dtype=cp.float16)
+
+
+@pytest.mark.parametrize(
+    "make_x, error, match",
+    [
+        (lambda: np.ones((4, 64), np.float16), TypeError, "x is a NumPy \\(host\\) array"),
+        (lambda: [1.0] * 16, TypeError, "x must be a CuPy array or a CUDA tensor, got list"),
+        (lambda: cp.ones((4, 64), cp.int8), TypeError, "got dtype int8"),
+        (lambda: cp.ones((4, 64), cp.float64), TypeError, "got dtype float64"),
+        (lambda: cp.array(1.0, cp.float32), ValueError, "at least one dimension"),
+        (lambda: cp.ones((4, 128), cp.float16)[:, ::2], ValueError, "last dimension must be contiguous"),
+        (lambda: cp.ones((4, 6, 32), cp.float16)[:, ::2, :].transpose(1, 0, 2), ValueError,
+         "do not flatten into evenly strided rows"),
+    ],
+)
+def test_bad_x(nv, make_x, error, match):
+    with pytest.raises(error, match=match):
+        nv.scaled_fp4_quant(make_x(), 1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"padded_n": 48}, ValueError, "padded_n must be >= n, got padded_n=48 < n=64"),
+        ({"padded_n": 72}, ValueError, "multiple of 16, got padded_n=72"),
+        ({"layout": "swizzle"}, ValueError, "layout must be one of"),
+        ({"stream": 0}, TypeError, "stream must be a cupy.cuda.Stream or None, got int"),
+    ],
+)
+def test_bad_options(nv, x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nv.scaled_fp4_quant(x, 1.0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "make_gs, error, match",
+    [
+        (lambda: 0.0, ValueError, "global_scale must be finite and > 0"),
+        (lambda: float("nan"), ValueError, "global_scale must be finite and > 0"),
+        (lambda: 1e40, ValueError, r"float32: inf"),
+        (lambda: True, TypeError, "global_scale must be a float"),
+        (lambda: np.array([1.0], np.float32), TypeError, "global_scale is a NumPy \\(host\\) array"),
+        (lambda: cp.ones(1, cp.float64), TypeError, "must be float32, got float64"),
+        (lambda: cp.ones(2, cp.float32), ValueError, "must hold one element, got shape \\(2,\\)"),
+    ],
+)
+def test_bad_global_scale(nv, x, make_gs, error, match):
+    with pytest.raises(error, match=match):
+        nv.scaled_fp4_quant(x, make_gs())
+
+
+def poisoned(shape):
+    buffer = cp.empty(shape, cp.uint8)
+    buffer.fill(POISONS[0])
+    return buffer
+
+
+@pytest.mark.parametrize(
+    "make_out, make_scale, error, match",
+    [
+        (lambda: poisoned((4, 31)), lambda: poisoned((128, 4)), ValueError, r"out must have shape \(4, 32\), got \(4, 31\)"),
+        (lambda: poisoned((4, 32)).view(cp.int8), lambda: poisoned((128, 4)), TypeError, "out must have dtype uint8"),
+        (lambda: poisoned((4, 64))[:, ::2], lambda: poisoned((128, 4)), ValueError, "out must be C-contiguous"),
+        (lambda: poisoned((4, 32)), lambda: poisoned((4, 4)), ValueError, r"out_scale must have shape \(128, 4\)"),
+        (lambda: np.zeros((4, 32), np.uint8), lambda: poisoned((128, 4)), TypeError, "out is a NumPy"),
+    ],
+)
+def test_bad_outputs_leave_buffers_untouched(nv, x, make_out, make_scale, error, match):
+    out, out_scale = make_out(), make_scale()
+    with pytest.raises(error, match=match):
+        nv.scaled_fp4_quant(x, 1.0, out=out, out_scale=out_scale)
+    for buffer in (out, out_scale):
+        if isinstance(buffer, cp.ndarray):
+            assert (buffer.view(cp.uint8) == POISONS[0]).all()
+
+
+def test_outputs_overlapping_input_or_each_other(nv):
+    storage = cp.zeros(4096, cp.uint8)
+    x = storage[:512].view(cp.float16).reshape(4, 64)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        nv.scaled_fp4_quant(x, 1.0, out=storage[256:384].reshape(4, 32))
+    out = storage[1024:1152].reshape(4, 32)
+    with pytest.raises(ValueError, match="out_scale overlaps out"):
+        nv.scaled_fp4_quant(x, 1.0, out=out, out_scale=storage[1100:1612].reshape(128, 4))
+    assert not storage.any()
+
+
+def test_create_fp4_output_tensors_checks(nv):
+    packed, scales = nv.create_fp4_output_tensors(150, 7152, padded_n=7168)
+    assert packed.shape == (150, 3584) and scales.shape == (256, 448)
+    packed, scales = nv.create_fp4_output_tensors(9, 80, layout="8x4")
+    assert packed.shape == (9, 40) and scales.shape == (16, 8)
+    with pytest.raises(ValueError, match="m must be >= 0, got m=-1"):
+        nv.create_fp4_output_tensors(-1, 64)
+    with pytest.raises(TypeError, match="n must be an int, got float"):
+        nv.create_fp4_output_tensors(4, 64.0)
