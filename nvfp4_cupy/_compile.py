@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ._format import ScaleLayout
+from ._format import LAYOUTS, ScaleLayout
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -93,8 +93,37 @@ def compile_options(target: Target) -> tuple[str, ...]:
     return tuple(options)
 
 
-def quantize_kernel_name(dtype_name: str, layout: ScaleLayout, vector_loads: bool) -> str:
-    return (
-        f"nvfp4::quantize_nvfp4<{INPUT_STRUCTS[dtype_name]}, {layout.cuda_struct}, "
-        f"{'true' if vector_loads else 'false'}>"
-    )
+# Bytes of input each thread loads before doing any arithmetic (kRows rows of
+# 8 values). One 16-byte load a thread left an H100 at 43% of its copy
+# bandwidth on fp16; see BENCHMARKS.md for the sweep that chose this.
+LOAD_BYTES_PER_THREAD = 64
+ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class QuantizeVariant:
+    """One instantiation of the quantization kernel template."""
+
+    dtype_name: str
+    layout: ScaleLayout
+    vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
+
+    @property
+    def rows_per_thread(self) -> int:
+        return max(1, LOAD_BYTES_PER_THREAD // (8 * ITEMSIZES[self.dtype_name]))
+
+    @property
+    def name(self) -> str:
+        return (
+            f"nvfp4::quantize_nvfp4<{INPUT_STRUCTS[self.dtype_name]}, {self.layout.cuda_struct}, "
+            f"{'true' if self.vector_loads else 'false'}, {self.rows_per_thread}>"
+        )
+
+
+def all_quantize_variants() -> list[QuantizeVariant]:
+    return [
+        QuantizeVariant(dtype_name, layout, vector_loads)
+        for dtype_name in INPUT_STRUCTS
+        for layout in LAYOUTS.values()
+        for vector_loads in (True, False)
+    ]

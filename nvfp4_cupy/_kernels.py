@@ -9,8 +9,7 @@ import threading
 import cupy as cp
 from cupy_backends.cuda.libs import nvrtc
 
-from ._compile import Target, compile_options, kernel_source, quantize_kernel_name, target_for
-from ._format import ScaleLayout
+from ._compile import QuantizeVariant, Target, compile_options, kernel_source, target_for
 
 _lock = threading.Lock()
 _functions: dict[tuple, cp.RawKernel] = {}
@@ -26,28 +25,25 @@ def device_target(device_id: int) -> Target:
     return target
 
 
-def quantize_function(
-    device_id: int, dtype_name: str, layout: ScaleLayout, vector_loads: bool, target: Target | None = None
-):
+def quantize_function(device_id: int, variant: QuantizeVariant, target: Target | None = None):
     """The quantization kernel for this variant on this device. Thread-safe:
     concurrent first calls compile each variant once."""
     target = device_target(device_id) if target is None else target
-    key = (device_id, dtype_name, layout.name, vector_loads, target)
+    key = (device_id, variant, variant.rows_per_thread, target)
     function = _functions.get(key)
     if function is None:
         with _lock:
             function = _functions.get(key)
             if function is None:
-                name = quantize_kernel_name(dtype_name, layout, vector_loads)
                 with cp.cuda.Device(device_id):
                     module = cp.RawModule(
-                        code=kernel_source(), options=compile_options(target), name_expressions=(name,)
+                        code=kernel_source(), options=compile_options(target), name_expressions=(variant.name,)
                     )
-                    function = module.get_function(name)
+                    function = module.get_function(variant.name)
                 _functions[key] = function
     return function
 
 
 def compiled_variants() -> list[tuple]:
-    """The (device, dtype, layout, vector_loads, target) keys built so far."""
+    """The (device, variant, rows per thread, target) keys built so far."""
     return sorted(_functions, key=repr)

@@ -11,7 +11,7 @@ import cupy as cp
 import numpy as np
 
 from . import _kernels
-from ._compile import Target
+from ._compile import QuantizeVariant, Target
 from ._format import (
     BLOCK_SIZE,
     check_dtype,
@@ -112,13 +112,14 @@ def _resolve_stream(stream, device_id: int):
     return stream
 
 
-def _launch_geometry(scale_rows: int, scale_cols: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def _launch_geometry(scale_rows: int, scale_cols: int, rows_per_thread: int):
     """Threads: x over half blocks (a power of two >= 2, so both halves of a
-    block share a warp), y over rows, 256 in all (whole warps)."""
+    block share a warp), y over rows, 256 in all (whole warps); each thread
+    takes rows_per_thread rows. Returns (grid, block)."""
     half_blocks = 2 * scale_cols
     threads_x = min(_THREADS_PER_BLOCK, 1 << (half_blocks - 1).bit_length())
     threads_y = _THREADS_PER_BLOCK // threads_x
-    grid = (-(-scale_rows // threads_y), -(-half_blocks // threads_x))
+    grid = (-(-scale_rows // (threads_y * rows_per_thread)), -(-half_blocks // threads_x))
     return grid, (threads_x, threads_y)
 
 
@@ -160,7 +161,11 @@ def _quantize(
 
     packed_shape = (m, padded_n // 2)
     scale_shape = scale_layout.scale_shape(m, padded_n)
-    grid, block = _launch_geometry(*scale_shape)
+    vector_loads = (
+        x.data.ptr % _VECTOR_BYTES == 0 and (row_stride * x.itemsize) % _VECTOR_BYTES == 0 and n % _HALF_BLOCK == 0
+    )
+    variant = QuantizeVariant(dtype_name, scale_layout, vector_loads)
+    grid, block = _launch_geometry(*scale_shape, variant.rows_per_thread)
     if scale_shape[0] > _MAX_INDEX or padded_n > _MAX_INDEX or grid[1] > _MAX_GRID_Y:
         raise ValueError(f"x: shape {x.shape} with padded_n={padded_n} is too large for one launch")
 
@@ -178,12 +183,7 @@ def _quantize(
             )
         if m == 0:
             return packed, scales
-        vector_loads = (
-            x.data.ptr % _VECTOR_BYTES == 0
-            and (row_stride * x.itemsize) % _VECTOR_BYTES == 0
-            and n % _HALF_BLOCK == 0
-        )
-        kernel = _kernels.quantize_function(device_id, dtype_name, scale_layout, vector_loads, target)
+        kernel = _kernels.quantize_function(device_id, variant, target)
         kernel(
             grid,
             block,

@@ -10,24 +10,11 @@ import re
 
 import pytest
 
-from nvfp4_cupy._compile import (
-    INPUT_STRUCTS,
-    SOFTWARE,
-    compile_options,
-    kernel_source,
-    quantize_kernel_name,
-    target_for,
-)
-from nvfp4_cupy._format import LAYOUTS
+from nvfp4_cupy._compile import SOFTWARE, all_quantize_variants, compile_options, kernel_source, target_for
 
 pytestmark = pytest.mark.nvrtc
 
-ALL_KERNELS = tuple(
-    quantize_kernel_name(dtype, layout, vector_loads)
-    for dtype in INPUT_STRUCTS
-    for layout in LAYOUTS.values()
-    for vector_loads in (True, False)
-)
+ALL_KERNELS = tuple(variant.name for variant in all_quantize_variants())
 COMPUTE_CAPABILITIES = (80, 89, 90, 100, 120)
 
 
