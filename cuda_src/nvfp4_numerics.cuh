@@ -38,30 +38,59 @@ __device__ __forceinline__ float div_rn(float a, float b) {
 }
 
 // ---------------------------------------------------------------------------
-// Input element types. Each knows its raw storage, how to take |x| on the raw
-// bits (so a max over them is an exact, NaN-propagating amax: NaN bit patterns
-// sort above infinity) and how to widen to float32 exactly.
+// Input element types. Each knows its raw storage, how to widen one value to
+// float32 exactly, and how to find the float32 bits of a block's max |v| from
+// the raw bits: |x| is a mask, and a max over masked bits is an exact,
+// NaN-propagating amax (NaN bit patterns sort above infinity).
+// A block of 16 values arrives as 4 * sizeof(raw_t) 32-bit words.
 // ---------------------------------------------------------------------------
+__device__ __forceinline__ u32 raw_half(const u32* words, int j) {
+  return (words[j >> 1] >> (16 * (j & 1))) & 0xffffu;
+}
+
 struct Float16Input {
   typedef u16 raw_t;
-  static constexpr u32 kAbsMask = 0x7fffu;
   __device__ static float to_f32(u32 raw) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)raw));
     return f;
   }
+  __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
+  __device__ static u32 abs_max_bits(const u32 (&words)[8]) {
+    // Two lanes at a time; max.NaN.f16x2 keeps (canonical) NaN, and on
+    // non-negative halves orders like the bits do.
+    u32 pair = words[0] & 0x7fff7fffu;
+#pragma unroll
+    for (int w = 1; w < 8; ++w) {
+      asm("max.NaN.f16x2 %0, %0, %1;" : "+r"(pair) : "r"(words[w] & 0x7fff7fffu));
+    }
+    return __float_as_uint(to_f32(max(pair & 0xffffu, pair >> 16))) & kF32AbsMask;
+  }
 };
 
 struct BFloat16Input {
   typedef u16 raw_t;
-  static constexpr u32 kAbsMask = 0x7fffu;
   __device__ static float to_f32(u32 raw) { return __uint_as_float(raw << 16); }
+  __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
+  __device__ static u32 abs_max_bits(const u32 (&words)[8]) {
+    u32 pair = words[0] & 0x7fff7fffu;
+#pragma unroll
+    for (int w = 1; w < 8; ++w) {
+      asm("max.NaN.bf16x2 %0, %0, %1;" : "+r"(pair) : "r"(words[w] & 0x7fff7fffu));
+    }
+    return __float_as_uint(to_f32(max(pair & 0xffffu, pair >> 16))) & kF32AbsMask;
+  }
 };
 
 struct Float32Input {
   typedef u32 raw_t;
-  static constexpr u32 kAbsMask = kF32AbsMask;
-  __device__ static float to_f32(u32 raw) { return __uint_as_float(raw); }
+  __device__ static float element(const u32* words, int j) { return __uint_as_float(words[j]); }
+  __device__ static u32 abs_max_bits(const u32 (&words)[16]) {
+    u32 amax = 0;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) amax = max(amax, words[j] & kF32AbsMask);
+    return amax;
+  }
 };
 
 // ---------------------------------------------------------------------------
@@ -178,18 +207,20 @@ __device__ __forceinline__ BlockScale block_scale(u32 amax_bits, float gs) {
   return out;
 }
 
-// Eight consecutive values of one block -> 32 bits of packed codes
-// (element 2j in the low nibble of byte j).
-__device__ __forceinline__ u32 pack_eight(const float (&v)[8], const BlockScale& scale) {
-  if (scale.zero_codes) return 0u;
-  u32 packed = 0;
+// One block of 16 values -> 64 bits of packed codes (element 2j in the low
+// nibble of byte j).
+template <typename Input>
+__device__ __forceinline__ uint2 pack_block(const u32* words, const BlockScale& scale) {
+  u32 halves[2] = {0u, 0u};
+  if (!scale.zero_codes) {
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float lo = mul_rn(v[2 * j], scale.reciprocal);
-    const float hi = mul_rn(v[2 * j + 1], scale.reciprocal);
-    packed |= e2m1x2_from_f32(lo, hi) << (8 * j);
+    for (int j = 0; j < 8; ++j) {
+      const float lo = mul_rn(Input::element(words, 2 * j), scale.reciprocal);
+      const float hi = mul_rn(Input::element(words, 2 * j + 1), scale.reciprocal);
+      halves[j >> 2] |= e2m1x2_from_f32(lo, hi) << (8 * (j & 3));
+    }
   }
-  return packed;
+  return make_uint2(halves[0], halves[1]);
 }
 
 }  // namespace nvfp4

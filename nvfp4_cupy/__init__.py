@@ -22,10 +22,13 @@ _GPU_NAMES = {"scaled_fp4_quant", "create_fp4_output_tensors"}
 
 def __getattr__(name: str):
     if name in _GPU_NAMES:
-        return getattr(importlib.import_module(".quantize", __name__), name)
-    if name == "reference":
-        return importlib.import_module(".reference", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(".quantize", __name__), name)
+    elif name == "reference":
+        value = importlib.import_module(".reference", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # later lookups skip this hook
+    return value
 
 
 def __dir__():

@@ -93,9 +93,8 @@ def compile_options(target: Target) -> tuple[str, ...]:
     return tuple(options)
 
 
-# Bytes of input each thread loads before doing any arithmetic (kRows rows of
-# 8 values). One 16-byte load a thread left an H100 at 43% of its copy
-# bandwidth on fp16; see BENCHMARKS.md for the sweep that chose this.
+# Bytes of input each thread loads before doing any arithmetic (kRows blocks
+# of 16 values); see BENCHMARKS.md for the sweep that chose it.
 LOAD_BYTES_PER_THREAD = 64
 ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -110,7 +109,7 @@ class QuantizeVariant:
 
     @property
     def rows_per_thread(self) -> int:
-        return max(1, LOAD_BYTES_PER_THREAD // (8 * ITEMSIZES[self.dtype_name]))
+        return max(1, LOAD_BYTES_PER_THREAD // (16 * ITEMSIZES[self.dtype_name]))
 
     @property
     def name(self) -> str:

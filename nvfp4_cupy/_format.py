@@ -14,6 +14,7 @@ BLOCK_SIZE = 16
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103  # float32(x) rounds to inf from here up
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -76,10 +77,16 @@ def resolve_padded_n(n: int, padded_n: int | None) -> int:
     return padded_n
 
 
+_DTYPE_NAMES: dict = {}
+
+
 def check_dtype(dtype, name: str = "x") -> str:
-    dtype_name = np.dtype(dtype).name
-    if dtype_name not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got dtype {dtype_name}")
+    dtype_name = _DTYPE_NAMES.get(dtype)  # hot path: one dict lookup per call
+    if dtype_name is None:
+        dtype_name = np.dtype(dtype).name
+        if dtype_name not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16 or float32, got dtype {dtype_name}")
+        _DTYPE_NAMES[dtype] = dtype_name
     return dtype_name
 
 
@@ -90,6 +97,13 @@ def rows_and_n(shape: tuple[int, ...], name: str = "x") -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
+def _to_float32(value: float) -> np.float32:
+    """float -> float32 without NumPy's overflow warning (and its cost)."""
+    if math.isfinite(value) and abs(value) >= _FLOAT32_OVERFLOW:
+        return np.float32(math.copysign(math.inf, value))
+    return np.float32(value)
+
+
 def host_global_scale(value) -> np.float32:
     """A host global scale (Python or NumPy number) as the float32 the kernels
     use; it must be finite and > 0 there. (Only a scale held in a device array
@@ -98,9 +112,8 @@ def host_global_scale(value) -> np.float32:
         raise TypeError(
             f"global_scale must be a float or a 1-element float32 device array, got {type(value).__name__}"
         )
-    with np.errstate(over="ignore", under="ignore"):
-        gs = np.float32(value)
-    if not (np.isfinite(gs) and gs > 0):
+    gs = _to_float32(float(value))
+    if not (math.isfinite(gs) and gs > 0):
         raise ValueError(
             f"global_scale must be finite and > 0 in float32, got {value!r} (float32: {float(gs)})"
         )

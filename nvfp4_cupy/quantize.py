@@ -13,7 +13,6 @@ import numpy as np
 from . import _kernels
 from ._compile import QuantizeVariant, Target
 from ._format import (
-    BLOCK_SIZE,
     check_dtype,
     host_global_scale,
     resolve_layout,
@@ -23,7 +22,7 @@ from ._format import (
 
 _THREADS_PER_BLOCK = 256
 _VECTOR_BYTES = 16
-_HALF_BLOCK = BLOCK_SIZE // 2  # values per thread
+_VECTOR_PIECE = 8  # n % 8 == 0: every 16-byte load lies wholly inside or outside a row
 _MAX_GRID_Y = 65535
 _MAX_INDEX = 2**31 - 1  # rows and columns are 32-bit in the kernel
 
@@ -113,13 +112,12 @@ def _resolve_stream(stream, device_id: int):
 
 
 def _launch_geometry(scale_rows: int, scale_cols: int, rows_per_thread: int):
-    """Threads: x over half blocks (a power of two >= 2, so both halves of a
-    block share a warp), y over rows, 256 in all (whole warps); each thread
-    takes rows_per_thread rows. Returns (grid, block)."""
-    half_blocks = 2 * scale_cols
-    threads_x = min(_THREADS_PER_BLOCK, 1 << (half_blocks - 1).bit_length())
+    """One thread per 16-value block: threads x over block columns (a power of
+    two), y over rows, 256 in all; each thread takes rows_per_thread rows.
+    Returns (grid, block)."""
+    threads_x = min(_THREADS_PER_BLOCK, 1 << (scale_cols - 1).bit_length())
     threads_y = _THREADS_PER_BLOCK // threads_x
-    grid = (-(-scale_rows // (threads_y * rows_per_thread)), -(-half_blocks // threads_x))
+    grid = (-(-scale_rows // (threads_y * rows_per_thread)), -(-scale_cols // threads_x))
     return grid, (threads_x, threads_y)
 
 
@@ -162,7 +160,7 @@ def _quantize(
     packed_shape = (m, padded_n // 2)
     scale_shape = scale_layout.scale_shape(m, padded_n)
     vector_loads = (
-        x.data.ptr % _VECTOR_BYTES == 0 and (row_stride * x.itemsize) % _VECTOR_BYTES == 0 and n % _HALF_BLOCK == 0
+        x.data.ptr % _VECTOR_BYTES == 0 and (row_stride * x.itemsize) % _VECTOR_BYTES == 0 and n % _VECTOR_PIECE == 0
     )
     variant = QuantizeVariant(dtype_name, scale_layout, vector_loads)
     grid, block = _launch_geometry(*scale_shape, variant.rows_per_thread)
