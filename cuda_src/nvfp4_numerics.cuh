@@ -146,11 +146,15 @@ __device__ __forceinline__ float e4m3_to_f32(u8 code) {
 __device__ __forceinline__ u32 e2m1_from_f32_software(float y) {
   const u32 bits = __float_as_uint(y);
   const u32 a = bits & kF32AbsMask;
-  // RNE thresholds from DESIGN.md: ties at 0.25, 1.25, 2.5, 5 go down (to the
-  // even code), ties at 0.75, 1.75, 3.5 go up. Compared as bits: exact, no FTZ.
-  const u32 magnitude = (a > 0x3e800000u) + (a >= 0x3f400000u) + (a > 0x3fa00000u) +
-                        (a >= 0x3fe00000u) + (a > 0x40200000u) + (a >= 0x40600000u) +
-                        (a > 0x40a00000u);
+  // |y| >= 1: E2M1 is a float with one mantissa bit, so round the float32
+  // bits to nearest-even at mantissa bit 22; what is left above it is
+  // (biased exponent << 1 | mantissa bit), 254 for 1.0 (code 2). Codes past
+  // 7 (above 6, including inf) saturate.
+  const u32 rounded = (a + 0x1fffffu + ((a >> 22) & 1u)) >> 22;
+  const u32 from_one = min(rounded - 252u, 7u);
+  // |y| < 1: the subnormal step 0.5; ties at 0.25 go to 0, at 0.75 to 1.
+  const u32 below_one = (a > 0x3e800000u) + (a > 0x3f3fffffu);
+  const u32 magnitude = (a >= 0x3f800000u) ? from_one : below_one;
   return magnitude | ((bits >> 28) & 8u);
 }
 

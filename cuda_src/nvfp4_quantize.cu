@@ -3,7 +3,7 @@
 //
 // Thread mapping: the grid covers the whole scale tensor, layout padding
 // included, so that every byte of both outputs is written here. threadIdx.y /
-// blockIdx.x walk rows (kRows per thread), threadIdx.x / blockIdx.y walk
+// blockIdx.x walk rows, threadIdx.x / blockIdx.y walk
 // 16-value blocks. A thread whose block lies in the data reads its 16 values
 // (two 16-byte loads for 16-bit input on the vector path); one in the K
 // padding (n <= column < padded_n) writes zero codes and the scale byte of an
@@ -48,41 +48,30 @@ __device__ __forceinline__ void load_block(const typename Input::raw_t* __restri
   }
 }
 
-// One thread per 16-value block and kRows rows (threadIdx.y + i * blockDim.y);
-// all loads of a thread are issued before any arithmetic.
-template <typename Input, typename Layout, bool kVectorLoads, int kRows>
+// One thread per 16-value block.
+template <typename Input, typename Layout, bool kVectorLoads>
 __global__ void __launch_bounds__(256)
 quantize_nvfp4(const typename Input::raw_t* __restrict__ x, long long row_stride, int m, int n,
                int padded_n, const float* __restrict__ global_scale_ptr, float global_scale_value,
                uint2* __restrict__ packed, u8* __restrict__ scales, int scale_rows, int scale_cols) {
-  constexpr int kWords = 4 * sizeof(typename Input::raw_t);
-  const int first_row = blockIdx.x * blockDim.y * kRows + threadIdx.y;
+  const int row = blockIdx.x * blockDim.y + threadIdx.y;
   const int k = blockIdx.y * blockDim.x + threadIdx.x;
   const int col = k * 16;
 
-  u32 words[kRows][kWords];
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int row = first_row + i * blockDim.y;
-    if (row < m && col < n) {
-      load_block<Input, kVectorLoads>(x + row * row_stride, col, n, words[i]);
+  if (row < m && col < padded_n) {
+    u32 words[4 * sizeof(typename Input::raw_t)];
+    if (col < n) {
+      load_block<Input, kVectorLoads>(x + row * row_stride, col, n, words);
     } else {
 #pragma unroll
-      for (int w = 0; w < kWords; ++w) words[i][w] = 0;
+      for (int w = 0; w < 4 * (int)sizeof(typename Input::raw_t); ++w) words[w] = 0;
     }
-  }
-
-  const float gs = global_scale_ptr ? __ldg(global_scale_ptr) : global_scale_value;
-#pragma unroll
-  for (int i = 0; i < kRows; ++i) {
-    const int row = first_row + i * blockDim.y;
-    if (row < m && col < padded_n) {
-      const BlockScale scale = block_scale(Input::abs_max_bits(words[i]), gs);
-      packed[(long long)row * (padded_n >> 4) + k] = pack_block<Input>(words[i], scale);
-      scales[Layout::offset(row, k, scale_cols)] = scale.scale_byte;
-    } else if (row < scale_rows && k < scale_cols) {
-      scales[Layout::offset(row, k, scale_cols)] = 0;
-    }
+    const float gs = global_scale_ptr ? __ldg(global_scale_ptr) : global_scale_value;
+    const BlockScale scale = block_scale(Input::abs_max_bits(words), gs);
+    packed[(long long)row * (padded_n >> 4) + k] = pack_block<Input>(words, scale);
+    scales[Layout::offset(row, k, scale_cols)] = scale.scale_byte;
+  } else if (row < scale_rows && k < scale_cols) {
+    scales[Layout::offset(row, k, scale_cols)] = 0;
   }
 }
 

@@ -93,12 +93,6 @@ def compile_options(target: Target) -> tuple[str, ...]:
     return tuple(options)
 
 
-# Bytes of input each thread loads before doing any arithmetic (kRows blocks
-# of 16 values); see BENCHMARKS.md for the sweep that chose it.
-LOAD_BYTES_PER_THREAD = 64
-ITEMSIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
-
-
 @dataclass(frozen=True)
 class QuantizeVariant:
     """One instantiation of the quantization kernel template."""
@@ -108,14 +102,10 @@ class QuantizeVariant:
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
 
     @property
-    def rows_per_thread(self) -> int:
-        return max(1, LOAD_BYTES_PER_THREAD // (16 * ITEMSIZES[self.dtype_name]))
-
-    @property
     def name(self) -> str:
         return (
             f"nvfp4::quantize_nvfp4<{INPUT_STRUCTS[self.dtype_name]}, {self.layout.cuda_struct}, "
-            f"{'true' if self.vector_loads else 'false'}, {self.rows_per_thread}>"
+            f"{'true' if self.vector_loads else 'false'}>"
         )
 
 

@@ -29,7 +29,7 @@ def quantize_function(device_id: int, variant: QuantizeVariant, target: Target |
     """The quantization kernel for this variant on this device. Thread-safe:
     concurrent first calls compile each variant once."""
     target = device_target(device_id) if target is None else target
-    key = (device_id, variant, variant.rows_per_thread, target)
+    key = (device_id, variant, target)
     function = _functions.get(key)
     if function is None:
         with _lock:
@@ -45,5 +45,5 @@ def quantize_function(device_id: int, variant: QuantizeVariant, target: Target |
 
 
 def compiled_variants() -> list[tuple]:
-    """The (device, variant, rows per thread, target) keys built so far."""
+    """The (device, variant, target) keys built so far."""
     return sorted(_functions, key=repr)

@@ -5,7 +5,9 @@ written or any kernel launched."""
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+from dataclasses import dataclass
 
 import cupy as cp
 import numpy as np
@@ -25,6 +27,7 @@ _VECTOR_BYTES = 16
 _VECTOR_PIECE = 8  # n % 8 == 0: every 16-byte load lies wholly inside or outside a row
 _MAX_GRID_Y = 65535
 _MAX_INDEX = 2**31 - 1  # rows and columns are 32-bit in the kernel
+_NULL = np.uint64(0)  # no device global scale
 
 
 def _device_array(obj, name: str) -> cp.ndarray:
@@ -80,8 +83,8 @@ def _check_output(buffer, name: str, shape: tuple[int, int], device_id: int) -> 
         raise ValueError(f"{name} must have shape {shape}, got {buffer.shape}")
     if not buffer.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous, got strides {buffer.strides}")
-    if buffer.device.id != device_id:
-        raise ValueError(f"{name} is on device {buffer.device.id} but x is on device {device_id}")
+    if buffer.data.device_id != device_id:
+        raise ValueError(f"{name} is on device {buffer.data.device_id} but x is on device {device_id}")
     return buffer
 
 
@@ -95,8 +98,8 @@ def _global_scale_argument(global_scale, device_id: int):
         raise TypeError(f"global_scale as a device array must be float32, got {array.dtype}")
     if array.size != 1:
         raise ValueError(f"global_scale as a device array must hold one element, got shape {array.shape}")
-    if array.device.id != device_id:
-        raise ValueError(f"global_scale is on device {array.device.id} but x is on device {device_id}")
+    if array.data.device_id != device_id:
+        raise ValueError(f"global_scale is on device {array.data.device_id} but x is on device {device_id}")
     return array, np.float32(0)
 
 
@@ -111,13 +114,12 @@ def _resolve_stream(stream, device_id: int):
     return stream
 
 
-def _launch_geometry(scale_rows: int, scale_cols: int, rows_per_thread: int):
+def _launch_geometry(scale_rows: int, scale_cols: int):
     """One thread per 16-value block: threads x over block columns (a power of
-    two), y over rows, 256 in all; each thread takes rows_per_thread rows.
-    Returns (grid, block)."""
+    two), y over rows, 256 in all. Returns (grid, block)."""
     threads_x = min(_THREADS_PER_BLOCK, 1 << (scale_cols - 1).bit_length())
     threads_y = _THREADS_PER_BLOCK // threads_x
-    grid = (-(-scale_rows // (threads_y * rows_per_thread)), -(-scale_cols // threads_x))
+    grid = (-(-scale_rows // threads_y), -(-scale_cols // threads_x))
     return grid, (threads_x, threads_y)
 
 
@@ -143,71 +145,114 @@ def scaled_fp4_quant(
     return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything about a call that follows from x's shape, strides and dtype
+    and the layout arguments: worked out once, then reused for every call of
+    the same form (serving loops repeat a handful of shapes)."""
+
+    variants: tuple  # (general loads, 16-byte loads)
+    m: int
+    n: int
+    padded_n: int
+    row_stride: int
+    aligned_rows: bool  # 16-byte loads possible if the base pointer is aligned
+    packed_shape: tuple
+    scale_shape: tuple
+    grid: tuple
+    block: tuple
+    shape_args: tuple  # kernel arguments between x and the global scale
+    scale_shape_args: tuple  # the last two kernel arguments
+
+
+_plans: dict = {}
+_MAX_PLANS = 4096
+
+
+def _make_plan(x, padded_n, is_sf_swizzled_layout, layout) -> _Plan:
+    dtype_name = check_dtype(x.dtype)
+    m, n = rows_and_n(x.shape)
+    padded_n = resolve_padded_n(n, padded_n)
+    row_stride = _row_stride(x) if m else n
+    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
+    scale_shape = scale_layout.scale_shape(m, padded_n)
+    grid, block = _launch_geometry(*scale_shape)
+    if scale_shape[0] > _MAX_INDEX or padded_n > _MAX_INDEX or grid[1] > _MAX_GRID_Y:
+        raise ValueError(f"x: shape {x.shape} with padded_n={padded_n} is too large for one launch")
+    return _Plan(
+        variants=tuple(QuantizeVariant(dtype_name, scale_layout, vector) for vector in (False, True)),
+        m=m,
+        n=n,
+        padded_n=padded_n,
+        row_stride=row_stride,
+        aligned_rows=(row_stride * x.itemsize) % _VECTOR_BYTES == 0 and n % _VECTOR_PIECE == 0,
+        packed_shape=(m, padded_n // 2),
+        scale_shape=scale_shape,
+        grid=grid,
+        block=block,
+        shape_args=(np.int64(row_stride), np.int32(m), np.int32(n), np.int32(padded_n)),
+        scale_shape_args=(np.int32(scale_shape[0]), np.int32(scale_shape[1])),
+    )
+
+
+def _plan_for(x, padded_n, is_sf_swizzled_layout, layout) -> _Plan:
+    key = (x.shape, x.strides, x.dtype, padded_n, type(padded_n), is_sf_swizzled_layout,
+           type(is_sf_swizzled_layout), layout)
+    try:
+        plan = _plans.get(key)
+    except TypeError:  # an unhashable argument: _make_plan says what is wrong with it
+        return _make_plan(x, padded_n, is_sf_swizzled_layout, layout)
+    if plan is None:
+        plan = _make_plan(x, padded_n, is_sf_swizzled_layout, layout)
+        if len(_plans) < _MAX_PLANS:
+            _plans[key] = plan
+    return plan
+
+
 def _quantize(
     x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, target: Target | None = None
 ):
     """scaled_fp4_quant, with the conversion target forced when given (tests
     run the sm_80 software path on newer GPUs this way)."""
     x = _device_array(x, "x")
-    dtype_name = check_dtype(x.dtype)
-    m, n = rows_and_n(x.shape)
-    padded_n = resolve_padded_n(n, padded_n)
-    row_stride = _row_stride(x) if m else n
-    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
-    device_id = x.device.id
+    plan = _plan_for(x, padded_n, is_sf_swizzled_layout, layout)
+    device_id = x.data.device_id
     global_scale_array, global_scale_value = _global_scale_argument(global_scale, device_id)
-
-    packed_shape = (m, padded_n // 2)
-    scale_shape = scale_layout.scale_shape(m, padded_n)
-    vector_loads = (
-        x.data.ptr % _VECTOR_BYTES == 0 and (row_stride * x.itemsize) % _VECTOR_BYTES == 0 and n % _VECTOR_PIECE == 0
-    )
-    variant = QuantizeVariant(dtype_name, scale_layout, vector_loads)
-    grid, block = _launch_geometry(*scale_shape, variant.rows_per_thread)
-    if scale_shape[0] > _MAX_INDEX or padded_n > _MAX_INDEX or grid[1] > _MAX_GRID_Y:
-        raise ValueError(f"x: shape {x.shape} with padded_n={padded_n} is too large for one launch")
-
-    with cp.cuda.Device(device_id):
+    switch_device = cp.cuda.runtime.getDevice() != device_id
+    with cp.cuda.Device(device_id) if switch_device else contextlib.nullcontext():
+        allocate_on = contextlib.nullcontext() if stream is None else stream
         stream = _resolve_stream(stream, device_id)
-        outputs = []
-        for buffer, name, shape in ((out, "out", packed_shape), (out_scale, "out_scale", scale_shape)):
-            outputs.append(None if buffer is None else _check_output(buffer, name, shape, device_id))
-        if m and any(buffer is not None for buffer in outputs):
-            _check_no_overlap(x, m, row_stride, n, outputs)
-        with stream:
-            packed, scales = (
-                cp.empty(shape, dtype=np.uint8) if buffer is None else buffer
-                for buffer, shape in zip(outputs, (packed_shape, scale_shape))
-            )
-        if m == 0:
-            return packed, scales
-        kernel = _kernels.quantize_function(device_id, variant, target)
+        if out is not None:
+            out = _check_output(out, "out", plan.packed_shape, device_id)
+        if out_scale is not None:
+            out_scale = _check_output(out_scale, "out_scale", plan.scale_shape, device_id)
+        if plan.m and (out is not None or out_scale is not None):
+            _check_no_overlap(x, plan, out, out_scale)
+        if out is None or out_scale is None:
+            # Allocate on the launch stream, so the pool orders reuse after it.
+            with allocate_on:
+                if out is None:
+                    out = cp.empty(plan.packed_shape, dtype=np.uint8)
+                if out_scale is None:
+                    out_scale = cp.empty(plan.scale_shape, dtype=np.uint8)
+        if plan.m == 0:
+            return out, out_scale
+        vector_loads = plan.aligned_rows and x.data.ptr % _VECTOR_BYTES == 0
+        kernel = _kernels.quantize_function(device_id, plan.variants[vector_loads], target)
+        scale_pointer = global_scale_array if global_scale_array is not None else _NULL
         kernel(
-            grid,
-            block,
-            (
-                x,
-                np.int64(row_stride),
-                np.int32(m),
-                np.int32(n),
-                np.int32(padded_n),
-                global_scale_array if global_scale_array is not None else np.uint64(0),
-                global_scale_value,
-                packed,
-                scales,
-                np.int32(scale_shape[0]),
-                np.int32(scale_shape[1]),
-            ),
+            plan.grid,
+            plan.block,
+            (x, *plan.shape_args, scale_pointer, global_scale_value, out, out_scale, *plan.scale_shape_args),
             stream=stream,
         )
-    return packed, scales
+    return out, out_scale
 
 
-def _check_no_overlap(x, m, row_stride, n, outputs) -> None:
-    x_range = _byte_range(x, m, row_stride, n)
-    ranges = [("x", x_range)] + [
+def _check_no_overlap(x, plan: _Plan, out, out_scale) -> None:
+    ranges = [("x", _byte_range(x, plan.m, plan.row_stride, plan.n))] + [
         (name, (buffer.data.ptr, buffer.data.ptr + buffer.nbytes))
-        for name, buffer in zip(("out", "out_scale"), outputs)
+        for name, buffer in (("out", out), ("out_scale", out_scale))
         if buffer is not None and buffer.nbytes
     ]
     for i, (name_a, (lo_a, hi_a)) in enumerate(ranges):
