@@ -143,6 +143,12 @@ __device__ __forceinline__ float e4m3_to_f32(u8 code) {
 // ---------------------------------------------------------------------------
 // FP4 E2M1 (values). Codes 0..7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is sign.
 // ---------------------------------------------------------------------------
+__device__ __forceinline__ float fma_rn(float a, float b, float c) {
+  float d;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
+  return d;
+}
+
 __device__ __forceinline__ u32 e2m1_from_f32_software(float y) {
   const u32 bits = __float_as_uint(y);
   const u32 a = bits & kF32AbsMask;
@@ -152,8 +158,10 @@ __device__ __forceinline__ u32 e2m1_from_f32_software(float y) {
   // 7 (above 6, including inf) saturate.
   const u32 rounded = (a + 0x1fffffu + ((a >> 22) & 1u)) >> 22;
   const u32 from_one = min(rounded - 252u, 7u);
-  // |y| < 1: the subnormal step 0.5; ties at 0.25 go to 0, at 0.75 to 1.
-  const u32 below_one = (a > 0x3e800000u) + (a > 0x3f3fffffu);
+  // |y| < 1: codes 0, 1, 2 step by 0.5, so the code is 2|y| rounded to an
+  // integer, nearest-even (0.25 -> 0, 0.75 -> 2). One fma does that rounding:
+  // 2|y| + 2^23 lands on the integer grid of 2^23's ulp.
+  const u32 below_one = __float_as_uint(fma_rn(__uint_as_float(a), 2.0f, 8388608.0f)) - 0x4b000000u;
   const u32 magnitude = (a >= 0x3f800000u) ? from_one : below_one;
   return magnitude | ((bits >> 28) & 8u);
 }

@@ -68,16 +68,22 @@ def graph_time_us(launch, buffers: int, repeats: int = 15) -> float:
     return statistics.median(times)
 
 
-def copy_ceiling_gbps(nbytes: int = 2**30) -> float:
-    """cudaMemcpyAsync device to device, bytes read + written."""
+def copy_ceiling_gbps(nbytes: int = 2**30) -> dict:
+    """Device-to-device copy of 1 GiB, bytes read + written: by a plain
+    16-byte-per-thread kernel (the ceiling used) and by cudaMemcpyAsync."""
+    from ._compile import source_dir
+
     src = cp.ones(nbytes // 4, dtype=cp.float32)
     dst = cp.empty_like(src)
+    copy = cp.RawModule(code=(source_dir() / "bench_copy.cu").read_text()).get_function("copy_16_bytes_per_thread")
+    vectors = nbytes // 16
+    kernel_us = graph_time_us(lambda i: copy((-(-vectors // 256),), (256,), (src, dst, np.int64(vectors))), 1)
     kind = cp.cuda.runtime.memcpyDeviceToDevice
-    us = graph_time_us(
+    memcpy_us = graph_time_us(
         lambda i: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes, kind, cp.cuda.get_current_stream().ptr),
         1,
     )
-    return 2 * nbytes / us / 1e3
+    return {"copy_kernel_gbps": 2 * nbytes / kernel_us / 1e3, "memcpy_gbps": 2 * nbytes / memcpy_us / 1e3}
 
 
 def _inputs(m: int, n: int, dtype: str) -> list:
@@ -264,9 +270,11 @@ def main(argv=None) -> int:
 
     device = cp.cuda.Device()
     card = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
-    ceiling = copy_ceiling_gbps()
-    print(f"card {card} (sm_{device.compute_capability}), CuPy {cp.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; copy ceiling {ceiling:.0f} GB/s (memcpy D2D, read + write)")
+    copies = copy_ceiling_gbps()
+    ceiling = max(copies.values())
+    print(f"card {card} (sm_{device.compute_capability}), CuPy {cp.__version__}, {time.strftime('%Y-%m-%d')}; "
+          f"copy ceiling {ceiling:.0f} GB/s, read + write (copy kernel {copies['copy_kernel_gbps']:.0f}, "
+          f"cudaMemcpyAsync {copies['memcpy_gbps']:.0f})")
     shapes = QUICK_SHAPES if args.quick else SHAPES
     dtypes = ("float16", "float32") if args.quick else DTYPES
     layouts = ("swizzled",) if args.quick else LAYOUTS
@@ -295,7 +303,7 @@ def main(argv=None) -> int:
     first = first_call_seconds()
     print("first call: " + ", ".join(f"{k} {v:.3f}" for k, v in first.items()))
     args.json.write_text(json.dumps({"card": card, "cupy": cp.__version__, "date": time.strftime("%Y-%m-%d"),
-                                     "ceiling_gbps": ceiling, "results": results, "host": host, "first_call": first},
+                                     "ceiling_gbps": ceiling, "copies": copies, "results": results, "host": host, "first_call": first},
                                     indent=1))
     plotted = plot(results, ceiling, card, args.png)
     print(f"wrote {args.json}" + (f" and {args.png}" if plotted else " (no matplotlib: no plot)"))

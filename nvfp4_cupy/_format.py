@@ -108,7 +108,7 @@ def host_global_scale(value) -> np.float32:
     """A host global scale (Python or NumPy number) as the float32 the kernels
     use; it must be finite and > 0 there. (Only a scale held in a device array
     can be invalid at run time: the kernels then write NaN scales.)"""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)):
         raise TypeError(
             f"global_scale must be a float or a 1-element float32 device array, got {type(value).__name__}"
         )

@@ -28,6 +28,7 @@ _VECTOR_PIECE = 8  # n % 8 == 0: every 16-byte load lies wholly inside or outsid
 _MAX_GRID_Y = 65535
 _MAX_INDEX = 2**31 - 1  # rows and columns are 32-bit in the kernel
 _NULL = np.uint64(0)  # no device global scale
+_UINT8 = np.dtype(np.uint8)
 
 
 def _device_array(obj, name: str) -> cp.ndarray:
@@ -77,7 +78,7 @@ def _byte_range(array: cp.ndarray, rows: int, row_stride: int, n: int) -> tuple[
 
 def _check_output(buffer, name: str, shape: tuple[int, int], device_id: int) -> cp.ndarray:
     buffer = _device_array(buffer, name)
-    if buffer.dtype != np.uint8:
+    if buffer.dtype is not _UINT8 and buffer.dtype != _UINT8:  # identity first: the common case
         raise TypeError(f"{name} must have dtype uint8, got {buffer.dtype}")
     if buffer.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {buffer.shape}")
@@ -91,7 +92,9 @@ def _check_output(buffer, name: str, shape: tuple[int, int], device_id: int) -> 
 def _global_scale_argument(global_scale, device_id: int):
     """(device array or None, host float32): a device scale is read by the
     kernel (no host sync, capturable in CUDA graphs); a host one is checked here."""
-    if isinstance(global_scale, (numbers.Real, np.generic)) and not isinstance(global_scale, np.ndarray):
+    if type(global_scale) is float or (
+        isinstance(global_scale, (numbers.Real, np.generic)) and not isinstance(global_scale, np.ndarray)
+    ):
         return None, host_global_scale(global_scale)
     array = _device_array(global_scale, "global_scale")
     if array.dtype != np.float32:
