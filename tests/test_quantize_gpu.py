@@ -248,3 +248,12 @@ def test_empty_input_launches_nothing():
     assert packed.shape == (0, 32) and scales.shape == (0, 4)
     packed, scales = nv.scaled_fp4_quant(cp.zeros((0, 64), cp.float16), 1.0, layout="linear")
     assert scales.shape == (0, 4)
+
+
+@pytest.mark.parametrize("dtype", sorted(HOST_DTYPES))
+@pytest.mark.parametrize("m, n, padded_n", [(1, 1, 16), (7, 15, 16), (9, 17, 64), (33, 100, 128), (8, 7150, 7168)])
+def test_any_k_zero_fills_the_partial_block(dtype, m, n, padded_n):
+    """n need not be a multiple of 16: the kernel reads the partial last
+    block element by element and fills the rest with +0."""
+    x_host = make_input("outliers", m, n, seed=n).astype(HOST_DTYPES[dtype])
+    assert_matches_golden(x_host, global_scale_for(x_host.astype(np.float32)), f"{dtype} n={n}", padded_n=padded_n)

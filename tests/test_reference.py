@@ -263,3 +263,14 @@ def test_reference_runs_without_cupy():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "gpu import refused" in done.stdout
+
+
+def test_partial_last_block_reads_as_zeros():
+    x = np.random.default_rng(5).standard_normal((3, 21)).astype(np.float32)
+    padded = np.zeros((3, 32), np.float32)
+    padded[:, :21] = x
+    got = ref.scaled_fp4_quant(x, 7.0)  # default padded_n: 21 rounded up to 32
+    want = ref.scaled_fp4_quant(padded, 7.0)
+    assert got[0].shape == (3, 16)
+    assert_bytes_equal(got[0], want[0], "packed")
+    assert_bytes_equal(got[1], want[1], "scales")
