@@ -48,6 +48,16 @@ __device__ __forceinline__ u32 raw_half(const u32* words, int j) {
   return (words[j >> 1] >> (16 * (j & 1))) & 0xffffu;
 }
 
+// amax of 16 values stored two to a word, two lanes at a time: on
+// non-negative halves a max.NaN orders like the bits do and keeps NaN a NaN.
+template <typename Input>
+__device__ __forceinline__ u32 abs_max_bits_16x2(const u32 (&words)[8]) {
+  u32 pair = words[0] & 0x7fff7fffu;
+#pragma unroll
+  for (int w = 1; w < 8; ++w) pair = Input::max_nan_x2(pair, words[w] & 0x7fff7fffu);
+  return __float_as_uint(Input::to_f32(max(pair & 0xffffu, pair >> 16))) & kF32AbsMask;
+}
+
 struct Float16Input {
   typedef u16 raw_t;
   __device__ static float to_f32(u32 raw) {
@@ -55,31 +65,23 @@ struct Float16Input {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)raw));
     return f;
   }
-  __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
-  __device__ static u32 abs_max_bits(const u32 (&words)[8]) {
-    // Two lanes at a time; max.NaN.f16x2 keeps (canonical) NaN, and on
-    // non-negative halves orders like the bits do.
-    u32 pair = words[0] & 0x7fff7fffu;
-#pragma unroll
-    for (int w = 1; w < 8; ++w) {
-      asm("max.NaN.f16x2 %0, %0, %1;" : "+r"(pair) : "r"(words[w] & 0x7fff7fffu));
-    }
-    return __float_as_uint(to_f32(max(pair & 0xffffu, pair >> 16))) & kF32AbsMask;
+  __device__ static u32 max_nan_x2(u32 a, u32 b) {
+    asm("max.NaN.f16x2 %0, %0, %1;" : "+r"(a) : "r"(b));
+    return a;
   }
+  __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
+  __device__ static u32 abs_max_bits(const u32 (&words)[8]) { return abs_max_bits_16x2<Float16Input>(words); }
 };
 
 struct BFloat16Input {
   typedef u16 raw_t;
   __device__ static float to_f32(u32 raw) { return __uint_as_float(raw << 16); }
-  __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
-  __device__ static u32 abs_max_bits(const u32 (&words)[8]) {
-    u32 pair = words[0] & 0x7fff7fffu;
-#pragma unroll
-    for (int w = 1; w < 8; ++w) {
-      asm("max.NaN.bf16x2 %0, %0, %1;" : "+r"(pair) : "r"(words[w] & 0x7fff7fffu));
-    }
-    return __float_as_uint(to_f32(max(pair & 0xffffu, pair >> 16))) & kF32AbsMask;
+  __device__ static u32 max_nan_x2(u32 a, u32 b) {
+    asm("max.NaN.bf16x2 %0, %0, %1;" : "+r"(a) : "r"(b));
+    return a;
   }
+  __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
+  __device__ static u32 abs_max_bits(const u32 (&words)[8]) { return abs_max_bits_16x2<BFloat16Input>(words); }
 };
 
 struct Float32Input {
