@@ -48,12 +48,19 @@ __device__ __forceinline__ void load_block(const typename Input::raw_t* __restri
   }
 }
 
-// One thread per 16-value block.
+// One thread per 16-value block. blockIdx.z is the expert of a [E, m, n]
+// batch: its own rows of x, its own global scale (when given one per expert
+// on the device), its own packed rows and its own complete scale tensor.
 template <typename Input, typename Layout, bool kVectorLoads>
 __global__ void __launch_bounds__(256)
-quantize_nvfp4(const typename Input::raw_t* __restrict__ x, long long row_stride, int m, int n,
-               int padded_n, const float* __restrict__ global_scale_ptr, float global_scale_value,
+quantize_nvfp4(const typename Input::raw_t* __restrict__ x, long long row_stride, long long expert_stride, int m,
+               int n, int padded_n, const float* __restrict__ global_scale_ptr, float global_scale_value,
                uint2* __restrict__ packed, u8* __restrict__ scales, int scale_rows, int scale_cols) {
+  const int expert = blockIdx.z;
+  x += expert * expert_stride;
+  packed += (long long)expert * m * (padded_n >> 4);
+  scales += (long long)expert * scale_rows * scale_cols;
+  if (global_scale_ptr) global_scale_ptr += expert;
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   const int k = blockIdx.y * blockDim.x + threadIdx.x;
   const int col = k * 16;

@@ -90,6 +90,46 @@ def check_dtype(dtype, name: str = "x") -> str:
     return dtype_name
 
 
+@dataclass(frozen=True)
+class RowView:
+    """How the kernel walks x: `experts` batches of `m` rows of `n` values,
+    rows `row_stride` elements apart, batches `expert_stride` apart."""
+
+    experts: int
+    m: int
+    n: int
+    row_stride: int
+    expert_stride: int
+
+
+def row_view(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int, per_expert: bool) -> RowView:
+    """x's layout in elements, without copying: the last dimension must be
+    contiguous; per_expert keeps dimension 0 of a 3-D x as the expert batch,
+    otherwise all leading dimensions must flatten into evenly strided rows
+    (any C-contiguous array, and views such as h[:, :4096])."""
+    m, n = rows_and_n(shape)
+    if n > 1 and strides[-1] != itemsize:
+        raise ValueError(
+            f"x: the last dimension must be contiguous (stride {itemsize} bytes), got strides "
+            f"{strides}; pass cupy.ascontiguousarray(x)"
+        )
+    if any(stride % itemsize for stride in strides):
+        raise ValueError(f"x: strides {strides} are not whole numbers of {itemsize}-byte elements")
+    if per_expert:
+        if len(shape) != 3:
+            raise ValueError(f"x: a global scale per expert needs x of shape [E, m, n], got shape {shape}")
+        return RowView(shape[0], shape[1], n, strides[1] // itemsize, strides[0] // itemsize)
+    leading = [(size, stride) for size, stride in zip(shape[:-1], strides[:-1]) if size > 1]
+    for (_, stride_outer), (size_inner, stride_inner) in zip(leading, leading[1:]):
+        if stride_outer != stride_inner * size_inner:
+            raise ValueError(
+                f"x: leading dimensions of shape {shape} with strides {strides} do not "
+                "flatten into evenly strided rows; pass cupy.ascontiguousarray(x)"
+            )
+    row_stride = leading[-1][1] // itemsize if leading else n
+    return RowView(1, m, n, row_stride, 0)
+
+
 def rows_and_n(shape: tuple[int, ...], name: str = "x") -> tuple[int, int]:
     """[..., n] -> (m, n): leading dimensions flatten into rows."""
     if len(shape) == 0:

@@ -15,11 +15,12 @@ import numpy as np
 from . import _kernels
 from ._compile import QuantizeVariant, Target
 from ._format import (
+    RowView,
     check_dtype,
     host_global_scale,
     resolve_layout,
     resolve_padded_n,
-    rows_and_n,
+    row_view,
 )
 
 _THREADS_PER_BLOCK = 256
@@ -45,35 +46,14 @@ def _device_array(obj, name: str) -> cp.ndarray:
     raise TypeError(f"{name} must be a CuPy array or a CUDA tensor, got {type(obj).__name__}")
 
 
-def _row_stride(x: cp.ndarray) -> int:
-    """Elements between rows, when the leading dimensions of x collapse into
-    evenly strided rows of contiguous values (any C-contiguous array, and
-    views such as h[:, :4096]); else a ValueError."""
-    itemsize = x.itemsize
-    if x.shape[-1] > 1 and x.strides[-1] != itemsize:
-        raise ValueError(
-            f"x: the last dimension must be contiguous (stride {itemsize} bytes), got strides "
-            f"{x.strides}; pass cupy.ascontiguousarray(x)"
-        )
-    leading = [(size, stride) for size, stride in zip(x.shape[:-1], x.strides[:-1]) if size > 1]
-    if not leading:
-        return x.shape[-1]
-    for (size_outer, stride_outer), (size_inner, stride_inner) in zip(leading, leading[1:]):
-        if stride_outer != stride_inner * size_inner:
-            raise ValueError(
-                f"x: leading dimensions of shape {x.shape} with strides {x.strides} do not "
-                "flatten into evenly strided rows; pass cupy.ascontiguousarray(x)"
-            )
-    row_stride_bytes = leading[-1][1]
-    if row_stride_bytes % itemsize:
-        raise ValueError(f"x: row stride {row_stride_bytes} bytes is not a whole number of elements")
-    return row_stride_bytes // itemsize
-
-
-def _byte_range(array: cp.ndarray, rows: int, row_stride: int, n: int) -> tuple[int, int]:
-    first = array.data.ptr
-    last_row = first + (rows - 1) * row_stride * array.itemsize
-    return min(first, last_row), max(first, last_row) + n * array.itemsize
+def _byte_range(x: cp.ndarray, view: RowView) -> tuple[int, int]:
+    """[first, last) byte addresses x's kernel reads can touch."""
+    corners = [
+        x.data.ptr + (e * view.expert_stride + r * view.row_stride) * x.itemsize
+        for e in (0, view.experts - 1)
+        for r in (0, view.m - 1)
+    ]
+    return min(corners), max(corners) + view.n * x.itemsize
 
 
 def _check_output(buffer, name: str, shape: tuple[int, int], device_id: int) -> cp.ndarray:
@@ -89,21 +69,27 @@ def _check_output(buffer, name: str, shape: tuple[int, int], device_id: int) -> 
     return buffer
 
 
-def _global_scale_argument(global_scale, device_id: int):
-    """(device array or None, host float32): a device scale is read by the
-    kernel (no host sync, capturable in CUDA graphs); a host one is checked here."""
+def _global_scale_argument(global_scale, device_id: int, x_shape: tuple):
+    """(device array or None, host float32, per expert): a device scale is
+    read by the kernel (no host sync, capturable in CUDA graphs); a host one is
+    checked here. A 1-D device array of length E with x of shape [E, m, n]
+    gives each expert its own scale."""
     if type(global_scale) is float or (
         isinstance(global_scale, (numbers.Real, np.generic)) and not isinstance(global_scale, np.ndarray)
     ):
-        return None, host_global_scale(global_scale)
+        return None, host_global_scale(global_scale), False
     array = _device_array(global_scale, "global_scale")
     if array.dtype != np.float32:
         raise TypeError(f"global_scale as a device array must be float32, got {array.dtype}")
-    if array.size != 1:
-        raise ValueError(f"global_scale as a device array must hold one element, got shape {array.shape}")
+    per_expert = len(x_shape) == 3 and array.ndim == 1 and array.shape[0] == x_shape[0]
+    if array.size != 1 and not per_expert:
+        raise ValueError(
+            f"global_scale as a device array must hold one element, or one per expert for x of shape "
+            f"[E, m, n], got shape {array.shape} for x of shape {x_shape}"
+        )
     if array.data.device_id != device_id:
         raise ValueError(f"global_scale is on device {array.data.device_id} but x is on device {device_id}")
-    return array, np.float32(0)
+    return array, np.float32(0), per_expert
 
 
 def _resolve_stream(stream, device_id: int):
@@ -155,10 +141,7 @@ class _Plan:
     the same form (serving loops repeat a handful of shapes)."""
 
     variants: tuple  # (general loads, 16-byte loads)
-    m: int
-    n: int
-    padded_n: int
-    row_stride: int
+    view: RowView
     aligned_rows: bool  # 16-byte loads possible if the base pointer is aligned
     packed_shape: tuple
     scale_shape: tuple
@@ -172,41 +155,40 @@ _plans: dict = {}
 _MAX_PLANS = 4096
 
 
-def _make_plan(x, padded_n, is_sf_swizzled_layout, layout) -> _Plan:
+def _make_plan(x, padded_n, is_sf_swizzled_layout, layout, per_expert) -> _Plan:
     dtype_name = check_dtype(x.dtype)
-    m, n = rows_and_n(x.shape)
-    padded_n = resolve_padded_n(n, padded_n)
-    row_stride = _row_stride(x) if m else n
+    view = row_view(x.shape, x.strides, x.itemsize, per_expert)
+    padded_n = resolve_padded_n(view.n, padded_n)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
-    scale_shape = scale_layout.scale_shape(m, padded_n)
+    scale_shape = scale_layout.scale_shape(view.m, padded_n)
     grid, block = _launch_geometry(*scale_shape)
-    if scale_shape[0] > _MAX_INDEX or padded_n > _MAX_INDEX or grid[1] > _MAX_GRID_Y:
+    if scale_shape[0] > _MAX_INDEX or padded_n > _MAX_INDEX or grid[1] > _MAX_GRID_Y or view.experts > _MAX_GRID_Y:
         raise ValueError(f"x: shape {x.shape} with padded_n={padded_n} is too large for one launch")
+    batch = (view.experts,) if per_expert else ()
+    aligned = all((stride * x.itemsize) % _VECTOR_BYTES == 0 for stride in (view.row_stride, view.expert_stride))
     return _Plan(
         variants=tuple(QuantizeVariant(dtype_name, scale_layout, vector) for vector in (False, True)),
-        m=m,
-        n=n,
-        padded_n=padded_n,
-        row_stride=row_stride,
-        aligned_rows=(row_stride * x.itemsize) % _VECTOR_BYTES == 0 and n % _VECTOR_PIECE == 0,
-        packed_shape=(m, padded_n // 2),
-        scale_shape=scale_shape,
-        grid=grid,
+        view=view,
+        aligned_rows=aligned and view.n % _VECTOR_PIECE == 0,
+        packed_shape=batch + (view.m, padded_n // 2),
+        scale_shape=batch + scale_shape,
+        grid=grid + (view.experts,),
         block=block,
-        shape_args=(np.int64(row_stride), np.int32(m), np.int32(n), np.int32(padded_n)),
+        shape_args=(np.int64(view.row_stride), np.int64(view.expert_stride), np.int32(view.m), np.int32(view.n),
+                    np.int32(padded_n)),
         scale_shape_args=(np.int32(scale_shape[0]), np.int32(scale_shape[1])),
     )
 
 
-def _plan_for(x, padded_n, is_sf_swizzled_layout, layout) -> _Plan:
+def _plan_for(x, padded_n, is_sf_swizzled_layout, layout, per_expert) -> _Plan:
     key = (x.shape, x.strides, x.dtype, padded_n, type(padded_n), is_sf_swizzled_layout,
-           type(is_sf_swizzled_layout), layout)
+           type(is_sf_swizzled_layout), layout, per_expert)
     try:
         plan = _plans.get(key)
     except TypeError:  # an unhashable argument: _make_plan says what is wrong with it
-        return _make_plan(x, padded_n, is_sf_swizzled_layout, layout)
+        return _make_plan(x, padded_n, is_sf_swizzled_layout, layout, per_expert)
     if plan is None:
-        plan = _make_plan(x, padded_n, is_sf_swizzled_layout, layout)
+        plan = _make_plan(x, padded_n, is_sf_swizzled_layout, layout, per_expert)
         if len(_plans) < _MAX_PLANS:
             _plans[key] = plan
     return plan
@@ -218,9 +200,9 @@ def _quantize(
     """scaled_fp4_quant, with the conversion target forced when given (tests
     run the sm_80 software path on newer GPUs this way)."""
     x = _device_array(x, "x")
-    plan = _plan_for(x, padded_n, is_sf_swizzled_layout, layout)
     device_id = x.data.device_id
-    global_scale_array, global_scale_value = _global_scale_argument(global_scale, device_id)
+    global_scale_array, global_scale_value, per_expert = _global_scale_argument(global_scale, device_id, x.shape)
+    plan = _plan_for(x, padded_n, is_sf_swizzled_layout, layout, per_expert)
     switch_device = cp.cuda.runtime.getDevice() != device_id
     with cp.cuda.Device(device_id) if switch_device else contextlib.nullcontext():
         allocate_on = contextlib.nullcontext() if stream is None else stream
@@ -229,7 +211,7 @@ def _quantize(
             out = _check_output(out, "out", plan.packed_shape, device_id)
         if out_scale is not None:
             out_scale = _check_output(out_scale, "out_scale", plan.scale_shape, device_id)
-        if plan.m and (out is not None or out_scale is not None):
+        if plan.view.m and (out is not None or out_scale is not None):
             _check_no_overlap(x, plan, out, out_scale)
         if out is None or out_scale is None:
             # Allocate on the launch stream, so the pool orders reuse after it.
@@ -238,7 +220,7 @@ def _quantize(
                     out = cp.empty(plan.packed_shape, dtype=np.uint8)
                 if out_scale is None:
                     out_scale = cp.empty(plan.scale_shape, dtype=np.uint8)
-        if plan.m == 0:
+        if plan.view.m == 0 or plan.view.experts == 0:
             return out, out_scale
         vector_loads = plan.aligned_rows and x.data.ptr % _VECTOR_BYTES == 0
         kernel = _kernels.quantize_function(device_id, plan.variants[vector_loads], target)
@@ -253,7 +235,7 @@ def _quantize(
 
 
 def _check_no_overlap(x, plan: _Plan, out, out_scale) -> None:
-    ranges = [("x", _byte_range(x, plan.m, plan.row_stride, plan.n))] + [
+    ranges = [("x", _byte_range(x, plan.view))] + [
         (name, (buffer.data.ptr, buffer.data.ptr + buffer.nbytes))
         for name, buffer in (("out", out), ("out_scale", out_scale))
         if buffer is not None and buffer.nbytes
@@ -264,17 +246,18 @@ def _check_no_overlap(x, plan: _Plan, out, out_scale) -> None:
                 raise ValueError(f"{name_b} overlaps {name_a} in device memory; pass separate buffers")
 
 
-def create_fp4_output_tensors(m, n, is_sf_swizzled_layout=True, padded_n=None, *, layout=None):
+def create_fp4_output_tensors(m, n, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, num_experts=None):
     """Uninitialized (packed, scales) buffers for scaled_fp4_quant on the
-    current device."""
-    for name, value in (("m", m), ("n", n)):
+    current device; with num_experts, [E, ...] buffers for a per-expert call."""
+    for name, value in (("m", m), ("n", n)) + ((("num_experts", num_experts),) if num_experts is not None else ()):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if m < 0:
-        raise ValueError(f"m must be >= 0, got m={m}")
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {name}={value}")
     padded_n = resolve_padded_n(int(n), padded_n)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
+    batch = () if num_experts is None else (int(num_experts),)
     return (
-        cp.empty((int(m), padded_n // 2), dtype=np.uint8),
-        cp.empty(scale_layout.scale_shape(int(m), padded_n), dtype=np.uint8),
+        cp.empty(batch + (int(m), padded_n // 2), dtype=np.uint8),
+        cp.empty(batch + scale_layout.scale_shape(int(m), padded_n), dtype=np.uint8),
     )

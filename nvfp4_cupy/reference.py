@@ -110,12 +110,38 @@ def _global_scale_value(global_scale) -> np.float32:
     return host_global_scale(global_scale)
 
 
+def _is_per_expert(x: np.ndarray, global_scale) -> bool:
+    """The GPU function's rule: x [E, m, n] with a 1-D float32 array of E scales."""
+    return (
+        isinstance(global_scale, np.ndarray)
+        and global_scale.dtype == np.float32
+        and x.ndim == 3
+        and global_scale.ndim == 1
+        and global_scale.shape[0] == x.shape[0]
+    )
+
+
 def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None):
     """Golden NVFP4 quantization of `x` [..., n] (float16, bfloat16 or
     float32, NumPy). Returns (packed uint8 [m, padded_n // 2], scales uint8 in
-    the chosen layout), the bytes nvfp4_cupy.scaled_fp4_quant must produce."""
+    the chosen layout), the bytes nvfp4_cupy.scaled_fp4_quant must produce.
+
+    With x [E, m, n] and a float32 array of E global scales, each expert is
+    quantized on its own: packed [E, m, padded_n // 2], scales [E, ...] with a
+    complete scale tensor per expert."""
     x = np.asarray(x)
     check_dtype(x.dtype)
+    if _is_per_expert(x, global_scale):
+        results = [
+            scaled_fp4_quant(x[e], global_scale[e : e + 1], is_sf_swizzled_layout, padded_n, layout=layout)
+            for e in range(x.shape[0])
+        ]
+        if results:
+            return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
+        m, n = x.shape[1:]
+        padded_n = resolve_padded_n(n, padded_n)
+        scale_shape = resolve_layout(is_sf_swizzled_layout, layout).scale_shape(m, padded_n)
+        return np.zeros((0, m, padded_n // 2), np.uint8), np.zeros((0, *scale_shape), np.uint8)
     m, n = rows_and_n(x.shape)
     padded_n = resolve_padded_n(n, padded_n)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)

@@ -257,3 +257,32 @@ def test_any_k_zero_fills_the_partial_block(dtype, m, n, padded_n):
     block element by element and fills the rest with +0."""
     x_host = make_input("outliers", m, n, seed=n).astype(HOST_DTYPES[dtype])
     assert_matches_golden(x_host, global_scale_for(x_host.astype(np.float32)), f"{dtype} n={n}", padded_n=padded_n)
+
+
+@pytest.mark.parametrize("dtype", sorted(HOST_DTYPES))
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_expert_batches_with_a_scale_per_expert(dtype, layout):
+    """x [E, m, n] with E device global scales: each expert quantized alone
+    into its own packed rows and its own complete scale tensor."""
+    import nvfp4_cupy as nv
+
+    experts, m, n, padded_n = 4, 129, 7152, 7168
+    wide = np.stack([make_input(kind, m, 7200, seed=e) for e, kind in enumerate(
+        ("normal", "outliers", "zero_rows", "specials"))]).astype(HOST_DTYPES[dtype])
+    x_host = wide[:, :, :n]  # each expert's rows are a column slice of a wider buffer
+    scales_host = np.array([global_scale_for(x_host[e].astype(np.float32)) for e in range(experts)], np.float32)
+    scales_host[2] = np.nan  # an invalid scale NaNs its own expert only
+    want_packed, want_scales = ref.scaled_fp4_quant(x_host, scales_host, padded_n=padded_n, layout=layout)
+    x = to_device(wide)[:, :, :n]
+    results = []
+    for poison in POISONS:
+        out, out_scale = nv.create_fp4_output_tensors(m, n, padded_n=padded_n, layout=layout, num_experts=experts)
+        out.fill(poison)
+        out_scale.fill(poison)
+        nv.scaled_fp4_quant(x, cp.asarray(scales_host), padded_n=padded_n, layout=layout, out=out, out_scale=out_scale)
+        results.append((cp.asnumpy(out), cp.asnumpy(out_scale)))
+    for packed, scales in results:
+        assert_bytes_equal(packed, want_packed, f"{dtype} {layout} experts packed")
+        assert_bytes_equal(scales, want_scales, f"{dtype} {layout} experts scales")
+    packed, scales = nv.scaled_fp4_quant(x, cp.asarray(scales_host), padded_n=padded_n, layout=layout)
+    assert packed.shape == (experts, m, padded_n // 2) and scales.shape == want_scales.shape

@@ -274,3 +274,21 @@ def test_partial_last_block_reads_as_zeros():
     assert got[0].shape == (3, 16)
     assert_bytes_equal(got[0], want[0], "packed")
     assert_bytes_equal(got[1], want[1], "scales")
+
+
+def test_per_expert_global_scales_quantize_each_expert_alone():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 40, 48)).astype(np.float16)
+    scales = np.array([10.0, 200.0, np.inf], np.float32)  # the last expert's scale is invalid
+    packed, sf = ref.scaled_fp4_quant(x, scales, padded_n=64)
+    assert packed.shape == (3, 40, 32) and sf.shape == (3, 128, 4)
+    for e in range(2):
+        want = ref.scaled_fp4_quant(x[e], float(scales[e]), padded_n=64)
+        assert_bytes_equal(packed[e], want[0], f"expert {e} packed")
+        assert_bytes_equal(sf[e], want[1], f"expert {e} scales")
+    assert not packed[2].any() and int(np.count_nonzero(sf[2] == 0x7F)) == 40 * 4
+    # One scale for all experts flattens like vLLM instead.
+    flat_packed, flat_sf = ref.scaled_fp4_quant(x, 10.0, padded_n=64)
+    assert flat_packed.shape == (120, 32) and flat_sf.shape == (128, 4)
+    empty = ref.scaled_fp4_quant(np.zeros((0, 5, 32), np.float32), np.zeros(0, np.float32), layout="8x4")
+    assert empty[0].shape == (0, 5, 16) and empty[1].shape == (0, 8, 4)

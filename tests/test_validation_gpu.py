@@ -65,7 +65,7 @@ def test_bad_options(nv, x, kwargs, error, match):
         (lambda: True, TypeError, "global_scale must be a float"),
         (lambda: np.array([1.0], np.float32), TypeError, "global_scale is a NumPy \\(host\\) array"),
         (lambda: cp.ones(1, cp.float64), TypeError, "must be float32, got float64"),
-        (lambda: cp.ones(2, cp.float32), ValueError, "must hold one element, got shape \\(2,\\)"),
+        (lambda: cp.ones(2, cp.float32), ValueError, r"must hold one element, or one per expert .* got shape \(2,\)"),
     ],
 )
 def test_bad_global_scale(nv, x, make_gs, error, match):
@@ -118,3 +118,13 @@ def test_create_fp4_output_tensors_checks(nv):
         nv.create_fp4_output_tensors(-1, 64)
     with pytest.raises(TypeError, match="n must be an int, got float"):
         nv.create_fp4_output_tensors(4, 64.0)
+
+
+def test_per_expert_scale_shapes(nv):
+    x3 = cp.ones((3, 4, 32), cp.float16)
+    with pytest.raises(ValueError, match=r"one per expert for x of shape \[E, m, n\], got shape \(2,\)"):
+        nv.scaled_fp4_quant(x3, cp.ones(2, cp.float32))
+    with pytest.raises(ValueError, match=r"got shape \(4,\) for x of shape \(4, 32\)"):
+        nv.scaled_fp4_quant(cp.ones((4, 32), cp.float16), cp.ones(4, cp.float32))
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 4, 16\)"):
+        nv.scaled_fp4_quant(x3, cp.ones(3, cp.float32), out=cp.empty((12, 16), cp.uint8))
