@@ -52,7 +52,7 @@ __device__ __forceinline__ void load_block(const typename Input::raw_t* __restri
 // batch: its own rows of x, its own global scale (when given one per expert
 // on the device), its own packed rows and its own complete scale tensor.
 template <typename Input, typename Layout, bool kVectorLoads>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, Input::kMinBlocksPerSm)
 quantize_nvfp4(const typename Input::raw_t* __restrict__ x, long long row_stride, long long expert_stride, int m,
                int n, int padded_n, const float* __restrict__ global_scale_ptr, float global_scale_value,
                uint2* __restrict__ packed, u8* __restrict__ scales, int scale_rows, int scale_cols) {

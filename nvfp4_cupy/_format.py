@@ -108,6 +108,8 @@ def row_view(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int, pe
     otherwise all leading dimensions must flatten into evenly strided rows
     (any C-contiguous array, and views such as h[:, :4096])."""
     m, n = rows_and_n(shape)
+    if 0 in shape:  # nothing to read; empty arrays may report any strides
+        return RowView(shape[0] if per_expert else 1, shape[1] if per_expert else m, n, n, 0)
     if n > 1 and strides[-1] != itemsize:
         raise ValueError(
             f"x: the last dimension must be contiguous (stride {itemsize} bytes), got strides "

@@ -43,3 +43,9 @@ def test_views_that_need_a_copy_are_value_errors(make, match):
 def test_per_expert_needs_three_dimensions():
     with pytest.raises(ValueError, match=r"x of shape \[E, m, n\]"):
         view_of(np.zeros((4, 64), np.float16), per_expert=True)
+
+
+def test_empty_arrays_report_any_strides():
+    assert view_of(np.zeros((0, 64), np.float16)[:, ::2]) == RowView(1, 0, 32, 32, 0)
+    assert row_view((0, 64), (0, 0), 2, False) == RowView(1, 0, 64, 64, 0)
+    assert row_view((0, 5, 32), (0, 0, 0), 4, True) == RowView(0, 5, 32, 32, 0)
