@@ -58,12 +58,8 @@ __device__ __forceinline__ u32 abs_max_bits_16x2(const u32 (&words)[8]) {
   return __float_as_uint(Input::to_f32(max(pair & 0xffffu, pair >> 16))) & kF32AbsMask;
 }
 
-// kMinBlocksPerSm: 16-bit input is issue-bound, so its kernels must keep full
-// occupancy (8 blocks of 256 threads, at most 32 registers); float32 input is
-// memory-bound and gets the registers it needs to avoid spills.
 struct Float16Input {
   typedef u16 raw_t;
-  static constexpr int kMinBlocksPerSm = 8;
   __device__ static float to_f32(u32 raw) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)raw));
@@ -79,7 +75,6 @@ struct Float16Input {
 
 struct BFloat16Input {
   typedef u16 raw_t;
-  static constexpr int kMinBlocksPerSm = 8;
   __device__ static float to_f32(u32 raw) { return __uint_as_float(raw << 16); }
   __device__ static u32 max_nan_x2(u32 a, u32 b) {
     asm("max.NaN.bf16x2 %0, %0, %1;" : "+r"(a) : "r"(b));
@@ -91,7 +86,6 @@ struct BFloat16Input {
 
 struct Float32Input {
   typedef u32 raw_t;
-  static constexpr int kMinBlocksPerSm = 6;
   __device__ static float element(const u32* words, int j) { return __uint_as_float(words[j]); }
   __device__ static u32 abs_max_bits(const u32 (&words)[16]) {
     u32 amax = 0;

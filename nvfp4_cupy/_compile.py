@@ -100,19 +100,21 @@ class QuantizeVariant:
     dtype_name: str
     layout: ScaleLayout
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
+    experts: bool = False  # [E, m, n] batch, a scale tensor per expert
 
     @property
     def name(self) -> str:
         return (
             f"nvfp4::quantize_nvfp4<{INPUT_STRUCTS[self.dtype_name]}, {self.layout.cuda_struct}, "
-            f"{'true' if self.vector_loads else 'false'}>"
+            f"{'true' if self.vector_loads else 'false'}, {'true' if self.experts else 'false'}>"
         )
 
 
 def all_quantize_variants() -> list[QuantizeVariant]:
     return [
-        QuantizeVariant(dtype_name, layout, vector_loads)
+        QuantizeVariant(dtype_name, layout, vector_loads, experts)
         for dtype_name in INPUT_STRUCTS
         for layout in LAYOUTS.values()
         for vector_loads in (True, False)
+        for experts in (False, True)
     ]

@@ -167,7 +167,7 @@ def _make_plan(x, padded_n, is_sf_swizzled_layout, layout, per_expert) -> _Plan:
     batch = (view.experts,) if per_expert else ()
     aligned = all((stride * x.itemsize) % _VECTOR_BYTES == 0 for stride in (view.row_stride, view.expert_stride))
     return _Plan(
-        variants=tuple(QuantizeVariant(dtype_name, scale_layout, vector) for vector in (False, True)),
+        variants=tuple(QuantizeVariant(dtype_name, scale_layout, vector, per_expert) for vector in (False, True)),
         view=view,
         aligned_rows=aligned and view.n % _VECTOR_PIECE == 0,
         packed_shape=batch + (view.m, padded_n // 2),
