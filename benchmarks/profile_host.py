@@ -38,7 +38,7 @@ from nvfp4_cupy._compile import QuantizeVariant  # noqa: E402
 from nvfp4_cupy._format import LAYOUTS  # noqa: E402
 import numpy as np  # noqa: E402
 
-kernel = _kernels.quantize_function(0, QuantizeVariant("float16", LAYOUTS["swizzled"], True))
+(kernel,) = _kernels.kernel_functions(0, QuantizeVariant("float16", LAYOUTS["swizzled"], True))
 args = (x, np.int64(4096), np.int64(0), np.int32(1), np.int32(4096), np.int32(4096), np.uint64(0), np.float32(3.0),
         out, out_scale, np.int32(128), np.int32(256))
 n = 5000

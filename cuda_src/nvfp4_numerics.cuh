@@ -22,6 +22,9 @@ constexpr u32 kF32MaxBits = 0x7f7fffffu;  // FLT_MAX
 constexpr u8 kE4M3NaN = 0x7f;
 constexpr u8 kE4M3Max = 0x7e;  // 448.0
 
+// Which global scale a block uses (a kernel template argument).
+enum GlobalScales : int { kOneScale = 0, kScalePerExpert = 1, kScalePerRow = 2 };
+
 // ---------------------------------------------------------------------------
 // IEEE float32 operations, round-to-nearest-even, subnormals kept.
 // ---------------------------------------------------------------------------

@@ -13,16 +13,26 @@ __version__ = "0.1.0"
 __all__ = [
     "scaled_fp4_quant",
     "create_fp4_output_tensors",
+    "dequantize_fp4",
+    "compute_global_scale",
+    "quantize",
     "reference",
     "__version__",
 ]
 
-_GPU_NAMES = {"scaled_fp4_quant", "create_fp4_output_tensors"}
+# public name -> private module that defines it (imported on first use)
+_GPU_NAMES = {
+    "scaled_fp4_quant": "._quantize",
+    "create_fp4_output_tensors": "._quantize",
+    "dequantize_fp4": "._dequantize",
+    "compute_global_scale": "._global_scale",
+    "quantize": "._global_scale",
+}
 
 
 def __getattr__(name: str):
     if name in _GPU_NAMES:
-        value = getattr(importlib.import_module(".quantize", __name__), name)
+        value = getattr(importlib.import_module(_GPU_NAMES[name], __name__), name)
     elif name == "reference":
         value = importlib.import_module(".reference", __name__)
     else:

@@ -93,6 +93,13 @@ def compile_options(target: Target) -> tuple[str, ...]:
     return tuple(options)
 
 
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+GLOBAL_SCALES = {"one": "nvfp4::kOneScale", "expert": "nvfp4::kScalePerExpert", "row": "nvfp4::kScalePerRow"}
+
+
 @dataclass(frozen=True)
 class QuantizeVariant:
     """One instantiation of the quantization kernel template."""
@@ -100,21 +107,60 @@ class QuantizeVariant:
     dtype_name: str
     layout: ScaleLayout
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
-    experts: bool = False  # [E, m, n] batch, a scale tensor per expert
+    global_scales: str = "one"  # "one", "expert" ([E, m, n] batch) or "row"
+
+    source = "nvfp4_quantize.cu"
 
     @property
-    def name(self) -> str:
+    def names(self) -> tuple[str, ...]:
         return (
             f"nvfp4::quantize_nvfp4<{INPUT_STRUCTS[self.dtype_name]}, {self.layout.cuda_struct}, "
-            f"{'true' if self.vector_loads else 'false'}, {'true' if self.experts else 'false'}>"
+            f"{_flag(self.vector_loads)}, {GLOBAL_SCALES[self.global_scales]}>",
         )
 
 
-def all_quantize_variants() -> list[QuantizeVariant]:
-    return [
-        QuantizeVariant(dtype_name, layout, vector_loads, experts)
-        for dtype_name in INPUT_STRUCTS
-        for layout in LAYOUTS.values()
-        for vector_loads in (True, False)
-        for experts in (False, True)
-    ]
+@dataclass(frozen=True)
+class DequantizeVariant:
+    dtype_name: str  # output dtype
+    layout: ScaleLayout
+    vector_stores: bool
+
+    source = "nvfp4_dequantize.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        output = INPUT_STRUCTS[self.dtype_name].replace("Input", "Output")
+        return (f"nvfp4::dequantize_nvfp4<{output}, {self.layout.cuda_struct}, {_flag(self.vector_stores)}>",)
+
+
+@dataclass(frozen=True)
+class GlobalScaleVariant:
+    """The amax reduction for one input dtype, and the amax -> scale step."""
+
+    dtype_name: str
+    vector_loads: bool
+
+    source = "global_scale.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (
+            f"nvfp4::block_amax<{INPUT_STRUCTS[self.dtype_name]}, {_flag(self.vector_loads)}>",
+            "nvfp4::global_scale_from_amax",
+        )
+
+
+def all_variants() -> list:
+    """Every kernel variant a launcher can ask for."""
+    flags = (False, True)
+    return (
+        [
+            QuantizeVariant(dtype_name, layout, vector, scales)
+            for dtype_name in INPUT_STRUCTS
+            for layout in LAYOUTS.values()
+            for vector in flags
+            for scales in GLOBAL_SCALES
+        ]
+        + [DequantizeVariant(d, layout, vector) for d in INPUT_STRUCTS for layout in LAYOUTS.values() for vector in flags]
+        + [GlobalScaleVariant(d, vector) for d in INPUT_STRUCTS for vector in flags]
+    )

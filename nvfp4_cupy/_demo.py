@@ -58,7 +58,7 @@ def run(layout: str = "swizzled") -> int:
     else:
         import cupy as cp
 
-        from .quantize import scaled_fp4_quant
+        from ._quantize import scaled_fp4_quant
 
         device = cp.cuda.Device()
         name = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()

@@ -9,10 +9,10 @@ import threading
 import cupy as cp
 from cupy_backends.cuda.libs import nvrtc
 
-from ._compile import QuantizeVariant, Target, compile_options, kernel_source, target_for
+from ._compile import Target, compile_options, kernel_source, target_for
 
 _lock = threading.Lock()
-_functions: dict[tuple, cp.RawKernel] = {}
+_functions: dict[tuple, tuple] = {}
 _targets: dict[int, Target] = {}
 
 
@@ -25,23 +25,24 @@ def device_target(device_id: int) -> Target:
     return target
 
 
-def quantize_function(device_id: int, variant: QuantizeVariant, target: Target | None = None):
-    """The quantization kernel for this variant on this device. Thread-safe:
-    concurrent first calls compile each variant once."""
+def kernel_functions(device_id: int, variant, target: Target | None = None) -> tuple:
+    """The compiled kernels of this variant (one per name in variant.names)
+    on this device. Thread-safe: concurrent first calls compile once."""
     target = device_target(device_id) if target is None else target
     key = (device_id, variant, target)
-    function = _functions.get(key)
-    if function is None:
+    functions = _functions.get(key)
+    if functions is None:
         with _lock:
-            function = _functions.get(key)
-            if function is None:
+            functions = _functions.get(key)
+            if functions is None:
                 with cp.cuda.Device(device_id):
                     module = cp.RawModule(
-                        code=kernel_source(), options=compile_options(target), name_expressions=(variant.name,)
+                        code=kernel_source(variant.source), options=compile_options(target),
+                        name_expressions=variant.names,
                     )
-                    function = module.get_function(variant.name)
-                _functions[key] = function
-    return function
+                    functions = tuple(module.get_function(name) for name in variant.names)
+                _functions[key] = functions
+    return functions
 
 
 def compiled_variants() -> list[tuple]:

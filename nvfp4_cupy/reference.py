@@ -27,6 +27,7 @@ from ._format import (
 
 __all__ = [
     "scaled_fp4_quant",
+    "compute_global_scale",
     "quantize_blocks",
     "scale_offsets",
     "unpack_codes",
@@ -145,12 +146,44 @@ def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None,
     m, n = rows_and_n(x.shape)
     padded_n = resolve_padded_n(n, padded_n)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
-    gs = _global_scale_value(global_scale)
-
     values = np.zeros((m, padded_n), dtype=np.float32)
     values[:, :n] = x.reshape(m, n).astype(np.float32)
-    codes, scale_bytes = quantize_blocks(values, gs)
+    if _is_per_row(global_scale, m):
+        rows = [quantize_blocks(values[i : i + 1], global_scale[i]) for i in range(m)]
+        codes = np.concatenate([r[0] for r in rows])
+        scale_bytes = np.concatenate([r[1] for r in rows])
+    else:
+        codes, scale_bytes = quantize_blocks(values, _global_scale_value(global_scale))
     return _pack_codes(codes), _lay_out_scales(scale_bytes, scale_layout, padded_n)
+
+
+def _is_per_row(global_scale, m: int) -> bool:
+    """One float32 scale per row (per token), as a 1-D array of length m > 1."""
+    return (
+        isinstance(global_scale, np.ndarray)
+        and global_scale.dtype == np.float32
+        and global_scale.ndim == 1
+        and global_scale.shape[0] == m > 1
+    )
+
+
+def compute_global_scale(x, per_row: bool = False) -> np.ndarray:
+    """448 * 6 / amax(|x|) as float32 [1] (or [m], one per row): 1.0 where
+    amax is 0 (or x is empty), NaN where x holds a NaN, 0.0 where the amax is
+    inf (both invalid scales: the quantized blocks come out NaN-scaled), and
+    FLT_MAX where the quotient would overflow."""
+    x = np.asarray(x)
+    check_dtype(x.dtype)
+    m, n = rows_and_n(x.shape)
+    values = x.reshape(m, n).astype(np.float32)
+    with np.errstate(all="ignore"):
+        if per_row:
+            amax = np.max(np.abs(values), axis=1, initial=0.0) if n else np.zeros(m, np.float32)
+        else:
+            amax = np.array([np.max(np.abs(values), initial=0.0) if values.size else 0.0], np.float32)
+        # np.max with initial=0 ignores nothing: a NaN still propagates.
+        gs = np.minimum(np.float32(E4M3_MAX * E2M1_MAX) / amax.astype(np.float32), _FLT_MAX)
+    return np.where(amax == 0, np.float32(1), gs).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------
@@ -193,15 +226,27 @@ def unswizzle_scales(scales: np.ndarray, m: int, padded_n: int, layout="swizzled
     return np.ascontiguousarray(scales[:m, :blocks])
 
 
-def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled") -> np.ndarray:
-    """Bytes back to float32 [m, n]: e2m1 * float(e4m3) / global_scale, each
-    step IEEE float32."""
+_CANONICAL_NAN_BITS = {"float16": (np.uint16, 0x7E00), "bfloat16": (np.uint16, 0x7FC0), "float32": (np.uint32, 0x7FC00000)}
+
+
+def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled", dtype=np.float32) -> np.ndarray:
+    """Bytes back to `dtype` [m, n]: e2m1 * float(e4m3) / global_scale, each
+    step IEEE float32, then one rounding to `dtype` (float16, bfloat16 or
+    float32). NaN results are the dtype's canonical quiet NaN. `global_scale`
+    as for scaled_fp4_quant, including one float32 scale per row."""
     packed = np.asarray(packed, dtype=np.uint8)
     m, padded_n = packed.shape[0], packed.shape[1] * 2
     n = padded_n if n is None else n
+    dtype_name = check_dtype(dtype, "dtype")
     row_scales = unswizzle_scales(scales, m, padded_n, layout)
     per_element = np.repeat(e4m3_values(row_scales), BLOCK_SIZE, axis=1)
-    gs = np.float32(_global_scale_value(global_scale))
+    if _is_per_row(global_scale, m):
+        gs = global_scale.reshape(m, 1)
+    else:
+        gs = np.float32(_global_scale_value(global_scale))
     with np.errstate(all="ignore"):
-        values = e2m1_values(unpack_codes(packed)) * per_element / gs
-    return values[:, :n]
+        values = (e2m1_values(unpack_codes(packed)) * per_element / gs)[:, :n]
+        out = values.astype(ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.dtype(dtype_name))
+    bits_type, nan_bits = _CANONICAL_NAN_BITS[dtype_name]
+    out.view(bits_type)[np.isnan(values)] = nan_bits
+    return out

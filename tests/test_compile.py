@@ -10,19 +10,26 @@ import re
 
 import pytest
 
-from nvfp4_cupy._compile import SOFTWARE, all_quantize_variants, compile_options, kernel_source, target_for
+from nvfp4_cupy._compile import SOFTWARE, all_variants, compile_options, kernel_source, target_for
 
 pytestmark = pytest.mark.nvrtc
 
-ALL_KERNELS = tuple(variant.name for variant in all_quantize_variants())
+SOURCES = sorted({variant.source for variant in all_variants()})
+ALL_KERNELS = {  # unique names per source
+    source: tuple(dict.fromkeys(name for v in all_variants() if v.source == source for name in v.names))
+    for source in SOURCES
+}
 COMPUTE_CAPABILITIES = (80, 89, 90, 100, 120)
 
 
+QUANTIZE = "nvfp4_quantize.cu"
+
+
 @functools.lru_cache(maxsize=None)
-def nvrtc_compile(compute_capability: int, software: bool = False):
-    """Compile all variants as _kernels.py would on a GPU of this compute
-    capability: our options first, then what CuPy appends (-ftz=true and a
-    plain -arch=sm_XX). Returns (target, PTX text, ptxas log)."""
+def nvrtc_compile(compute_capability: int, source: str = QUANTIZE, software: bool = False):
+    """Compile all variants of one source as _kernels.py would on a GPU of
+    this compute capability: our options first, then what CuPy appends
+    (-ftz=true and a plain -arch=sm_XX). Returns (target, PTX, ptxas log)."""
     from cupy_backends.cuda.libs import nvrtc
 
     archs = tuple(nvrtc.getSupportedArchs())
@@ -30,8 +37,8 @@ def nvrtc_compile(compute_capability: int, software: bool = False):
         pytest.skip(f"this NVRTC ({nvrtc.getVersion()}) cannot compile for sm_{compute_capability}")
     target = SOFTWARE if software else target_for(compute_capability, archs)
     options = [*compile_options(target), "-ftz=true", f"-arch=sm_{compute_capability}", "-Xptxas=-v"]
-    program = nvrtc.createProgram(kernel_source(), "nvfp4_quantize.cu", [], [])
-    for name in ALL_KERNELS:
+    program = nvrtc.createProgram(kernel_source(source), source, [], [])
+    for name in ALL_KERNELS[source]:
         nvrtc.addNameExpression(program, name)
     try:
         nvrtc.compileProgram(program, options)
@@ -46,13 +53,14 @@ def ptx_instructions(ptx: str) -> list[str]:
     return [line.strip() for line in ptx.splitlines() if line.strip() and not line.strip().startswith("//")]
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("compute_capability", COMPUTE_CAPABILITIES)
-def test_every_variant_compiles_without_spills(compute_capability):
-    _, ptx, log = nvrtc_compile(compute_capability)
+def test_every_variant_compiles_without_spills(compute_capability, source):
+    _, ptx, log = nvrtc_compile(compute_capability, source)
     entries = re.findall(r"\.entry (\S+)\(", ptx, re.MULTILINE)
-    assert len(entries) == len(ALL_KERNELS), entries
+    assert len(entries) == len(ALL_KERNELS[source]), entries
     spills = re.findall(r"(\d+) bytes spill stores", log)
-    assert len(spills) == len(ALL_KERNELS), log
+    assert len(spills) == len(ALL_KERNELS[source]), log
     assert all(count == "0" for count in spills), log
     stacks = re.findall(r"(\d+) bytes stack frame", log)
     assert all(size == "0" for size in stacks), log
@@ -72,14 +80,15 @@ def test_hardware_conversions_exactly_where_they_exist(compute_capability):
 
 @pytest.mark.parametrize("compute_capability", [90, 100])
 def test_software_path_compiles_anywhere(compute_capability):
-    _, ptx, log = nvrtc_compile(compute_capability, software=True)
+    _, ptx, log = nvrtc_compile(compute_capability, QUANTIZE, software=True)
     assert "e2m1x2" not in ptx and "e4m3x2" not in ptx
     assert "bytes spill stores" in log
 
 
+@pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("compute_capability", COMPUTE_CAPABILITIES)
-def test_no_flush_to_zero_under_cupys_ftz_option(compute_capability):
-    _, ptx, _ = nvrtc_compile(compute_capability)
+def test_no_flush_to_zero_under_cupys_ftz_option(compute_capability, source):
+    _, ptx, _ = nvrtc_compile(compute_capability, source)
     flushing = [line for line in ptx_instructions(ptx) if ".ftz" in line]
     assert not flushing, f"-ftz=true leaked into: {flushing[:5]}"
 

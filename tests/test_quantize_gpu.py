@@ -26,7 +26,7 @@ def quantize_poisoned(x, global_scale, *, target=None, **kwargs):
     """Runs the quantizer into buffers poisoned with each of POISONS; both runs
     must agree (an unwritten byte cannot). Returns host (packed, scales)."""
     from nvfp4_cupy import create_fp4_output_tensors
-    from nvfp4_cupy.quantize import _quantize
+    from nvfp4_cupy._quantize import _quantize
 
     m, n = math.prod(x.shape[:-1]), x.shape[-1]
     layout_args = {key: kwargs[key] for key in ("padded_n", "layout", "is_sf_swizzled_layout") if key in kwargs}
@@ -44,7 +44,7 @@ def quantize_poisoned(x, global_scale, *, target=None, **kwargs):
             out,
             out_scale,
             kwargs.get("stream"),
-            target,
+            target=target,
         )
         assert packed is out and scales is out_scale
         results.append((cp.asnumpy(packed), cp.asnumpy(scales)))

@@ -292,3 +292,56 @@ def test_per_expert_global_scales_quantize_each_expert_alone():
     assert flat_packed.shape == (120, 32) and flat_sf.shape == (128, 4)
     empty = ref.scaled_fp4_quant(np.zeros((0, 5, 32), np.float32), np.zeros(0, np.float32), layout="8x4")
     assert empty[0].shape == (0, 5, 16) and empty[1].shape == (0, 8, 4)
+
+
+@pytest.mark.parametrize("gs", [1.0, 3.0, 1e-3, 448 * 6 / 7.5])
+def test_dequantize_every_code_with_every_scale(gs):
+    """All 16 E2M1 codes x all 256 E4M3 scale bytes, against float64
+    arithmetic rounded once to float32 (exact: a*b fits, and one division in
+    float64 rounds correctly to float32)."""
+    codes = np.tile(np.arange(16, dtype=np.uint8), 16)  # 16 blocks x 16 codes
+    packed = (codes[0::2] | (codes[1::2] << 4)).reshape(1, 128)
+    packed = np.repeat(packed, 16, axis=0)  # 16 rows x 16 blocks = 256 scales
+    scale_bytes = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    got = ref.dequantize(packed, scale_bytes, gs, layout="linear")
+    e2m1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+    sf = scale_bytes.view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    want = (np.tile(e2m1, 16)[None, :] * np.repeat(sf, 16, axis=1) / np.float64(np.float32(gs))).astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    assert (got[nan].view(np.uint32) == 0x7FC00000).all()  # canonical NaN
+
+
+def test_dequantize_rounds_once_to_the_output_dtype():
+    packed, scales = ref.scaled_fp4_quant(np.random.default_rng(8).standard_normal((4, 64)).astype(np.float32), 0.37)
+    wide = ref.dequantize(packed, scales, 0.37)
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        narrow = ref.dequantize(packed, scales, 0.37, dtype=dtype)
+        assert narrow.dtype == dtype and np.array_equal(narrow, wide.astype(dtype))
+    nan_packed, nan_scales = ref.scaled_fp4_quant(np.full((1, 16), np.nan, np.float32), 1.0, layout="linear")
+    out = ref.dequantize(nan_packed, nan_scales, 1.0, layout="linear", dtype=np.float16)
+    assert (out.view(np.uint16) == 0x7E00).all()
+
+
+def test_compute_global_scale_policy():
+    x = np.array([[1.0, -3.0], [0.5, 0.25]], np.float32)
+    assert ref.compute_global_scale(x).tolist() == [np.float32(2688 / 3)]
+    assert ref.compute_global_scale(x, per_row=True).tolist() == [np.float32(2688 / 3), np.float32(2688 / 0.5)]
+    assert ref.compute_global_scale(np.zeros((3, 16), np.float16)).tolist() == [1.0]
+    assert ref.compute_global_scale(np.zeros((0, 16), np.float16)).tolist() == [1.0]
+    assert np.isnan(ref.compute_global_scale(np.array([[1.0, np.nan]], np.float32)))[0]
+    assert ref.compute_global_scale(np.array([[1.0, -np.inf]], np.float32)).tolist() == [0.0]
+    assert ref.compute_global_scale(np.full((1, 16), 1e-40, np.float32)).tolist() == [np.finfo(np.float32).max]
+
+
+def test_per_row_global_scales():
+    x = np.random.default_rng(9).standard_normal((5, 32)).astype(np.float16)
+    scales = ref.compute_global_scale(x, per_row=True)
+    packed, sf = ref.scaled_fp4_quant(x, scales, layout="linear")
+    for row in range(5):
+        want = ref.scaled_fp4_quant(x[row : row + 1], float(scales[row]), layout="linear")
+        assert_bytes_equal(packed[row : row + 1], want[0], f"row {row} packed")
+        assert_bytes_equal(sf[row : row + 1], want[1], f"row {row} scales")
+    back = ref.dequantize(packed, sf, scales, layout="linear")
+    assert back.shape == (5, 32)

@@ -1,0 +1,93 @@
+"""NVFP4 back to float16 / bfloat16 / float32 on the GPU, bit-exact to
+nvfp4_cupy.reference.dequantize."""
+
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from . import _kernels
+from ._compile import DequantizeVariant
+from ._format import BLOCK_SIZE, check_dtype, resolve_layout
+from ._launch import (
+    NULL,
+    VECTOR_BYTES,
+    VECTOR_PIECE,
+    as_like,
+    check_like,
+    check_output,
+    device_array,
+    global_scale_argument,
+    launch_geometry,
+    resolve_stream,
+)
+
+_DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+
+
+def _output_dtype(dtype):
+    name = check_dtype(dtype, "dtype")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return name, np.dtype(ml_dtypes.bfloat16)
+    return name, _DTYPES[name]
+
+
+def dequantize_fp4(
+    packed, scales, global_scale, n=None, *, layout="swizzled", dtype=np.float16, out=None, stream=None, like=None
+):
+    """packed uint8 [m, padded_n // 2] and its scales (in `layout`) -> `dtype`
+    [m, n] (n defaults to padded_n): e2m1 * float(e4m3) / global_scale in
+    IEEE float32, then one rounding to dtype; NaN results are the dtype's
+    canonical quiet NaN. `global_scale`: a host float, or a float32 device
+    array of one element or one per row."""
+    check_like(like)
+    source, packed = packed, device_array(packed, "packed")
+    if packed.dtype != np.uint8 or packed.ndim != 2:
+        raise TypeError(f"packed must be uint8 [m, padded_n // 2], got {packed.dtype} {packed.shape}")
+    if not packed.flags.c_contiguous:
+        raise ValueError(f"packed must be C-contiguous, got strides {packed.strides}")
+    m, padded_n = packed.shape[0], packed.shape[1] * 2
+    if padded_n % BLOCK_SIZE:
+        raise ValueError(f"packed has {padded_n} values a row, not a multiple of {BLOCK_SIZE}")
+    n = padded_n if n is None else n
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 < n <= padded_n:
+        raise ValueError(f"n must be an int in [1, {padded_n}], got {n!r}")
+    scale_layout = resolve_layout(layout=layout)
+    dtype_name, out_dtype = _output_dtype(dtype)
+    device_id = packed.data.device_id
+    scales = check_output(scales, "scales", scale_layout.scale_shape(m, padded_n), device_id)
+    global_scale_array, global_scale_value, which = global_scale_argument(global_scale, device_id, (m, padded_n))
+    if which == "expert":  # [m, K] is 2-D: only "one" or "row" can come back
+        raise ValueError("global_scale: per-expert scales need a 3-D input")
+    with cp.cuda.Device(device_id):
+        stream = resolve_stream(stream, device_id, source)
+        if out is not None:
+            out = check_output(out, "out", (m, n), device_id, out_dtype)
+        else:
+            with stream:  # the pool then orders the buffer's reuse after this launch
+                out = cp.empty((m, n), dtype=out_dtype)
+        if m == 0:
+            return as_like((out,), like)[0]
+        vector_stores = out.data.ptr % VECTOR_BYTES == 0 and n % VECTOR_PIECE == 0
+        (kernel,) = _kernels.kernel_functions(device_id, DequantizeVariant(dtype_name, scale_layout, vector_stores))
+        grid, block = launch_geometry(m, padded_n // BLOCK_SIZE)
+        kernel(
+            grid,
+            block,
+            (
+                packed,
+                scales,
+                np.int32(m),
+                np.int32(n),
+                np.int32(padded_n),
+                global_scale_array if global_scale_array is not None else NULL,
+                global_scale_value,
+                np.int32(which == "row"),
+                out,
+                np.int32(scales.shape[1]),
+            ),
+            stream=stream,
+        )
+    return as_like((out,), like)[0]
