@@ -79,10 +79,12 @@ def _torch_stream(obj):
     """A torch.cuda.Stream as a CuPy stream, else None (no torch import here:
     anything with a cuda_stream handle qualifies)."""
     handle = getattr(obj, "cuda_stream", None)
-    device = getattr(obj, "device", None)
     if handle is None:
         return None
-    return cp.cuda.ExternalStream(handle, getattr(device, "index", None) or 0)
+    from_external = getattr(cp.cuda.Stream, "from_external", None)  # CuPy >= 14
+    if from_external is not None and hasattr(obj, "__cuda_stream__"):
+        return from_external(obj)
+    return cp.cuda.ExternalStream(handle, getattr(getattr(obj, "device", None), "index", None) or 0)
 
 
 def resolve_stream(stream, device_id: int, source=None):
