@@ -49,7 +49,9 @@ __device__ __forceinline__ float e4m3_to_f32_signed(u8 byte) {
   return __uint_as_float(__float_as_uint(e4m3_to_f32((u8)(byte & 0x7fu))) | ((u32)(byte & 0x80u) << 24));
 }
 
-template <typename Output, typename Layout, bool kVectorStores>
+// kMx: MXFP4 input (32-value blocks, E8M0 scales; the launcher passes a
+// global scale of 1, so one formula serves both formats).
+template <typename Output, typename Layout, bool kVectorStores, bool kMx>
 __global__ void __launch_bounds__(256)
 dequantize_nvfp4(const uint2* __restrict__ packed, const u8* __restrict__ scales, int m, int n, int padded_n,
                  const float* __restrict__ global_scale_ptr, float global_scale_value, int global_scale_row_step,
@@ -61,7 +63,8 @@ dequantize_nvfp4(const uint2* __restrict__ packed, const u8* __restrict__ scales
   if (row >= m || col >= n) return;
 
   const uint2 codes = packed[(long long)row * (padded_n >> 4) + k];
-  const float sf = e4m3_to_f32_signed(scales[Layout::offset(row, k, scale_cols)]);
+  const u8 scale_byte = scales[Layout::offset(row, kMx ? k >> 1 : k, scale_cols)];
+  const float sf = kMx ? e8m0_to_f32(scale_byte) : e4m3_to_f32_signed(scale_byte);
   const float gs =
       global_scale_ptr ? __ldg(global_scale_ptr + (long long)row * global_scale_row_step) : global_scale_value;
   u32 words[4 * sizeof(raw_t)];

@@ -224,6 +224,38 @@ __device__ __forceinline__ BlockScale block_scale(u32 amax_bits, float gs) {
   return out;
 }
 
+// ---------------------------------------------------------------------------
+// MXFP4 (OCP MX v1.0): 32-value blocks, E8M0 (power-of-two) scales, no global
+// scale. X = 2^(floor(log2(amax)) - 2) (2 = E2M1's largest exponent), clamped
+// to E8M0's 2^-127..2^127; a block of zeros gets 2^-127 (byte 0); a NaN or inf
+// in the block gives the NaN byte 0xff and zero codes.
+// ---------------------------------------------------------------------------
+constexpr u8 kE8M0NaN = 0xff;
+
+__device__ __forceinline__ BlockScale mx_block_scale(u32 amax_bits) {
+  BlockScale out;
+  out.zero_codes = amax_bits >= kF32InfBits;
+  if (out.zero_codes) {
+    out.scale_byte = kE8M0NaN;
+    out.reciprocal = 0.0f;
+    return out;
+  }
+  const int biased = (int)(amax_bits >> 23);
+  // floor(log2(amax)): the exponent, or for a subnormal amax its top bit - 149.
+  const int floor_log2 = biased ? biased - 127 : (31 - __clz((int)amax_bits)) - 149;
+  const int byte = amax_bits ? min(max(floor_log2 - 2 + 127, 0), 254) : 0;
+  out.scale_byte = (u8)byte;
+  // 1 / X = 2^(127 - byte), exactly; byte <= 252 for finite amax, so normal.
+  out.reciprocal = __uint_as_float((u32)(254 - byte) << 23);
+  return out;
+}
+
+// E8M0 byte -> float32: 2^(byte - 127), 0xff is NaN.
+__device__ __forceinline__ float e8m0_to_f32(u8 byte) {
+  if (byte == kE8M0NaN) return __uint_as_float(0x7fc00000u);
+  return __uint_as_float(byte ? (u32)byte << 23 : 0x00400000u);
+}
+
 // One block of 16 values -> 64 bits of packed codes (element 2j in the low
 // nibble of byte j).
 template <typename Input>

@@ -55,4 +55,35 @@ quantize_nvfp4(const typename Input::raw_t* __restrict__ x, long long row_stride
   }
 }
 
+// MXFP4: one thread per 32-value block (two 16-value halves, one E8M0 scale).
+template <typename Input, typename Layout, bool kVectorLoads>
+__global__ void __launch_bounds__(256)
+quantize_mxfp4(const typename Input::raw_t* __restrict__ x, long long row_stride, int m, int n, int padded_n,
+               uint4* __restrict__ packed, u8* __restrict__ scales, int scale_rows, int scale_cols) {
+  constexpr int kWords = 4 * sizeof(typename Input::raw_t);
+  const int row = blockIdx.x * blockDim.y + threadIdx.y;
+  const int k = blockIdx.y * blockDim.x + threadIdx.x;
+  const int col = k * 32;
+
+  if (row < m && col < padded_n) {
+    u32 halves[2][kWords];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (col + 16 * h < n) {
+        load_block<Input, kVectorLoads>(x + row * row_stride, col + 16 * h, n, halves[h]);
+      } else {
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) halves[h][w] = 0;
+      }
+    }
+    const BlockScale scale = mx_block_scale(max(Input::abs_max_bits(halves[0]), Input::abs_max_bits(halves[1])));
+    const uint2 low = pack_block<Input>(halves[0], scale);
+    const uint2 high = pack_block<Input>(halves[1], scale);
+    packed[(long long)row * (padded_n >> 5) + k] = make_uint4(low.x, low.y, high.x, high.y);
+    scales[Layout::offset(row, k, scale_cols)] = scale.scale_byte;
+  } else if (row < scale_rows && k < scale_cols) {
+    scales[Layout::offset(row, k, scale_cols)] = 0;
+  }
+}
+
 }  // namespace nvfp4

@@ -23,7 +23,7 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
-from . import create_fp4_output_tensors, scaled_fp4_quant
+from . import compute_global_scale, create_fp4_output_tensors, dequantize_fp4, scaled_fp4_quant
 from ._format import round_up
 
 L2_ROTATION_BYTES = 256 * 2**20
@@ -127,6 +127,29 @@ def bench_quantizer(m, n, padded_n, dtype, layout, ceiling) -> dict:
         row["unfused_us"] = graph_time_us(quantize_then_pad, len(inputs))
         row["fusion_speedup"] = row["unfused_us"] / us
     return row
+
+
+def bench_neighbours(m, n, padded_n, ceiling) -> list[dict]:
+    """Dequantize (bf16 out) and the on-device global scale (bf16 in), and
+    MXFP4 quantization, on the same shape."""
+    x = _inputs(m, n, "bfloat16")
+    packed, scales = scaled_fp4_quant(x[0], 10.0, padded_n=padded_n)
+    gs = cp.asarray([10.0], dtype=cp.float32)
+    out = cp.empty((m, n), dtype=x[0].dtype)
+    mx_out, mx_scale = create_fp4_output_tensors(m, n, padded_n=padded_n, fmt="mxfp4")
+    cases = (
+        ("dequantize", lambda i: dequantize_fp4(packed, scales, gs, n=n, dtype=x[0].dtype, out=out),
+         packed.nbytes + scales.nbytes + out.nbytes, 1),
+        ("global scale", lambda i: compute_global_scale(x[i]), x[0].nbytes, len(x)),
+        ("mxfp4 quantize", lambda i: scaled_fp4_quant(x[i], None, padded_n=padded_n, out=mx_out, out_scale=mx_scale,
+                                                       fmt="mxfp4"), x[0].nbytes + mx_out.nbytes + mx_scale.nbytes, len(x)),
+    )
+    rows = []
+    for kind, launch, moved, buffers in cases:
+        us = graph_time_us(launch, buffers)
+        rows.append({"kind": kind, "m": m, "n": n, "padded_n": padded_n, "dtype": "bfloat16", "layout": "swizzled",
+                     "us": us, "bytes": moved, "gbps": moved / us / 1e3, "pct_ceiling": 100 * moved / us / 1e3 / ceiling})
+    return rows
 
 
 def torch_reference(m, n, padded_n, ceiling) -> list[dict]:
@@ -288,6 +311,11 @@ def main(argv=None) -> int:
         unfused = f"{r['unfused_us']:>10.1f} {r['fusion_speedup']:>7.2f}" if "unfused_us" in r else ""
         print(f"{m:>6} {n:>6} {padded_n:>6} {dtype:>8} {layout:>8} {r['us']:>9.1f} {r['gbps']:>6.0f} "
               f"{r['pct_ceiling']:>6.1f} {unfused}   [{i + 1}/{len(cases)}]", flush=True)
+    for m, n, padded_n in ((16384, 16384, 16384), (4096, 7152, 7168)):
+        for r in bench_neighbours(m, n, padded_n, ceiling):
+            results.append(r)
+            print(f"{r['kind']:>14}: {m}x{n}->{padded_n} bf16 {r['us']:.1f} us, {r['gbps']:.0f} GB/s, "
+                  f"{r['pct_ceiling']:.1f}% of ceiling")
     if not args.no_torch:
         for m, n, padded_n in ((16384, 16384, 16384), (4096, 7152, 7168)):
             for r in torch_reference(m, n, padded_n, ceiling):

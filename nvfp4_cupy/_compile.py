@@ -108,15 +108,16 @@ class QuantizeVariant:
     layout: ScaleLayout
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
     global_scales: str = "one"  # "one", "expert" ([E, m, n] batch) or "row"
+    fmt: str = "nvfp4"  # or "mxfp4" (no global scale)
 
     source = "nvfp4_quantize.cu"
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (
-            f"nvfp4::quantize_nvfp4<{INPUT_STRUCTS[self.dtype_name]}, {self.layout.cuda_struct}, "
-            f"{_flag(self.vector_loads)}, {GLOBAL_SCALES[self.global_scales]}>",
-        )
+        types = f"{INPUT_STRUCTS[self.dtype_name]}, {self.layout.cuda_struct}, {_flag(self.vector_loads)}"
+        if self.fmt == "mxfp4":
+            return (f"nvfp4::quantize_mxfp4<{types}>",)
+        return (f"nvfp4::quantize_nvfp4<{types}, {GLOBAL_SCALES[self.global_scales]}>",)
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,17 @@ class DequantizeVariant:
     dtype_name: str  # output dtype
     layout: ScaleLayout
     vector_stores: bool
+    fmt: str = "nvfp4"
 
     source = "nvfp4_dequantize.cu"
 
     @property
     def names(self) -> tuple[str, ...]:
         output = INPUT_STRUCTS[self.dtype_name].replace("Input", "Output")
-        return (f"nvfp4::dequantize_nvfp4<{output}, {self.layout.cuda_struct}, {_flag(self.vector_stores)}>",)
+        return (
+            f"nvfp4::dequantize_nvfp4<{output}, {self.layout.cuda_struct}, {_flag(self.vector_stores)}, "
+            f"{_flag(self.fmt == 'mxfp4')}>",
+        )
 
 
 @dataclass(frozen=True)
@@ -155,12 +160,19 @@ def all_variants() -> list:
     flags = (False, True)
     return (
         [
-            QuantizeVariant(dtype_name, layout, vector, scales)
+            QuantizeVariant(dtype_name, layout, vector, scales, fmt)
             for dtype_name in INPUT_STRUCTS
             for layout in LAYOUTS.values()
             for vector in flags
-            for scales in GLOBAL_SCALES
+            for fmt, all_scales in (("nvfp4", GLOBAL_SCALES), ("mxfp4", ("one",)))
+            for scales in all_scales
         ]
-        + [DequantizeVariant(d, layout, vector) for d in INPUT_STRUCTS for layout in LAYOUTS.values() for vector in flags]
+        + [
+            DequantizeVariant(d, layout, vector, fmt)
+            for d in INPUT_STRUCTS
+            for layout in LAYOUTS.values()
+            for vector in flags
+            for fmt in ("nvfp4", "mxfp4")
+        ]
         + [GlobalScaleVariant(d, vector) for d in INPUT_STRUCTS for vector in flags]
     )

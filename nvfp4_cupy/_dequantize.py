@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _kernels
 from ._compile import DequantizeVariant
-from ._format import BLOCK_SIZE, check_dtype, resolve_layout
+from ._format import BLOCK_SIZE, block_size_of, check_dtype, resolve_layout
 from ._launch import (
     NULL,
     VECTOR_BYTES,
@@ -35,13 +35,15 @@ def _output_dtype(dtype):
 
 
 def dequantize_fp4(
-    packed, scales, global_scale, n=None, *, layout="swizzled", dtype=np.float16, out=None, stream=None, like=None
+    packed, scales, global_scale, n=None, *, layout="swizzled", dtype=np.float16, out=None, stream=None, like=None,
+    fmt="nvfp4",
 ):
     """packed uint8 [m, padded_n // 2] and its scales (in `layout`) -> `dtype`
     [m, n] (n defaults to padded_n): e2m1 * float(e4m3) / global_scale in
     IEEE float32, then one rounding to dtype; NaN results are the dtype's
     canonical quiet NaN. `global_scale`: a host float, or a float32 device
-    array of one element or one per row."""
+    array of one element or one per row. fmt="mxfp4": E8M0 scales of
+    32-value blocks, global_scale None."""
     check_like(like)
     source, packed = packed, device_array(packed, "packed")
     if packed.dtype != np.uint8 or packed.ndim != 2:
@@ -49,18 +51,23 @@ def dequantize_fp4(
     if not packed.flags.c_contiguous:
         raise ValueError(f"packed must be C-contiguous, got strides {packed.strides}")
     m, padded_n = packed.shape[0], packed.shape[1] * 2
-    if padded_n % BLOCK_SIZE:
-        raise ValueError(f"packed has {padded_n} values a row, not a multiple of {BLOCK_SIZE}")
+    block_size = block_size_of(fmt)
+    if padded_n % block_size:
+        raise ValueError(f"packed has {padded_n} values a row, not a multiple of {block_size}")
     n = padded_n if n is None else n
     if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 < n <= padded_n:
         raise ValueError(f"n must be an int in [1, {padded_n}], got {n!r}")
     scale_layout = resolve_layout(layout=layout)
     dtype_name, out_dtype = _output_dtype(dtype)
     device_id = packed.data.device_id
-    scales = check_output(scales, "scales", scale_layout.scale_shape(m, padded_n), device_id)
-    global_scale_array, global_scale_value, which = global_scale_argument(global_scale, device_id, (m, padded_n))
-    if which == "expert":  # [m, K] is 2-D: only "one" or "row" can come back
-        raise ValueError("global_scale: per-expert scales need a 3-D input")
+    scales = check_output(scales, "scales", scale_layout.scale_shape(m, padded_n, block_size), device_id)
+    if fmt == "mxfp4":
+        if global_scale is not None:
+            raise ValueError(f"global_scale must be None for fmt='mxfp4', got {global_scale!r}")
+        global_scale_array, global_scale_value, which = None, np.float32(1), "one"
+    else:
+        # [m, K] is 2-D, so only "one" or "row" can come back.
+        global_scale_array, global_scale_value, which = global_scale_argument(global_scale, device_id, (m, padded_n))
     with cp.cuda.Device(device_id):
         stream = resolve_stream(stream, device_id, source)
         if out is not None:
@@ -71,7 +78,7 @@ def dequantize_fp4(
         if m == 0:
             return as_like((out,), like)[0]
         vector_stores = out.data.ptr % VECTOR_BYTES == 0 and n % VECTOR_PIECE == 0
-        (kernel,) = _kernels.kernel_functions(device_id, DequantizeVariant(dtype_name, scale_layout, vector_stores))
+        (kernel,) = _kernels.kernel_functions(device_id, DequantizeVariant(dtype_name, scale_layout, vector_stores, fmt))
         grid, block = launch_geometry(m, padded_n // BLOCK_SIZE)
         kernel(
             grid,

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BLOCK_SIZE = 16
+BLOCK_SIZE = 16  # NVFP4: values per E4M3 scale
+MX_BLOCK_SIZE = 32  # MXFP4: values per E8M0 scale
+FORMATS = {"nvfp4": BLOCK_SIZE, "mxfp4": MX_BLOCK_SIZE}
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
@@ -31,8 +33,8 @@ class ScaleLayout:
     row_multiple: int
     col_multiple: int
 
-    def scale_shape(self, m: int, padded_n: int) -> tuple[int, int]:
-        blocks = padded_n // BLOCK_SIZE
+    def scale_shape(self, m: int, padded_n: int, block_size: int = BLOCK_SIZE) -> tuple[int, int]:
+        blocks = padded_n // block_size
         return round_up(m, self.row_multiple), round_up(blocks, self.col_multiple)
 
 
@@ -62,19 +64,25 @@ def _as_int(value, name: str) -> int:
     return int(value)
 
 
-def resolve_padded_n(n: int, padded_n: int | None) -> int:
+def resolve_padded_n(n: int, padded_n: int | None, block_size: int = BLOCK_SIZE) -> int:
     """Output K: defaults to n rounded up to a whole block; must cover n and be
-    a multiple of 16."""
+    a multiple of the block size (16 for NVFP4, 32 for MXFP4)."""
     if n <= 0:
         raise ValueError(f"x: the last dimension n must be positive, got n={n}")
     if padded_n is None:
-        return round_up(n, BLOCK_SIZE)
+        return round_up(n, block_size)
     padded_n = _as_int(padded_n, "padded_n")
-    if padded_n % BLOCK_SIZE:
-        raise ValueError(f"padded_n must be a multiple of {BLOCK_SIZE}, got padded_n={padded_n}")
+    if padded_n % block_size:
+        raise ValueError(f"padded_n must be a multiple of {block_size}, got padded_n={padded_n}")
     if padded_n < n:
         raise ValueError(f"padded_n must be >= n, got padded_n={padded_n} < n={n}")
     return padded_n
+
+
+def block_size_of(fmt: str) -> int:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(FORMATS)}, got {fmt!r}")
+    return FORMATS[fmt]
 
 
 _DTYPE_NAMES: dict = {}

@@ -28,7 +28,7 @@ from ._launch import (
     launch_geometry,
     resolve_stream,
 )
-from ._format import RowView, check_dtype, resolve_layout, resolve_padded_n, row_view
+from ._format import RowView, block_size_of, check_dtype, resolve_layout, resolve_padded_n, row_view
 
 
 
@@ -53,8 +53,10 @@ def scaled_fp4_quant(
     out_scale=None,
     stream=None,
     like=None,
+    fmt="nvfp4",
 ):
-    """Quantize x [..., n] (float16, bfloat16 or float32 on the GPU) to NVFP4.
+    """Quantize x [..., n] (float16, bfloat16 or float32 on the GPU) to NVFP4
+    (or, with fmt="mxfp4" and global_scale None, to OCP MXFP4).
 
     Returns (packed uint8 [m, padded_n // 2], scales uint8 in `layout`), the
     same bytes as nvfp4_cupy.reference.scaled_fp4_quant. `global_scale` is a
@@ -66,7 +68,7 @@ def scaled_fp4_quant(
     `stream`: CuPy or torch stream; default CuPy's current stream, or torch's
     for a torch tensor. `like="torch"` returns torch tensors (zero-copy).
     """
-    return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like)
+    return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt=fmt)
 
 
 @dataclass(frozen=True)
@@ -90,41 +92,45 @@ _plans: dict = {}
 _MAX_PLANS = 4096
 
 
-def _make_plan(x, padded_n, is_sf_swizzled_layout, layout, global_scales) -> _Plan:
+def _make_plan(x, padded_n, is_sf_swizzled_layout, layout, global_scales, fmt) -> _Plan:
     dtype_name = check_dtype(x.dtype)
+    block_size = block_size_of(fmt)
     per_expert = global_scales == "expert"
     view = row_view(x.shape, x.strides, x.itemsize, per_expert)
-    padded_n = resolve_padded_n(view.n, padded_n)
+    padded_n = resolve_padded_n(view.n, padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
-    scale_shape = scale_layout.scale_shape(view.m, padded_n)
+    scale_shape = scale_layout.scale_shape(view.m, padded_n, block_size)
     grid, block = launch_geometry(*scale_shape)
     if scale_shape[0] > MAX_INDEX or padded_n > MAX_INDEX or grid[1] > MAX_GRID_Y or view.experts > MAX_GRID_Y:
         raise ValueError(f"x: shape {x.shape} with padded_n={padded_n} is too large for one launch")
     batch = (view.experts,) if per_expert else ()
     aligned = all((stride * x.itemsize) % VECTOR_BYTES == 0 for stride in (view.row_stride, view.expert_stride))
     return _Plan(
-        variants=tuple(QuantizeVariant(dtype_name, scale_layout, vector, global_scales) for vector in (False, True)),
+        variants=tuple(
+            QuantizeVariant(dtype_name, scale_layout, vector, global_scales, fmt) for vector in (False, True)
+        ),
         view=view,
         aligned_rows=aligned and view.n % VECTOR_PIECE == 0,
         packed_shape=batch + (view.m, padded_n // 2),
         scale_shape=batch + scale_shape,
         grid=grid + (view.experts,),
         block=block,
-        shape_args=(np.int64(view.row_stride), np.int64(view.expert_stride), np.int32(view.m), np.int32(view.n),
-                    np.int32(padded_n)),
+        shape_args=(np.int64(view.row_stride),)
+        + (() if fmt == "mxfp4" else (np.int64(view.expert_stride),))
+        + (np.int32(view.m), np.int32(view.n), np.int32(padded_n)),
         scale_shape_args=(np.int32(scale_shape[0]), np.int32(scale_shape[1])),
     )
 
 
-def _plan_for(x, padded_n, is_sf_swizzled_layout, layout, global_scales) -> _Plan:
+def _plan_for(x, padded_n, is_sf_swizzled_layout, layout, global_scales, fmt) -> _Plan:
     key = (x.shape, x.strides, x.dtype, padded_n, type(padded_n), is_sf_swizzled_layout,
-           type(is_sf_swizzled_layout), layout, global_scales)
+           type(is_sf_swizzled_layout), layout, global_scales, fmt)
     try:
         plan = _plans.get(key)
     except TypeError:  # an unhashable argument: _make_plan says what is wrong with it
-        return _make_plan(x, padded_n, is_sf_swizzled_layout, layout, global_scales)
+        return _make_plan(x, padded_n, is_sf_swizzled_layout, layout, global_scales, fmt)
     if plan is None:
-        plan = _make_plan(x, padded_n, is_sf_swizzled_layout, layout, global_scales)
+        plan = _make_plan(x, padded_n, is_sf_swizzled_layout, layout, global_scales, fmt)
         if len(_plans) < _MAX_PLANS:
             _plans[key] = plan
     return plan
@@ -132,15 +138,20 @@ def _plan_for(x, padded_n, is_sf_swizzled_layout, layout, global_scales) -> _Pla
 
 def _quantize(
     x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like=None,
-    target: Target | None = None,
+    target: Target | None = None, fmt="nvfp4",
 ):
     """scaled_fp4_quant, with the conversion target forced when given (tests
     run the sm_80 software path on newer GPUs this way)."""
     check_like(like)
     source, x = x, device_array(x, "x")
     device_id = x.data.device_id
-    global_scale_array, global_scale_value, which = global_scale_argument(global_scale, device_id, x.shape)
-    plan = _plan_for(x, padded_n, is_sf_swizzled_layout, layout, which)
+    if fmt == "mxfp4":
+        if global_scale is not None:
+            raise ValueError(f"global_scale must be None for fmt='mxfp4' (MX has no global scale), got {global_scale!r}")
+        global_scale_array, global_scale_value, which = None, None, "one"
+    else:
+        global_scale_array, global_scale_value, which = global_scale_argument(global_scale, device_id, x.shape)
+    plan = _plan_for(x, padded_n, is_sf_swizzled_layout, layout, which, fmt)
     switch_device = cp.cuda.runtime.getDevice() != device_id
     with cp.cuda.Device(device_id) if switch_device else contextlib.nullcontext():
         launch_on_current = stream is None and source is x
@@ -162,13 +173,12 @@ def _quantize(
             return as_like((out, out_scale), like)
         vector_loads = plan.aligned_rows and x.data.ptr % VECTOR_BYTES == 0
         (kernel,) = _kernels.kernel_functions(device_id, plan.variants[vector_loads], target)
-        scale_pointer = global_scale_array if global_scale_array is not None else NULL
-        kernel(
-            plan.grid,
-            plan.block,
-            (x, *plan.shape_args, scale_pointer, global_scale_value, out, out_scale, *plan.scale_shape_args),
-            stream=stream,
-        )
+        if fmt == "mxfp4":
+            args = (x, *plan.shape_args, out, out_scale, *plan.scale_shape_args)
+        else:
+            scale_pointer = global_scale_array if global_scale_array is not None else NULL
+            args = (x, *plan.shape_args, scale_pointer, global_scale_value, out, out_scale, *plan.scale_shape_args)
+        kernel(plan.grid, plan.block, args, stream=stream)
     return as_like((out, out_scale), like)
 
 
@@ -184,7 +194,9 @@ def _check_no_overlap(x, plan: _Plan, out, out_scale) -> None:
                 raise ValueError(f"{name_b} overlaps {name_a} in device memory; pass separate buffers")
 
 
-def create_fp4_output_tensors(m, n, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, num_experts=None):
+def create_fp4_output_tensors(
+    m, n, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, num_experts=None, fmt="nvfp4"
+):
     """Uninitialized (packed, scales) buffers for scaled_fp4_quant on the
     current device; with num_experts, [E, ...] buffers for a per-expert call."""
     for name, value in (("m", m), ("n", n)) + ((("num_experts", num_experts),) if num_experts is not None else ()):
@@ -192,10 +204,11 @@ def create_fp4_output_tensors(m, n, is_sf_swizzled_layout=True, padded_n=None, *
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {name}={value}")
-    padded_n = resolve_padded_n(int(n), padded_n)
+    block_size = block_size_of(fmt)
+    padded_n = resolve_padded_n(int(n), padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     batch = () if num_experts is None else (int(num_experts),)
     return (
         cp.empty(batch + (int(m), padded_n // 2), dtype=np.uint8),
-        cp.empty(batch + scale_layout.scale_shape(int(m), padded_n), dtype=np.uint8),
+        cp.empty(batch + scale_layout.scale_shape(int(m), padded_n, block_size), dtype=np.uint8),
     )

@@ -14,10 +14,12 @@ import numpy as np
 
 from ._format import (
     BLOCK_SIZE,
+    MX_BLOCK_SIZE,
     E2M1_MAX,
     E4M3_MAX,
     LAYOUTS,
     ScaleLayout,
+    block_size_of,
     check_dtype,
     host_global_scale,
     resolve_layout,
@@ -29,6 +31,7 @@ __all__ = [
     "scaled_fp4_quant",
     "compute_global_scale",
     "quantize_blocks",
+    "quantize_mx_blocks",
     "scale_offsets",
     "unpack_codes",
     "e2m1_values",
@@ -68,6 +71,32 @@ def quantize_blocks(values: np.ndarray, global_scale: np.float32) -> tuple[np.nd
     return codes.reshape(m, padded_n), scale_bytes
 
 
+E8M0_NAN_BYTE = 0xFF
+_E2M1_EMAX = 2  # 6 = 1.5 * 2^2
+
+
+def quantize_mx_blocks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [m, padded_n] -> (E2M1 codes [m, padded_n], E8M0 scale bytes
+    [m, padded_n // 32]) by the OCP MX v1.0 rule: X = 2^(floor(log2(amax)) -
+    2), clamped to E8M0's 2^-127..2^127; codes = e2m1(v / X), saturating at
+    +-6. A block of zeros gets X = 2^-127 (byte 0); a block holding a NaN or
+    an inf gets the NaN scale 0xFF and zero codes."""
+    m, padded_n = values.shape
+    blocks = values.reshape(m, padded_n // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
+    with np.errstate(all="ignore"):
+        amax = np.max(np.abs(blocks), axis=-1)
+        usable = np.isfinite(amax) & (amax > 0)
+        _, exponent = np.frexp(np.where(usable, amax, 1).astype(np.float64))  # amax = f * 2^e, f in [0.5, 1)
+        scale_bytes = np.where(usable, np.clip(exponent - 1 - _E2M1_EMAX + 127, 0, 254), 0).astype(np.uint8)
+        scale = scale_bytes.view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+        y = blocks / scale[..., None]
+        codes = np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8).copy()
+    bad = ~np.isfinite(amax)
+    scale_bytes[bad] = E8M0_NAN_BYTE
+    codes[bad] = 0
+    return codes.reshape(m, padded_n), scale_bytes
+
+
 def scale_offsets(layout: ScaleLayout | str, rows, ks, scale_cols: int) -> np.ndarray:
     """Byte offset of the scale of block `ks` of row `rows` (DESIGN.md)."""
     name = layout if isinstance(layout, str) else layout.name
@@ -84,9 +113,9 @@ def scale_offsets(layout: ScaleLayout | str, rows, ks, scale_cols: int) -> np.nd
     raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, got {name!r}")
 
 
-def _lay_out_scales(scale_bytes: np.ndarray, layout: ScaleLayout, padded_n: int) -> np.ndarray:
+def _lay_out_scales(scale_bytes: np.ndarray, layout: ScaleLayout, padded_n: int, block_size: int = BLOCK_SIZE):
     m, blocks = scale_bytes.shape
-    shape = layout.scale_shape(m, padded_n)
+    shape = layout.scale_shape(m, padded_n, block_size)
     out = np.zeros(shape[0] * shape[1], dtype=np.uint8)
     rows, ks = np.indices((m, blocks))
     out[scale_offsets(layout, rows, ks, shape[1])] = scale_bytes
@@ -122,17 +151,22 @@ def _is_per_expert(x: np.ndarray, global_scale) -> bool:
     )
 
 
-def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None):
+def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, fmt="nvfp4"):
     """Golden NVFP4 quantization of `x` [..., n] (float16, bfloat16 or
     float32, NumPy). Returns (packed uint8 [m, padded_n // 2], scales uint8 in
     the chosen layout), the bytes nvfp4_cupy.scaled_fp4_quant must produce.
 
     With x [E, m, n] and a float32 array of E global scales, each expert is
     quantized on its own: packed [E, m, padded_n // 2], scales [E, ...] with a
-    complete scale tensor per expert."""
+    complete scale tensor per expert. A float32 array of m scales gives each
+    row its own. fmt="mxfp4" quantizes to OCP MXFP4 instead (32-value blocks,
+    E8M0 scales, global_scale must be None)."""
     x = np.asarray(x)
     check_dtype(x.dtype)
-    if _is_per_expert(x, global_scale):
+    block_size = block_size_of(fmt)
+    if fmt == "mxfp4" and global_scale is not None:
+        raise ValueError(f"global_scale must be None for fmt='mxfp4' (MX has no global scale), got {global_scale!r}")
+    if fmt == "nvfp4" and _is_per_expert(x, global_scale):
         results = [
             scaled_fp4_quant(x[e], global_scale[e : e + 1], is_sf_swizzled_layout, padded_n, layout=layout)
             for e in range(x.shape[0])
@@ -144,17 +178,19 @@ def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None,
         scale_shape = resolve_layout(is_sf_swizzled_layout, layout).scale_shape(m, padded_n)
         return np.zeros((0, m, padded_n // 2), np.uint8), np.zeros((0, *scale_shape), np.uint8)
     m, n = rows_and_n(x.shape)
-    padded_n = resolve_padded_n(n, padded_n)
+    padded_n = resolve_padded_n(n, padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     values = np.zeros((m, padded_n), dtype=np.float32)
     values[:, :n] = x.reshape(m, n).astype(np.float32)
-    if _is_per_row(global_scale, m):
+    if fmt == "mxfp4":
+        codes, scale_bytes = quantize_mx_blocks(values)
+    elif _is_per_row(global_scale, m):
         rows = [quantize_blocks(values[i : i + 1], global_scale[i]) for i in range(m)]
         codes = np.concatenate([r[0] for r in rows])
         scale_bytes = np.concatenate([r[1] for r in rows])
     else:
         codes, scale_bytes = quantize_blocks(values, _global_scale_value(global_scale))
-    return _pack_codes(codes), _lay_out_scales(scale_bytes, scale_layout, padded_n)
+    return _pack_codes(codes), _lay_out_scales(scale_bytes, scale_layout, padded_n, block_size)
 
 
 def _is_per_row(global_scale, m: int) -> bool:
@@ -208,14 +244,15 @@ def e4m3_values(scale_bytes: np.ndarray) -> np.ndarray:
     return np.asarray(scale_bytes, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 
-def unswizzle_scales(scales: np.ndarray, m: int, padded_n: int, layout="swizzled") -> np.ndarray:
-    """A scale tensor in `layout` -> row-major uint8 [m, padded_n // 16],
+def unswizzle_scales(scales: np.ndarray, m: int, padded_n: int, layout="swizzled", fmt="nvfp4") -> np.ndarray:
+    """A scale tensor in `layout` -> row-major uint8 [m, padded_n // block],
     dropping layout padding. Undoes the tiling with reshapes, independently of
     scale_offsets."""
     scale_layout = resolve_layout(layout=layout)
-    rows, cols = scale_layout.scale_shape(m, padded_n)
+    block_size = block_size_of(fmt)
+    rows, cols = scale_layout.scale_shape(m, padded_n, block_size)
     scales = np.asarray(scales, dtype=np.uint8).reshape(rows, cols)
-    blocks = padded_n // BLOCK_SIZE
+    blocks = padded_n // block_size
     if scale_layout.name == "swizzled":
         # [row tile, col tile, row % 32, (row // 32) % 4, k % 4]
         tiles = scales.reshape(rows // 128, cols // 4, 32, 4, 4)
@@ -229,21 +266,24 @@ def unswizzle_scales(scales: np.ndarray, m: int, padded_n: int, layout="swizzled
 _CANONICAL_NAN_BITS = {"float16": (np.uint16, 0x7E00), "bfloat16": (np.uint16, 0x7FC0), "float32": (np.uint32, 0x7FC00000)}
 
 
-def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled", dtype=np.float32) -> np.ndarray:
+def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled", dtype=np.float32, fmt="nvfp4"):
     """Bytes back to `dtype` [m, n]: e2m1 * float(e4m3) / global_scale, each
     step IEEE float32, then one rounding to `dtype` (float16, bfloat16 or
     float32). NaN results are the dtype's canonical quiet NaN. `global_scale`
-    as for scaled_fp4_quant, including one float32 scale per row."""
+    as for scaled_fp4_quant, including one float32 scale per row. For
+    fmt="mxfp4": e2m1 * 2^(byte - 127), global_scale None."""
     packed = np.asarray(packed, dtype=np.uint8)
     m, padded_n = packed.shape[0], packed.shape[1] * 2
     n = padded_n if n is None else n
     dtype_name = check_dtype(dtype, "dtype")
-    row_scales = unswizzle_scales(scales, m, padded_n, layout)
-    per_element = np.repeat(e4m3_values(row_scales), BLOCK_SIZE, axis=1)
-    if _is_per_row(global_scale, m):
-        gs = global_scale.reshape(m, 1)
+    block_size = block_size_of(fmt)
+    row_scales = unswizzle_scales(scales, m, padded_n, layout, fmt)
+    if fmt == "mxfp4":
+        per_element = np.repeat(row_scales.view(ml_dtypes.float8_e8m0fnu).astype(np.float32), block_size, axis=1)
+        gs = np.float32(1)  # dividing by 1 changes nothing: one formula for both formats
     else:
-        gs = np.float32(_global_scale_value(global_scale))
+        per_element = np.repeat(e4m3_values(row_scales), block_size, axis=1)
+        gs = global_scale.reshape(m, 1) if _is_per_row(global_scale, m) else _global_scale_value(global_scale)
     with np.errstate(all="ignore"):
         values = (e2m1_values(unpack_codes(packed)) * per_element / gs)[:, :n]
         out = values.astype(ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.dtype(dtype_name))

@@ -345,3 +345,54 @@ def test_per_row_global_scales():
         assert_bytes_equal(sf[row : row + 1], want[1], f"row {row} scales")
     back = ref.dequantize(packed, sf, scales, layout="linear")
     assert back.shape == (5, 32)
+
+
+def mx_block(values, layout="linear"):
+    x = np.zeros((1, 32), np.float32)
+    x[0, : len(values)] = values
+    packed, scales = ref.scaled_fp4_quant(x, None, layout=layout, fmt="mxfp4")
+    return ref.unpack_codes(packed)[0], int(scales.reshape(-1)[0])
+
+
+def test_mxfp4_scale_is_floor_log2_amax_minus_2_at_every_exponent_boundary():
+    """OCP MX v1.0: X = 2^(floor(log2(amax)) - 2). At each power of two p,
+    amax = p gives exponent log2(p) - 2, one ulp below gives one less."""
+    for e in range(-125, 128):
+        p = np.float32(2.0) ** e
+        _, at = mx_block([p])
+        assert at == min(max(e - 2 + 127, 0), 254), f"amax=2^{e}: byte {at}"
+        below = np.nextafter(p, np.float32(0))
+        _, under = mx_block([below])
+        assert under == min(max(e - 3 + 127, 0), 254), f"amax just below 2^{e}: byte {under}"
+
+
+def test_mxfp4_codes_saturate_above_six_times_the_scale():
+    # amax 7.5: X = 2^(2 - 2) = 1, so 7.5 saturates to 6 and 5 is a tie -> 4.
+    codes, scale = mx_block([7.5, -5.0, 0.25, 0.3, 1e-9])
+    assert scale == 127
+    assert codes[:5].tolist() == [7, 14, 0, 1, 0]
+
+
+def test_mxfp4_special_blocks():
+    codes, scale = mx_block([])
+    assert scale == 0 and not codes.any()  # zeros: X = 2^-127
+    for bad in (np.nan, np.inf, -np.inf):
+        codes, scale = mx_block([1.0, bad])
+        assert scale == 0xFF and not codes.any()
+    _, scale = mx_block([np.float32(1e-45)])  # subnormal amax clamps to 2^-127
+    assert scale == 0
+
+
+def test_mxfp4_layouts_count_32_value_blocks_and_round_trip():
+    x = np.random.default_rng(10).standard_normal((130, 200)).astype(np.float32)
+    packed, scales = ref.scaled_fp4_quant(x, None, padded_n=256, fmt="mxfp4")
+    assert packed.shape == (130, 128) and scales.shape == (256, 8)
+    y = ref.dequantize(packed, scales, None, n=200, fmt="mxfp4")
+    sqnr = 10 * np.log10((x**2).sum() / ((x - y) ** 2).sum())
+    assert 14 < sqnr < 20, sqnr  # coarser than NVFP4: power-of-two scales, 32-value blocks
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ref.scaled_fp4_quant(x, None, padded_n=208, fmt="mxfp4")
+    with pytest.raises(ValueError, match="global_scale must be None"):
+        ref.scaled_fp4_quant(x, 1.0, fmt="mxfp4")
+    with pytest.raises(ValueError, match="fmt must be one of"):
+        ref.scaled_fp4_quant(x, 1.0, fmt="nvfp8")
