@@ -67,11 +67,32 @@ dequantize_nvfp4(const uint2* __restrict__ packed, const u8* __restrict__ scales
   const float sf = kMx ? e8m0_to_f32(scale_byte) : e4m3_to_f32_signed(scale_byte);
   const float gs =
       global_scale_ptr ? __ldg(global_scale_ptr + (long long)row * global_scale_row_step) : global_scale_value;
+  // Exact shortcut: e2m1 * sf / gs takes only two quotients per block. Every
+  // E2M1 magnitude is 1 or 3 times a power of two (0.5 = 1/2, 1.5 = 3/2, ...),
+  // and scaling by 2^k commutes with rounding while results stay normal, so
+  // q1 = sf / gs and q3 = 3 sf / gs, times 2^k, are the per-value quotients.
+  // Blocks where q1 / 2 could be subnormal or 4 q1 overflow (and NaN / inf
+  // quotients) divide per value, as the formula says.
+  const float q1 = div_rn(sf, gs);
+  const float q3 = div_rn(mul_rn(3.0f, sf), gs);
+  const float zero = div_rn(mul_rn(0.0f, sf), gs);  // +0, or NaN for a NaN scale / zero gs
+  const u32 q1_bits = __float_as_uint(q1) & kF32AbsMask;
+  const bool shortcut = q1_bits >= 0x01000000u && q1_bits < 0x7d800000u;  // 2^-125 <= |q1| < 2^124
   u32 words[4 * sizeof(raw_t)];
 #pragma unroll
   for (int j = 0; j < 16; ++j) {
     const u32 code = ((j < 8 ? codes.x : codes.y) >> (4 * (j & 7))) & 0xfu;
-    const float v = div_rn(mul_rn(e2m1_to_f32(code), sf), gs);
+    const u32 magnitude = code & 7u;
+    float v;
+    if (shortcut) {
+      // 0.5 = 1 * 2^-1; 2^(e-1) (1, 2, 4) for even codes >= 2; 3 * 2^(e-2) for odd codes >= 3.
+      const bool odd = magnitude >= 3u && (magnitude & 1u);
+      const int exponent = magnitude == 1u ? -1 : (int)(magnitude >> 1) - 1 - (int)(magnitude & 1u);
+      const float value = magnitude ? mul_rn(odd ? q3 : q1, __uint_as_float((u32)(exponent + 127) << 23)) : zero;
+      v = __uint_as_float(__float_as_uint(value) ^ ((code & 8u) << 28));  // (-a) / b = -(a / b)
+    } else {
+      v = div_rn(mul_rn(e2m1_to_f32(code), sf), gs);
+    }
     const u32 bits = (__float_as_uint(v) & kF32AbsMask) > kF32InfBits ? Output::kCanonicalNaN : Output::from_f32(v);
     if (sizeof(raw_t) == 4) {
       words[j] = bits;

@@ -56,7 +56,9 @@ def test_dequantize_every_code_and_scale_byte(nv, out_dtype):
     packed = np.repeat((codes[0::2] | (codes[1::2] << 4)).reshape(1, 128), 16, axis=0)
     scale_bytes = np.arange(256, dtype=np.uint8).reshape(16, 16)
     dtype = HOST_DTYPES[out_dtype]
-    for gs in (1.0, 1e-30, 3.4e38):
+    # gs values whose quotients cross the kernel's exact-shortcut bounds
+    # (2^-125 and 2^124) within the sweep of scale bytes, and the far ends.
+    for gs in (1.0, 1e-30, 3.4e38, 2.0**-115, 2.0**-116, 2.0**116, 2.0**117):
         want = ref.dequantize(packed, scale_bytes, gs, layout="linear", dtype=dtype)
         got = nv.dequantize_fp4(cp.asarray(packed), cp.asarray(scale_bytes), gs, layout="linear", dtype=dtype)
         assert_bytes_equal(as_bits(cp.asnumpy(got)), as_bits(want), f"every code, {out_dtype}, gs={gs}")
