@@ -60,6 +60,10 @@ def quantize_blocks(values: np.ndarray, global_scale: np.float32) -> tuple[np.nd
         r = np.where(sf_value == 0, np.float32(0), np.minimum(np.float32(1) / (sf_value / gs), _FLT_MAX))
         y = blocks * r[..., None].astype(np.float32)
         codes = np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+        # y is NaN only as inf * 0: a block holding an inf whose sf / gs
+        # overflowed, so r = 1 / inf = 0. DESIGN.md is silent; like a
+        # satfinite conversion (and the kernels), NaN becomes +6 (code 7).
+        codes = np.where(np.isnan(y), np.uint8(7), codes)
     scale_bytes = sf.view(np.uint8).copy()
 
     # Special cases, in DESIGN.md's order: an invalid global scale NaNs every
