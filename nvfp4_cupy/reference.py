@@ -276,11 +276,20 @@ def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled", dtype
     float32). NaN results are the dtype's canonical quiet NaN. `global_scale`
     as for scaled_fp4_quant, including one float32 scale per row. For
     fmt="mxfp4": e2m1 * 2^(byte - 127), global_scale None."""
-    packed = np.asarray(packed, dtype=np.uint8)
+    packed, scales = np.asarray(packed), np.asarray(scales)
+    if packed.dtype != np.uint8 or packed.ndim != 2:
+        raise TypeError(f"packed must be uint8 [m, padded_n // 2], got {packed.dtype} {packed.shape}")
     m, padded_n = packed.shape[0], packed.shape[1] * 2
-    n = padded_n if n is None else n
-    dtype_name = check_dtype(dtype, "dtype")
     block_size = block_size_of(fmt)
+    if padded_n == 0 or padded_n % block_size:
+        raise ValueError(f"packed has {padded_n} values a row, not a positive multiple of {block_size}")
+    n = padded_n if n is None else n
+    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 < n <= padded_n:
+        raise ValueError(f"n must be an int in [1, {padded_n}], got {n!r}")
+    dtype_name = check_dtype(dtype, "dtype")
+    scale_shape = resolve_layout(layout=layout).scale_shape(m, padded_n, block_size)
+    if scales.dtype != np.uint8 or scales.shape != scale_shape:
+        raise ValueError(f"scales must be uint8 of shape {scale_shape}, got {scales.dtype} {scales.shape}")
     row_scales = unswizzle_scales(scales, m, padded_n, layout, fmt)
     if fmt == "mxfp4":
         per_element = np.repeat(row_scales.view(ml_dtypes.float8_e8m0fnu).astype(np.float32), block_size, axis=1)

@@ -396,3 +396,47 @@ def test_mxfp4_layouts_count_32_value_blocks_and_round_trip():
         ref.scaled_fp4_quant(x, 1.0, fmt="mxfp4")
     with pytest.raises(ValueError, match="fmt must be one of"):
         ref.scaled_fp4_quant(x, 1.0, fmt="nvfp8")
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda p, s: ((p, s[:5], 1.0), {}), ValueError, r"scales must be uint8 of shape \(128, 4\)"),
+        (lambda p, s: ((p[:, :3], s, 1.0), {}), ValueError, "not a positive multiple of 16"),
+        (lambda p, s: ((p, s, 1.0), {"n": 99}), ValueError, r"n must be an int in \[1, 64\], got 99"),
+        (lambda p, s: ((p, s, 1.0), {"n": True}), ValueError, "n must be an int"),
+        (lambda p, s: ((p, s, 1.0), {"dtype": np.int8}), TypeError, "dtype must be float16"),
+        (lambda p, s: ((p.astype(np.int16), s, 1.0), {}), TypeError, "packed must be uint8"),
+        (lambda p, s: ((p, s.astype(np.int8), 1.0), {}), ValueError, "scales must be uint8"),
+        (lambda p, s: ((p, s, "x"), {}), TypeError, "global_scale must be a float"),
+        (lambda p, s: ((p, s, 0.0), {}), ValueError, "global_scale must be finite and > 0"),
+        (lambda p, s: ((p, s, 1.0), {"layout": "bad"}), ValueError, "layout must be one of"),
+        (lambda p, s: ((p, s, 1.0), {"fmt": "fp4"}), ValueError, "fmt must be one of"),
+    ],
+)
+def test_dequantize_argument_errors_name_the_argument(change, error, match):
+    packed, scales = ref.scaled_fp4_quant(np.ones((3, 64), np.float32), 1.0)
+    args, kwargs = change(packed, scales)
+    with pytest.raises(error, match=match):
+        ref.dequantize(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "x, kwargs, error, match",
+    [
+        (np.ones((2, 16), np.int8), {}, TypeError, "x must be float16, bfloat16 or float32, got dtype int8"),
+        ("abc", {}, TypeError, "got dtype str"),
+        (np.float32(3), {}, ValueError, "at least one dimension"),
+    ],
+)
+def test_compute_global_scale_and_quantize_argument_errors(x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ref.compute_global_scale(x, **kwargs)
+    with pytest.raises(error, match=match):
+        ref.scaled_fp4_quant(x, 1.0, **kwargs)
+
+
+def test_rows_of_no_values_are_empty_not_an_error_for_the_global_scale():
+    assert ref.compute_global_scale(np.ones((2, 0), np.float32)).tolist() == [1.0]
+    with pytest.raises(ValueError, match="n must be positive"):
+        ref.scaled_fp4_quant(np.ones((2, 0), np.float32), 1.0)
