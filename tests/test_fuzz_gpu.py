@@ -1,0 +1,105 @@
+"""Hypothesis fuzzing of the GPU quantizer against the golden model: random
+shapes, dtypes, layouts, formats, padding, row strides, unaligned bases,
+special values and global scales (host, device, per row, invalid), with
+poisoned outputs. A fixed seed and budget in the normal suite;
+NVFP4_FUZZ_EXAMPLES=N for a longer run on a GPU machine."""
+
+from __future__ import annotations
+
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from bytes_check import POISONS, assert_bytes_equal
+from nvfp4_cupy import reference as ref
+from nvfp4_cupy._format import FORMATS, LAYOUTS, round_up
+
+pytestmark = pytest.mark.gpu
+cp = pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+hypothesis = pytest.importorskip("hypothesis", reason="hypothesis not installed: pip install -e '.[test]'")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+EXAMPLES = int(os.environ.get("NVFP4_FUZZ_EXAMPLES", "60"))
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+SPECIALS = [np.nan, np.inf, -np.inf, -0.0, 1e-40, 2688.0, 1e30, -1e-8]
+
+
+@st.composite
+def cases(draw):
+    fmt = draw(st.sampled_from(sorted(FORMATS)))
+    block = FORMATS[fmt]
+    m = draw(st.integers(1, 200))
+    n = draw(st.integers(1, 600))
+    padded_n = round_up(n, block) + block * draw(st.integers(0, 3))
+    row_stride = n + draw(st.sampled_from([0, 0, 1, 8, 37]))  # extra elements: a column slice
+    offset = draw(st.sampled_from([0, 0, 1, 3, 8]))  # elements past an aligned base
+    specials = draw(st.lists(st.tuples(st.integers(0, m * n - 1), st.sampled_from(SPECIALS)), max_size=4))
+    if fmt == "mxfp4":
+        scale_kind = "none"
+    else:
+        scale_kind = draw(st.sampled_from(["host", "device", "row", "invalid"]))
+    return {
+        "fmt": fmt,
+        "dtype": draw(st.sampled_from(sorted(DTYPES))),
+        "layout": draw(st.sampled_from(sorted(LAYOUTS))),
+        "m": m,
+        "n": n,
+        "padded_n": padded_n,
+        "row_stride": row_stride,
+        "offset": offset,
+        "specials": specials,
+        "scale_kind": scale_kind,
+        "seed": draw(st.integers(0, 2**31 - 1)),
+        "magnitude": draw(st.sampled_from([1e-6, 1.0, 100.0, 3e4])),
+    }
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+def test_gpu_matches_golden(case):
+    import nvfp4_cupy as nv
+    from nvfp4_cupy._quantize import _quantize
+
+    m, n, dtype = case["m"], case["n"], DTYPES[case["dtype"]]
+    rng = np.random.default_rng(case["seed"])
+    values = (rng.standard_normal((m, n)) * case["magnitude"]).astype(np.float32)
+    for index, special in case["specials"]:
+        values.flat[index] = special
+    with np.errstate(over="ignore"):
+        x_host = values.astype(dtype)
+    # Lay the rows out in a bigger buffer: row stride and base offset as drawn.
+    storage = np.zeros(case["offset"] + m * case["row_stride"], dtype)
+    rows = storage[case["offset"]:].reshape(m, case["row_stride"])
+    rows[:, :n] = x_host
+    x = cp.asarray(storage)[case["offset"]:].reshape(m, case["row_stride"])[:, :n]
+
+    kind = case["scale_kind"]
+    if kind == "none":
+        gs, gs_host = None, None
+    elif kind == "host":
+        gs = gs_host = float(ref.compute_global_scale(x_host)[0]) if np.isfinite(values).all() else 3.0
+        if not (np.isfinite(gs) and gs > 0):
+            gs = gs_host = 3.0
+    elif kind == "device":
+        gs_host = ref.compute_global_scale(x_host)
+        gs = cp.asarray(gs_host)
+    elif kind == "row":
+        gs_host = ref.compute_global_scale(x_host, per_row=True)
+        gs = cp.asarray(gs_host)
+    else:
+        gs_host = np.array([rng.choice([np.nan, np.inf, 0.0, -2.0])], np.float32)
+        gs = cp.asarray(gs_host)
+
+    want = ref.scaled_fp4_quant(x_host, gs_host, padded_n=case["padded_n"], layout=case["layout"], fmt=case["fmt"])
+    for poison in POISONS:
+        out, out_scale = nv.create_fp4_output_tensors(m, n, padded_n=case["padded_n"], layout=case["layout"],
+                                                      fmt=case["fmt"])
+        out.fill(poison)
+        out_scale.fill(poison)
+        _quantize(x, gs, True, case["padded_n"], case["layout"], out, out_scale, None, fmt=case["fmt"])
+        assert_bytes_equal(cp.asnumpy(out), want[0], f"{case}: packed")
+        assert_bytes_equal(cp.asnumpy(out_scale), want[1], f"{case}: scales")
