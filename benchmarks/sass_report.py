@@ -5,7 +5,9 @@ nvidia-cuda-nvdisasm). cuobjdump does not read NVRTC's own cubins, hence
 ptxas. Prints the instruction count of the kernel body and an opcode
 histogram.
 
-    python benchmarks/sass_report.py [float16|bfloat16|float32] [cc] [--software]
+    python benchmarks/sass_report.py [float16|bfloat16|float32] [cc] [--software] [--dequantize]
+
+(--dequantize: the dequantize kernel with that output dtype.)
 """
 
 import collections
@@ -19,7 +21,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cupy_backends.cuda.libs import nvrtc  # noqa: E402
 
-from nvfp4_cupy._compile import SOFTWARE, QuantizeVariant, compile_options, kernel_source, target_for  # noqa: E402
+from nvfp4_cupy._compile import (  # noqa: E402
+    SOFTWARE,
+    DequantizeVariant,
+    QuantizeVariant,
+    compile_options,
+    kernel_source,
+    target_for,
+)
 from nvfp4_cupy._format import LAYOUTS  # noqa: E402
 
 
@@ -28,7 +37,8 @@ def main() -> int:
     dtype = args[0] if args else "float16"
     cc = int(args[1]) if len(args) > 1 else 90
     target = SOFTWARE if "--software" in sys.argv else target_for(cc, tuple(nvrtc.getSupportedArchs()))
-    variant = QuantizeVariant(dtype, LAYOUTS["swizzled"], True)
+    kind = DequantizeVariant if "--dequantize" in sys.argv else QuantizeVariant
+    variant = kind(dtype, LAYOUTS["swizzled"], True)
     program = nvrtc.createProgram(kernel_source(variant.source), variant.source, [], [])
     for name in variant.names:
         nvrtc.addNameExpression(program, name)
