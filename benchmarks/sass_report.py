@@ -27,6 +27,7 @@ from nvfp4_cupy._compile import (  # noqa: E402
     QuantizeVariant,
     compile_options,
     kernel_source,
+    nvrtc_arch,
     target_for,
 )
 from nvfp4_cupy._format import LAYOUTS  # noqa: E402
@@ -42,8 +43,8 @@ def main() -> int:
     program = nvrtc.createProgram(kernel_source(variant.source), variant.source, [], [])
     for name in variant.names:
         nvrtc.addNameExpression(program, name)
-    nvrtc.compileProgram(program, [*compile_options(target), "-ftz=true", f"-arch=sm_{cc}"])
-    arch = target.arch_specific or f"sm_{cc}"
+    arch = nvrtc_arch(target, cc, tuple(nvrtc.getSupportedArchs()))
+    nvrtc.compileProgram(program, list(compile_options(target, arch)))
     ptxas = os.environ.get("PTXAS", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")

@@ -1,13 +1,15 @@
 // Bit-exact NVFP4 numerics: the one device-side implementation of DESIGN.md's
 // per-block arithmetic, shared by every quantization kernel.
 //
-// CuPy appends -ftz=true to every NVRTC compile. Under it the compiler turns
-// plain C++ float arithmetic into .ftz instructions, which flush subnormal
-// inputs and results and would break bit-exactness for tiny blocks. So every
+// The result must not depend on -ftz (DESIGN.md): CuPy adds -ftz=true to the
+// compiles it does, and anyone may build these files that way. Under it the
+// compiler turns plain C++ float arithmetic into .ftz instructions, which
+// flush subnormal inputs and results and would break bit-exactness for tiny
+// blocks. So every
 // float operation whose operands can be subnormal is written as inline PTX
 // without .ftz (inline asm is passed to ptxas verbatim), and comparisons,
 // abs and max are done on the raw bits. tests/test_compile.py checks that the
-// generated PTX holds no .ftz instruction.
+// PTX generated with -ftz=true holds no .ftz instruction.
 #pragma once
 
 namespace nvfp4 {

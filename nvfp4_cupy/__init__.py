@@ -16,6 +16,8 @@ __all__ = [
     "dequantize_fp4",
     "compute_global_scale",
     "quantize",
+    "KernelCompileError",
+    "KernelCacheWarning",
     "reference",
     "__version__",
 ]
@@ -27,6 +29,8 @@ _GPU_NAMES = {
     "dequantize_fp4": "._dequantize",
     "compute_global_scale": "._global_scale",
     "quantize": "._global_scale",
+    "KernelCompileError": "._nvrtc",
+    "KernelCacheWarning": "._disk_cache",
 }
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import cupy as cp
 import numpy as np
 
-from . import compute_global_scale, create_fp4_output_tensors, dequantize_fp4, scaled_fp4_quant
+from . import _disk_cache, compute_global_scale, create_fp4_output_tensors, dequantize_fp4, scaled_fp4_quant
 from ._format import round_up
 
 L2_ROTATION_BYTES = 256 * 2**20
@@ -244,10 +244,10 @@ print(time.perf_counter() - t)
 
 
 def first_call_seconds() -> dict:
-    """A fresh process's first call (compile + load), with an empty CuPy
-    kernel cache and then with the cache that run left on disk."""
+    """A fresh process's first call (compile + load), with an empty kernel
+    cache and then with the cache that run left on disk."""
     with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "CUPY_CACHE_DIR": cache}
+        env = {**os.environ, "CUPY_CACHE_DIR": cache, _disk_cache.ENV_VAR: os.path.join(cache, "nvfp4_cupy")}
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         times = []

@@ -1,5 +1,5 @@
-"""The `nvfp4-cupy` command: demo (the default), bench, info, and quantize /
-dequantize for .npy files. User mistakes print one line on stderr and exit 1
+"""The `nvfp4-cupy` command: demo (the default), bench, info, warm (fill the
+kernel cache), and quantize / dequantize for .npy files. User mistakes print one line on stderr and exit 1
 (2 for bad flags, from argparse); no tracebacks for them."""
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ def cmd_info(args) -> int:
     except ImportError as exc:
         print(f"cupy: not installed ({exc}); the golden model works, the GPU functions do not")
         return 0
+    from . import _disk_cache
+
     print(f"cupy {cp.__version__}, NVRTC {'.'.join(map(str, nvrtc.getVersion()))}")
-    cache = os.environ.get("CUPY_CACHE_DIR", str(Path.home() / ".cupy" / "kernel_cache"))
-    entries = list(Path(cache).glob("*")) if Path(cache).is_dir() else []
-    print(f"kernel cache: {cache} ({len(entries)} compiled modules, {sum(e.stat().st_size for e in entries)} bytes)")
+    entries = _disk_cache.entries()
+    print(f"kernel cache: {_disk_cache.cache_dir()} ({len(entries)} compiled programs, "
+          f"{sum(e.stat().st_size for e in entries)} bytes; `nvfp4-cupy warm` fills it)")
     reason = _gpu_unavailable()
     if reason:
         print(f"GPU: none ({reason})")
@@ -60,6 +62,33 @@ def cmd_info(args) -> int:
         props = cp.cuda.runtime.getDeviceProperties(device)
         target = _kernels.device_target(device)
         print(f"GPU {device}: {props['name'].decode()} sm_{props['major']}{props['minor']}: {target.description}")
+    return 0
+
+
+def cmd_warm(args) -> int:
+    try:
+        from . import _disk_cache, _kernels
+    except ImportError as exc:
+        raise UserError(f"warm needs CuPy ({exc})") from None
+    capabilities = args.arch
+    if not capabilities:
+        reason = _gpu_unavailable()
+        if reason:
+            raise UserError(f"no GPU here ({reason}); name the GPUs to compile for with --arch, e.g. --arch 90")
+        import cupy as cp
+
+        capabilities = sorted({int(cp.cuda.Device(d).compute_capability) for d in range(cp.cuda.runtime.getDeviceCount())})
+    for capability in capabilities:
+        if capability < 80:
+            raise UserError(f"--arch {capability}: nvfp4_cupy needs sm_80 or newer")
+
+        def progress(done: int, total: int) -> None:
+            print(f"\rsm_{capability}: {done}/{total} kernel programs", end="", file=sys.stderr, flush=True)
+
+        compiled = _kernels.precompile(capability, progress=progress if sys.stderr.isatty() else None)
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        print(f"sm_{capability}: compiled {compiled}, the rest were cached, in {_disk_cache.cache_dir()}")
     return 0
 
 
@@ -133,11 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="NVFP4 quantization on every NVIDIA GPU from sm_80, bit-exact to a NumPy golden model. "
         "Without a command: the demo.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info,quantize,dequantize}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info,warm,quantize,dequantize}")
     demo = sub.add_parser("demo", help="quantize a built-in LLM-like activation and check every byte (default)")
     demo.add_argument("--layout", default="swizzled", choices=sorted(ref.LAYOUTS), help="scale layout")
     sub.add_parser("bench", help="the benchmark (see `nvfp4-cupy bench --help`)", add_help=False)
     sub.add_parser("info", help="versions, GPUs and their conversion path, the kernel cache")
+    warm = sub.add_parser("warm", help="compile every kernel into the disk cache (e.g. when building an image)")
+    warm.add_argument("--arch", type=int, action="append", metavar="CC",
+                      help="compute capability to compile for, e.g. 90; repeatable; no GPU needed "
+                      "(default: the GPUs present)")
     quantize = sub.add_parser("quantize", help="quantize a .npy file into PREFIX.packed.npy / .scales.npy / .json")
     quantize.add_argument("input", help="a .npy array of float16, bfloat16 or float32, shape [..., n]")
     quantize.add_argument("output", help="output prefix")
@@ -154,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"demo": cmd_demo, "info": cmd_info, "quantize": cmd_quantize, "dequantize": cmd_dequantize}
+COMMANDS = {"demo": cmd_demo, "info": cmd_info, "warm": cmd_warm, "quantize": cmd_quantize, "dequantize": cmd_dequantize}
 
 
 def main(argv: list[str] | None = None) -> int:

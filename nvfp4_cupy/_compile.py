@@ -1,7 +1,7 @@
 """What a kernel variant is made of: its CUDA source (from cuda_src/), its
-template name and its NVRTC options. No device needed here: the launcher
-(_kernels.py) hands this to CuPy, and the tests hand it to NVRTC directly to
-compile every variant for every architecture on a CPU-only machine."""
+template names and its NVRTC options. No device needed here: _kernels.py
+compiles these for the GPU in hand, and the tests compile every variant for
+every architecture on a CPU-only machine with the same options."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def source_dir() -> Path:
 def kernel_source(filename: str = "nvfp4_quantize.cu") -> str:
     """The .cu file with its local #include "..." files inlined, once each.
 
-    Inlining makes the source text CuPy hashes for its disk cache cover every
-    header, so editing a header can never serve a stale cubin."""
+    Inlining makes the source text the disk cache hashes (_disk_cache.py)
+    cover every header, so editing a header can never serve a stale cubin."""
     directory = source_dir()
     seen: set[str] = set()
 
@@ -80,17 +80,28 @@ def target_for(compute_capability: int, nvrtc_archs: tuple[int, ...]) -> Target:
     return Target(hw_e4m3=compute_capability >= 89, hw_e2m1=False)
 
 
-def compile_options(target: Target) -> tuple[str, ...]:
-    options = [
+def nvrtc_arch(target: Target, compute_capability: int, nvrtc_archs: tuple[int, ...]) -> str:
+    """NVRTC's -arch for this GPU: the arch-specific sm_XXXa the hardware E2M1
+    conversion needs, else SASS for the GPU itself, else (a GPU newer than this
+    NVRTC knows) PTX for the newest architecture it knows, which the driver
+    compiles at load time."""
+    if target.arch_specific:
+        return target.arch_specific
+    if compute_capability in nvrtc_archs:
+        return f"sm_{compute_capability}"
+    return f"compute_{max(arch for arch in nvrtc_archs if arch <= compute_capability)}"
+
+
+def compile_options(target: Target, arch: str) -> tuple[str, ...]:
+    """Every NVRTC option a kernel is built with. No -ftz: the numerics must
+    not depend on it either way (DESIGN.md), and the CPU suite checks the PTX
+    holds no flushing instruction even when -ftz=true is added."""
+    return (
         "-std=c++17",
+        f"-arch={arch}",
         f"-DNVFP4_HW_E4M3={int(target.hw_e4m3)}",
         f"-DNVFP4_HW_E2M1={int(target.hw_e2m1)}",
-    ]
-    if target.arch_specific:
-        # CuPy appends a plain -arch=sm_XX after this; NVRTC keeps the
-        # arch-specific one (tests/test_compile.py holds it to that).
-        options.append(f"-arch={target.arch_specific}")
-    return tuple(options)
+    )
 
 
 def _flag(value: bool) -> str:

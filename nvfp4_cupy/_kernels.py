@@ -1,50 +1,92 @@
-"""Kernel functions, compiled by NVRTC through CuPy on first use and memoized
-per (device, variant). CuPy's on-disk cache (CUPY_CACHE_DIR) serves later
-processes; its key hashes the full source text and options."""
+"""Kernel functions for a device: compiled by NVRTC on first use, memoized per
+(device, variant, target) in this process and kept on disk for the next one
+(_disk_cache.py). Thread-safe: threads racing on a first call compile once."""
 
 from __future__ import annotations
 
+import collections
 import threading
 
 import cupy as cp
-from cupy_backends.cuda.libs import nvrtc
+from cupy.cuda import function
 
-from ._compile import Target, compile_options, kernel_source, target_for
+from . import _disk_cache, _nvrtc
+from ._compile import Target, all_variants, compile_options, kernel_source, nvrtc_arch, target_for
 
 _lock = threading.Lock()
 _functions: dict[tuple, tuple] = {}
-_targets: dict[int, Target] = {}
+_targets: dict[int, tuple[Target, str]] = {}
+# How each program was obtained in this process, by disk-cache entry name:
+# "nvrtc" (compiled) or "disk" (loaded). Lets tests prove "compiled once".
+builds: collections.Counter = collections.Counter()
 
 
 def device_target(device_id: int) -> Target:
-    target = _targets.get(device_id)
-    if target is None:
+    return _device_build(device_id)[0]
+
+
+def _device_build(device_id: int) -> tuple[Target, str]:
+    """The conversion target and NVRTC -arch for this device."""
+    build = _targets.get(device_id)
+    if build is None:
         compute_capability = int(cp.cuda.Device(device_id).compute_capability)
-        target = target_for(compute_capability, tuple(nvrtc.getSupportedArchs()))
-        _targets[device_id] = target
-    return target
+        archs = _nvrtc.supported_archs()
+        target = target_for(compute_capability, archs)
+        build = _targets[device_id] = (target, nvrtc_arch(target, compute_capability, archs))
+    return build
 
 
 def kernel_functions(device_id: int, variant, target: Target | None = None) -> tuple:
     """The compiled kernels of this variant (one per name in variant.names)
-    on this device. Thread-safe: concurrent first calls compile once."""
-    target = device_target(device_id) if target is None else target
+    on this device; `target` overrides the device's conversion target (tests
+    run the software path on any GPU with it)."""
     key = (device_id, variant, target)
     functions = _functions.get(key)
     if functions is None:
         with _lock:
             functions = _functions.get(key)
             if functions is None:
+                device_target_, arch = _device_build(device_id)
+                program = compiled_program(variant, target or device_target_, arch)
                 with cp.cuda.Device(device_id):
-                    module = cp.RawModule(
-                        code=kernel_source(variant.source), options=compile_options(target),
-                        name_expressions=variant.names,
-                    )
-                    functions = tuple(module.get_function(name) for name in variant.names)
+                    module = function.Module()
+                    module.load(program.image)
+                    functions = tuple(module.get_function(name) for name in program.lowered_names)
                 _functions[key] = functions
     return functions
 
 
+def compiled_program(variant, target: Target, arch: str) -> _nvrtc.CompiledProgram:
+    """From the disk cache if there, else compiled by NVRTC and stored."""
+    source = kernel_source(variant.source)
+    options = compile_options(target, arch)
+    name = _disk_cache.entry_name(_nvrtc.version(), source, *options, *variant.names)
+    cached = _disk_cache.load(name)
+    if cached is not None and len(cached[0]) == len(variant.names):
+        builds[name, "disk"] += 1
+        return _nvrtc.CompiledProgram(image=cached[1], lowered_names=cached[0], log="")
+    program = _nvrtc.compile_program(source, variant.source, variant.names, options)
+    builds[name, "nvrtc"] += 1
+    _disk_cache.store(name, program.lowered_names, program.image)
+    return program
+
+
+def precompile(compute_capability: int, variants=None, progress=None) -> int:
+    """Compile `variants` (default: every one) for a GPU of this compute
+    capability into the disk cache; no GPU needed. Returns how many programs
+    NVRTC compiled: those already cached are skipped."""
+    archs = _nvrtc.supported_archs()
+    target = target_for(compute_capability, archs)
+    arch = nvrtc_arch(target, compute_capability, archs)
+    before = sum(count for (_, origin), count in builds.items() if origin == "nvrtc")
+    variants = all_variants() if variants is None else variants
+    for done, variant in enumerate(variants, 1):
+        compiled_program(variant, target, arch)
+        if progress is not None:
+            progress(done, len(variants))
+    return sum(count for (_, origin), count in builds.items() if origin == "nvrtc") - before
+
+
 def compiled_variants() -> list[tuple]:
-    """The (device, variant, target) keys built so far."""
+    """The (device, variant, target) keys built so far in this process."""
     return sorted(_functions, key=repr)

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from nvfp4_cupy import reference
 
-from conftest import gpu_unavailable_reason
+from conftest import gpu_unavailable_reason, nvrtc_unavailable_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "nvfp4_cupy", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "nvfp4_cupy", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -47,7 +50,7 @@ def test_demo_layout_option_and_bad_flag():
 def test_help_lists_every_command():
     done = run_cli("--help")
     assert done.returncode == 0
-    for command in ("demo", "bench", "info", "quantize", "dequantize"):
+    for command in ("demo", "bench", "info", "warm", "quantize", "dequantize"):
         assert command in done.stdout
 
 
@@ -59,6 +62,24 @@ def test_info_reports_versions_and_gpu_state():
         assert "GPU: none" in done.stdout
     else:
         assert "GPU 0:" in done.stdout and "conversion" in done.stdout
+
+
+def test_warm_fills_the_cache_that_info_reports(tmp_path):
+    if nvrtc_unavailable_reason():
+        pytest.skip(nvrtc_unavailable_reason())
+    env = {"NVFP4_CUPY_CACHE_DIR": str(tmp_path / "kernels")}
+    done = run_cli("warm", "--arch", "80", env=env)
+    assert done.returncode == 0, done.stderr
+    from nvfp4_cupy._compile import all_variants
+
+    assert f"sm_80: compiled {len(all_variants())}," in done.stdout
+    assert len(list((tmp_path / "kernels").glob("*.bin"))) == len(all_variants())
+    again = run_cli("warm", "--arch", "80", env=env)
+    assert "sm_80: compiled 0," in again.stdout, again.stdout + again.stderr
+    info = run_cli("info", env=env)
+    assert f"kernel cache: {tmp_path / 'kernels'} ({len(all_variants())} compiled programs" in info.stdout
+    old = run_cli("warm", "--arch", "75", env=env)
+    assert old.returncode == 1 and "sm_80 or newer" in old.stderr and "Traceback" not in old.stderr
 
 
 def test_quantize_dequantize_round_trip_of_a_npy_file(tmp_path):
