@@ -10,10 +10,14 @@ from . import _kernels
 from ._compile import DequantizeVariant
 from ._format import BLOCK_SIZE, block_size_of, check_dtype, resolve_layout
 from ._launch import (
+    MAX_GRID_Y,
+    MAX_INDEX,
     NULL,
     VECTOR_BYTES,
     VECTOR_PIECE,
     as_like,
+    byte_range,
+    check_disjoint,
     check_like,
     check_output,
     device_array,
@@ -55,12 +59,19 @@ def dequantize_fp4(
     if padded_n % block_size:
         raise ValueError(f"packed has {padded_n} values a row, not a multiple of {block_size}")
     n = padded_n if n is None else n
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 < n <= padded_n:
-        raise ValueError(f"n must be an int in [1, {padded_n}], got {n!r}")
+    if not isinstance(n, (int, np.integer)) or isinstance(n, (bool, np.bool_)):
+        raise TypeError(f"n must be an int, got {type(n).__name__} {n!r}")
+    if not 0 < n <= padded_n:
+        raise ValueError(f"n must be in [1, {padded_n}] (the values a row of packed holds), got n={n}")
+    n = int(n)
     scale_layout = resolve_layout(layout=layout)
     dtype_name, out_dtype = _output_dtype(dtype)
+    grid, block = launch_geometry(m, padded_n // BLOCK_SIZE)
+    if m > MAX_INDEX or padded_n > MAX_INDEX or grid[1] > MAX_GRID_Y:
+        raise ValueError(f"packed: shape {packed.shape} is too large for one launch")
     device_id = packed.data.device_id
-    scales = check_output(scales, "scales", scale_layout.scale_shape(m, padded_n, block_size), device_id)
+    scales = check_output(scales, "scales", scale_layout.scale_shape(m, padded_n, block_size), device_id,
+                          source="packed")
     if fmt == "mxfp4":
         if global_scale is not None:
             raise ValueError(f"global_scale must be None for fmt='mxfp4', got {global_scale!r}")
@@ -71,7 +82,11 @@ def dequantize_fp4(
     with cp.cuda.Device(device_id):
         stream = resolve_stream(stream, device_id, source)
         if out is not None:
-            out = check_output(out, "out", (m, n), device_id, out_dtype)
+            out = check_output(out, "out", (m, n), device_id, out_dtype, source="packed")
+            reads = [("packed", byte_range(packed)), ("scales", byte_range(scales))]
+            if global_scale_array is not None:
+                reads.append(("global_scale", byte_range(global_scale_array)))
+            check_disjoint(reads, [("out", byte_range(out))])
         else:
             with stream:  # the pool then orders the buffer's reuse after this launch
                 out = cp.empty((m, n), dtype=out_dtype)
@@ -79,7 +94,6 @@ def dequantize_fp4(
             return as_like((out,), like)[0]
         vector_stores = out.data.ptr % VECTOR_BYTES == 0 and n % VECTOR_PIECE == 0
         (kernel,) = _kernels.kernel_functions(device_id, DequantizeVariant(dtype_name, scale_layout, vector_stores, fmt))
-        grid, block = launch_geometry(m, padded_n // BLOCK_SIZE)
         kernel(
             grid,
             block,

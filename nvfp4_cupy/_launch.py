@@ -36,7 +36,7 @@ def device_array(obj, name: str) -> cp.ndarray:
     raise TypeError(f"{name} must be a CuPy array or a CUDA tensor, got {type(obj).__name__}")
 
 
-def check_output(buffer, name: str, shape: tuple, device_id: int, dtype=UINT8) -> cp.ndarray:
+def check_output(buffer, name: str, shape: tuple, device_id: int, dtype=UINT8, source: str = "x") -> cp.ndarray:
     buffer = device_array(buffer, name)
     if buffer.dtype is not dtype and buffer.dtype != dtype:  # identity first: the common case
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {buffer.dtype}")
@@ -45,8 +45,23 @@ def check_output(buffer, name: str, shape: tuple, device_id: int, dtype=UINT8) -
     if not buffer.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous, got strides {buffer.strides}")
     if buffer.data.device_id != device_id:
-        raise ValueError(f"{name} is on device {buffer.data.device_id} but x is on device {device_id}")
+        raise ValueError(f"{name} is on device {buffer.data.device_id} but {source} is on device {device_id}")
     return buffer
+
+
+def byte_range(array: cp.ndarray) -> tuple[int, int]:
+    """[first, last) device addresses of a C-contiguous array."""
+    return array.data.ptr, array.data.ptr + array.nbytes
+
+
+def check_disjoint(reads: list, writes: list) -> None:
+    """(name, (first, last)) ranges: what a kernel writes must not overlap
+    anything else it reads or writes, as threads run in no particular order."""
+    ranges = [(name, span, i >= len(reads)) for i, (name, span) in enumerate(reads + writes) if span[0] < span[1]]
+    for i, (name_a, (lo_a, hi_a), written_a) in enumerate(ranges):
+        for name_b, (lo_b, hi_b), written_b in ranges[i + 1 :]:
+            if (written_a or written_b) and lo_a < hi_b and lo_b < hi_a:
+                raise ValueError(f"{name_b} overlaps {name_a} in device memory; pass separate buffers")
 
 
 def global_scale_argument(global_scale, device_id: int, x_shape: tuple):

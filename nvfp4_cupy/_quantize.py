@@ -6,6 +6,7 @@ written or any kernel launched."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import numbers
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from ._launch import (
     VECTOR_BYTES,
     VECTOR_PIECE,
     as_like,
+    byte_range,
+    check_disjoint,
     check_like,
     check_output,
     device_array,
@@ -142,6 +145,20 @@ def _quantize(
 ):
     """scaled_fp4_quant, with the conversion target forced when given (tests
     run the sm_80 software path on newer GPUs this way)."""
+    launch, outputs = prepare_quantize(
+        x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, target, fmt
+    )
+    launch()
+    return outputs
+
+
+def prepare_quantize(
+    x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like=None,
+    target: Target | None = None, fmt="nvfp4",
+):
+    """Every check and allocation of a quantize call, nothing launched:
+    returns (launch, (packed, scales)). quantize() checks both of its steps
+    this way before running either."""
     check_like(like)
     source, x = x, device_array(x, "x")
     device_id = x.data.device_id
@@ -161,7 +178,10 @@ def _quantize(
         if out_scale is not None:
             out_scale = check_output(out_scale, "out_scale", plan.scale_shape, device_id)
         if plan.view.m and (out is not None or out_scale is not None):
-            _check_no_overlap(x, plan, out, out_scale)
+            reads = [("x", _byte_range(x, plan.view))]
+            if global_scale_array is not None:
+                reads.append(("global_scale", byte_range(global_scale_array)))
+            check_disjoint(reads, [(name, byte_range(b)) for name, b in (("out", out), ("out_scale", out_scale)) if b is not None])
         if out is None or out_scale is None:
             # Allocate on the launch stream, so the pool orders reuse after it.
             with contextlib.nullcontext() if launch_on_current else stream:
@@ -169,8 +189,9 @@ def _quantize(
                     out = cp.empty(plan.packed_shape, dtype=np.uint8)
                 if out_scale is None:
                     out_scale = cp.empty(plan.scale_shape, dtype=np.uint8)
+        outputs = as_like((out, out_scale), like)
         if plan.view.m == 0 or plan.view.experts == 0:
-            return as_like((out, out_scale), like)
+            return _nothing, outputs
         vector_loads = plan.aligned_rows and x.data.ptr % VECTOR_BYTES == 0
         (kernel,) = _kernels.kernel_functions(device_id, plan.variants[vector_loads], target)
         if fmt == "mxfp4":
@@ -178,20 +199,18 @@ def _quantize(
         else:
             scale_pointer = global_scale_array if global_scale_array is not None else NULL
             args = (x, *plan.shape_args, scale_pointer, global_scale_value, out, out_scale, *plan.scale_shape_args)
-        kernel(plan.grid, plan.block, args, stream=stream)
-    return as_like((out, out_scale), like)
+    if not switch_device:
+        return functools.partial(kernel, plan.grid, plan.block, args, stream=stream), outputs
+
+    def launch_on_device() -> None:
+        with cp.cuda.Device(device_id):
+            kernel(plan.grid, plan.block, args, stream=stream)
+
+    return launch_on_device, outputs
 
 
-def _check_no_overlap(x, plan: _Plan, out, out_scale) -> None:
-    ranges = [("x", _byte_range(x, plan.view))] + [
-        (name, (buffer.data.ptr, buffer.data.ptr + buffer.nbytes))
-        for name, buffer in (("out", out), ("out_scale", out_scale))
-        if buffer is not None and buffer.nbytes
-    ]
-    for i, (name_a, (lo_a, hi_a)) in enumerate(ranges):
-        for name_b, (lo_b, hi_b) in ranges[i + 1 :]:
-            if lo_a < hi_b and lo_b < hi_a:
-                raise ValueError(f"{name_b} overlaps {name_a} in device memory; pass separate buffers")
+def _nothing() -> None:
+    """The launch of an empty call."""
 
 
 def create_fp4_output_tensors(

@@ -128,3 +128,136 @@ def test_per_expert_scale_shapes(nv):
         nv.scaled_fp4_quant(cp.ones((4, 32), cp.float16), cp.ones(3, cp.float32))
     with pytest.raises(ValueError, match=r"out must have shape \(3, 4, 16\)"):
         nv.scaled_fp4_quant(x3, cp.ones(3, cp.float32), out=cp.empty((12, 16), cp.uint8))
+
+
+# --- dequantize_fp4, compute_global_scale and quantize -----------------------
+
+
+@pytest.fixture
+def quantized(nv):
+    """(packed [4, 32], scales [128, 4]) of a [4, 64] input, swizzled."""
+    return nv.scaled_fp4_quant(cp.ones((4, 64), cp.float16), 1.0)
+
+
+@pytest.mark.parametrize(
+    "make_change, error, match",
+    [
+        (lambda: {"packed": np.zeros((4, 32), np.uint8)}, TypeError, "packed is a NumPy \\(host\\) array"),
+        (lambda: {"packed": cp.zeros((4, 32), cp.int8)}, TypeError, "packed must be uint8 \\[m, padded_n // 2\\]"),
+        (lambda: {"packed": cp.zeros(32, cp.uint8)}, TypeError, "packed must be uint8 \\[m, padded_n // 2\\]"),
+        (lambda: {"packed": cp.zeros((4, 64), cp.uint8)[:, ::2]}, ValueError, "packed must be C-contiguous"),
+        (lambda: {"packed": cp.zeros((4, 12), cp.uint8)}, ValueError, "24 values a row, not a multiple of 16"),
+        (lambda: {"scales": cp.zeros((4, 4), cp.uint8)}, ValueError, r"scales must have shape \(128, 4\), got \(4, 4\)"),
+        (lambda: {"scales": cp.zeros((128, 4), cp.int8)}, TypeError, "scales must have dtype uint8"),
+        (lambda: {"scales": [0] * 4}, TypeError, "scales must be a CuPy array or a CUDA tensor, got list"),
+        (lambda: {"global_scale": 0.0}, ValueError, "global_scale must be finite and > 0"),
+        (lambda: {"global_scale": cp.ones(3, cp.float32)}, ValueError, r"one per row, got shape \(3,\)"),
+        (lambda: {"n": 65}, ValueError, r"n must be in \[1, 64\]"),
+        (lambda: {"n": 0}, ValueError, r"n must be in \[1, 64\]"),
+        (lambda: {"n": 16.0}, TypeError, "n must be an int, got float"),
+        (lambda: {"n": True}, TypeError, "n must be an int, got bool"),
+        (lambda: {"layout": "8x8"}, ValueError, "layout must be one of"),
+        (lambda: {"dtype": np.int16}, TypeError, "dtype"),
+        (lambda: {"fmt": "fp8"}, ValueError, "fmt"),
+        (lambda: {"like": "jax"}, ValueError, "like must be None, 'cupy' or 'torch'"),
+        (lambda: {"stream": 1}, TypeError, "stream must be a cupy.cuda.Stream"),
+    ],
+)
+def test_bad_dequantize_arguments(nv, quantized, make_change, error, match):
+    arguments = {"packed": quantized[0], "scales": quantized[1], "global_scale": 1.0, **make_change()}
+    before = [cp.asnumpy(a).copy() for a in quantized]
+    with pytest.raises(error, match=match):
+        nv.dequantize_fp4(arguments.pop("packed"), arguments.pop("scales"), arguments.pop("global_scale"), **arguments)
+    for original, now in zip(before, quantized):
+        assert np.array_equal(original, cp.asnumpy(now))
+
+
+def poisoned_as(shape, dtype):
+    buffer = cp.empty(shape, dtype)
+    buffer.view(cp.uint8).fill(POISONS[1])
+    return buffer
+
+
+@pytest.mark.parametrize(
+    "make_out, error, match",
+    [
+        (lambda: poisoned_as((4, 63), cp.float16), ValueError, r"out must have shape \(4, 64\), got \(4, 63\)"),
+        (lambda: poisoned_as((4, 64), cp.float32), TypeError, "out must have dtype float16, got float32"),
+        (lambda: poisoned_as((4, 128), cp.float16)[:, ::2], ValueError, "out must be C-contiguous"),  # a view
+        (lambda: np.zeros((4, 64), np.float16), TypeError, "out is a NumPy"),
+    ],
+)
+def test_bad_dequantize_out_is_left_untouched(nv, quantized, make_out, error, match):
+    out = make_out()
+    with pytest.raises(error, match=match):
+        nv.dequantize_fp4(*quantized, 1.0, out=out)
+    if isinstance(out, cp.ndarray):
+        assert (cp.asnumpy(out).view(np.uint8) == POISONS[1]).all()
+
+
+def test_dequantize_out_overlapping_its_inputs(nv):
+    storage = cp.zeros(8192, cp.uint8)
+    packed, scales = storage[:128].reshape(4, 32), storage[512:1024].reshape(128, 4)
+    with pytest.raises(ValueError, match="out overlaps packed"):
+        nv.dequantize_fp4(packed, scales, 1.0, out=storage[:512].view(cp.float16).reshape(4, 64))
+    with pytest.raises(ValueError, match="out overlaps scales"):
+        nv.dequantize_fp4(packed, scales, 1.0, out=storage[768:1280].view(cp.float16).reshape(4, 64))
+    gs = storage[4096:4100].view(cp.float32)
+    with pytest.raises(ValueError, match="out overlaps global_scale"):
+        nv.dequantize_fp4(packed, scales, gs, out=storage[4096:4608].view(cp.float16).reshape(4, 64))
+    assert not storage.any()
+
+
+def test_quantize_output_overlapping_a_device_global_scale(nv):
+    storage = cp.zeros(1024, cp.uint8)
+    gs = storage[:4].view(cp.float32)
+    with pytest.raises(ValueError, match="out overlaps global_scale"):
+        nv.scaled_fp4_quant(cp.ones((4, 64), cp.float16), gs, out=storage[:128].reshape(4, 32))
+    assert not storage.any()
+
+
+@pytest.mark.parametrize(
+    "make_x, kwargs, error, match",
+    [
+        (lambda: np.ones((4, 64), np.float32), {}, TypeError, "x is a NumPy \\(host\\) array"),
+        (lambda: cp.ones((4, 64), cp.int32), {}, TypeError, "got dtype int32"),
+        (lambda: cp.array(2.0, cp.float32), {}, ValueError, "at least one dimension"),
+        (lambda: cp.ones((4, 128), cp.float16)[:, ::2], {}, ValueError, "last dimension must be contiguous"),
+        (lambda: cp.ones((4, 64), cp.float16), {"per_row": 1}, TypeError, "per_row must be a bool, got int"),
+        (lambda: cp.ones((4, 64), cp.float16), {"per_row": "yes"}, TypeError, "per_row must be a bool"),
+        (lambda: cp.ones((4, 64), cp.float16), {"stream": "default"}, TypeError, "stream must be"),
+        (lambda: cp.ones((4, 64), cp.float16), {"like": "numpy"}, ValueError, "like must be"),
+    ],
+)
+def test_bad_compute_global_scale_arguments(nv, make_x, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nv.compute_global_scale(make_x(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"padded_n": 32}, ValueError, "padded_n must be >= n"),
+        ({"per_row": None}, TypeError, "per_row must be a bool"),
+        ({"out": "make", "out_scale_shape": (4, 4)}, ValueError, r"out_scale must have shape \(128, 4\)"),
+        ({"out": "overlap"}, ValueError, "out overlaps x"),
+    ],
+)
+def test_bad_quantize_arguments_launch_nothing(nv, kwargs, error, match):
+    """quantize() checks both of its steps before running either, and
+    leaves every caller byte as it was."""
+    storage = cp.zeros(4096, cp.uint8)
+    x = storage[:512].view(cp.float16).reshape(4, 64)
+    x[:] = 3.0
+    arguments = dict(kwargs)
+    shape = arguments.pop("out_scale_shape", (128, 4))
+    if arguments.get("out") == "make":
+        arguments["out"], arguments["out_scale"] = storage[1024:1152].reshape(4, 32), storage[2048:2048 + 16].reshape(shape)
+    elif arguments.get("out") == "overlap":
+        arguments["out"] = storage[256:384].reshape(4, 32)
+    before = cp.asnumpy(storage)
+    cp.cuda.Device().synchronize()
+    with pytest.raises(error, match=match):
+        nv.quantize(x, **arguments)
+    cp.cuda.Device().synchronize()
+    assert np.array_equal(cp.asnumpy(storage), before)

@@ -1,0 +1,90 @@
+"""Every kernel family on small, awkward shapes, checked against the golden
+model: the workload tests/test_sanitizer_gpu.py runs under compute-sanitizer
+(memcheck, racecheck, synccheck, initcheck). Run it by hand as
+
+    compute-sanitizer --tool memcheck --error-exitcode 99 python tests/sanitizer_workload.py
+
+Shapes end mid-block, mid-tile and mid-vector, inputs start unaligned and
+rows are strided, so every guard in the kernels is crossed. Exit status 1 on
+a wrong byte."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cupy as cp
+import ml_dtypes
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import nvfp4_cupy as nv  # noqa: E402
+from nvfp4_cupy import reference as ref  # noqa: E402
+
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+LAYOUTS = ("swizzled", "linear", "8x4")
+
+
+def check(got, want, what: str) -> None:
+    got = cp.asnumpy(got)
+    if not np.array_equal(got.view(np.uint8), np.asarray(want).view(np.uint8)):
+        print(f"MISMATCH: {what}")
+        sys.exit(1)
+
+
+def device_rows(host: np.ndarray, offset: int) -> cp.ndarray:
+    """host [m, n] on the device, starting `offset` elements past an aligned
+    base, with rows 5 elements longer than n (a strided column slice)."""
+    m, n = host.shape
+    storage = cp.zeros(offset + m * (n + 5), dtype=host.dtype)
+    rows = storage[offset:].reshape(m, n + 5)[:, :n]
+    rows[...] = cp.asarray(host)
+    return rows
+
+
+def main() -> int:
+    rng = np.random.default_rng(7)
+    launches = 0
+    for name, dtype in DTYPES.items():
+        for m, n, padded_n in ((1, 16, 16), (129, 40, 64), (3, 200, 256)):
+            host = (rng.standard_normal((m, n)) * 10).astype(dtype)
+            for offset in (0, 3):
+                x = cp.asarray(host) if offset == 0 else device_rows(host, offset)
+                gs = nv.compute_global_scale(x)
+                per_row = nv.compute_global_scale(x, per_row=True)
+                check(gs, ref.compute_global_scale(host), f"global scale {name} {m}x{n}")
+                check(per_row, ref.compute_global_scale(host, per_row=True), f"per-row scales {name} {m}x{n}")
+                for layout in LAYOUTS:
+                    packed, scales = nv.scaled_fp4_quant(x, per_row, padded_n=padded_n, layout=layout)
+                    want = ref.scaled_fp4_quant(host, cp.asnumpy(per_row), padded_n=padded_n, layout=layout)
+                    check(packed, want[0], f"packed {name} {m}x{n} {layout}")
+                    check(scales, want[1], f"scales {name} {m}x{n} {layout}")
+                    out = nv.dequantize_fp4(packed, scales, per_row, n=n, layout=layout, dtype=dtype)
+                    check(out, ref.dequantize(want[0], want[1], cp.asnumpy(per_row), n=n, layout=layout, dtype=dtype),
+                          f"dequantized {name} {m}x{n} {layout}")
+                    mx = nv.scaled_fp4_quant(x, None, padded_n=round_up(padded_n, 32), layout=layout, fmt="mxfp4")
+                    want_mx = ref.scaled_fp4_quant(host, None, padded_n=round_up(padded_n, 32), layout=layout, fmt="mxfp4")
+                    check(mx[0], want_mx[0], f"mxfp4 packed {name} {m}x{n} {layout}")
+                    check(mx[1], want_mx[1], f"mxfp4 scales {name} {m}x{n} {layout}")
+                    back = nv.dequantize_fp4(*mx, None, n=n, layout=layout, dtype=dtype, fmt="mxfp4")
+                    check(back, ref.dequantize(*want_mx, None, n=n, layout=layout, dtype=dtype, fmt="mxfp4"),
+                          f"mxfp4 dequantized {name} {m}x{n} {layout}")
+                    launches += 6
+        experts = (rng.standard_normal((3, 33, 48)) * 4).astype(dtype)
+        expert_scales = np.array([ref.compute_global_scale(e)[0] for e in experts], np.float32)
+        packed, scales = nv.scaled_fp4_quant(cp.asarray(experts), cp.asarray(expert_scales), padded_n=64)
+        want = ref.scaled_fp4_quant(experts, expert_scales, padded_n=64)
+        check(packed, want[0], f"expert packed {name}")
+        check(scales, want[1], f"expert scales {name}")
+        launches += 1
+    cp.cuda.Device().synchronize()
+    print(f"sanitizer workload: {launches} quantize/dequantize launches (and their global scales), all bit-exact")
+    return 0
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+if __name__ == "__main__":
+    sys.exit(main())
