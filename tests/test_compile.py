@@ -29,7 +29,8 @@ QUANTIZE = "nvfp4_quantize.cu"
 @functools.lru_cache(maxsize=None)
 def nvrtc_compile(compute_capability: int, source: str = QUANTIZE, software: bool = False):
     """Compile all variants of one source as _kernels.py would on a GPU of
-    this compute capability, plus -ftz=true. Returns (target, PTX, ptxas log)."""
+    this compute capability, plus -ftz=true. Returns (target, PTX, ptxas
+    log with one report per kernel)."""
     from cupy_backends.cuda.libs import nvrtc
 
     archs = tuple(nvrtc.getSupportedArchs())
@@ -37,16 +38,31 @@ def nvrtc_compile(compute_capability: int, source: str = QUANTIZE, software: boo
         pytest.skip(f"this NVRTC ({nvrtc.getVersion()}) cannot compile for sm_{compute_capability}")
     target = SOFTWARE if software else target_for(compute_capability, archs)
     options = [*compile_options(target, nvrtc_arch(target, compute_capability, archs)), "-ftz=true", "-Xptxas=-v"]
+    names = ALL_KERNELS[source]
+    ptx, log = _compile(source, names, options)
+    if len(re.findall(PTXAS_REPORT, log)) != len(names):
+        # NVRTC 13.0 sometimes returns an empty log for a multi-kernel
+        # program (seen for global_scale.cu on an H100 machine); one kernel
+        # at a time it reports.
+        log = "".join(_compile(source, (name,), options)[1] for name in names)
+    return target, ptx, log
+
+
+PTXAS_REPORT = r"(\d+) bytes spill stores"
+
+
+def _compile(source: str, names: tuple[str, ...], options: list[str]) -> tuple[str, str]:
+    from cupy_backends.cuda.libs import nvrtc
+
     program = nvrtc.createProgram(kernel_source(source), source, [], [])
-    for name in ALL_KERNELS[source]:
+    for name in names:
         nvrtc.addNameExpression(program, name)
     try:
         nvrtc.compileProgram(program, options)
     except nvrtc.NVRTCError as exc:
-        raise AssertionError(f"NVRTC failed for sm_{compute_capability}:\n{nvrtc.getProgramLog(program)}") from exc
-    ptx = nvrtc.getPTX(program).decode()
+        raise AssertionError(f"NVRTC failed ({' '.join(options)}):\n{nvrtc.getProgramLog(program)}") from exc
     assert nvrtc.getCUBIN(program), "no cubin produced"
-    return target, ptx, nvrtc.getProgramLog(program)
+    return nvrtc.getPTX(program).decode(), nvrtc.getProgramLog(program)
 
 
 def ptx_instructions(ptx: str) -> list[str]:
@@ -59,7 +75,7 @@ def test_every_variant_compiles_without_spills(compute_capability, source):
     _, ptx, log = nvrtc_compile(compute_capability, source)
     entries = re.findall(r"\.entry (\S+)\(", ptx, re.MULTILINE)
     assert len(entries) == len(ALL_KERNELS[source]), entries
-    spills = re.findall(r"(\d+) bytes spill stores", log)
+    spills = re.findall(PTXAS_REPORT, log)
     assert len(spills) == len(ALL_KERNELS[source]), log
     assert all(count == "0" for count in spills), log
     stacks = re.findall(r"(\d+) bytes stack frame", log)
