@@ -1,12 +1,12 @@
 """The `nvfp4-cupy` command: demo (the default), bench, info, warm (fill the
-kernel cache), and quantize / dequantize for .npy files. User mistakes print one line on stderr and exit 1
-(2 for bad flags, from argparse); no tracebacks for them."""
+kernel cache), and quantize / dequantize for .npy files. User mistakes print
+one line on stderr and exit 1 (2 for bad flags, from argparse); no tracebacks
+for them."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 

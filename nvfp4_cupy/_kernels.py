@@ -46,8 +46,8 @@ def kernel_functions(device_id: int, variant, target: Target | None = None) -> t
         with _lock:
             functions = _functions.get(key)
             if functions is None:
-                device_target_, arch = _device_build(device_id)
-                program = compiled_program(variant, target or device_target_, arch)
+                default_target, arch = _device_build(device_id)
+                program = compiled_program(variant, target or default_target, arch)
                 with cp.cuda.Device(device_id):
                     module = function.Module()
                     module.load(program.image)
