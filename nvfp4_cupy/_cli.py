@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv or ["demo"])
     try:
         return COMMANDS[args.command or "demo"](args)
+    except BrokenPipeError:  # `nvfp4-cupy info | head`: the reader left early, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit does not fail on flush
+        return 0
     except (UserError, ValueError, TypeError) as exc:
         print(f"nvfp4-cupy {args.command}: error: {exc}", file=sys.stderr)
         return 1

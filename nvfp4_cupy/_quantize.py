@@ -226,6 +226,8 @@ def create_fp4_output_tensors(
     block_size = block_size_of(fmt)
     padded_n = resolve_padded_n(int(n), padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
+    if m > MAX_INDEX or padded_n > MAX_INDEX or (num_experts or 0) > MAX_GRID_Y:
+        raise ValueError(f"m={m}, padded_n={padded_n}, num_experts={num_experts} is too large for one launch")
     batch = () if num_experts is None else (int(num_experts),)
     return (
         cp.empty(batch + (int(m), padded_n // 2), dtype=np.uint8),

@@ -90,6 +90,60 @@ def test_mixing_devices_is_an_error():
         assert (out == POISONS[0]).all()
 
 
+def test_mixing_devices_in_dequantize_and_global_scale_is_an_error():
+    need_devices(2)
+    import nvfp4_cupy as nv
+
+    with cp.cuda.Device(0):
+        x = cp.ones((4, 64), cp.float16)
+        packed, scales = nv.scaled_fp4_quant(x, 1.0)
+    with cp.cuda.Device(1):
+        other_scales = cp.asarray(scales)
+        out = cp.empty((4, 64), cp.float16)
+        out.view(cp.uint16).fill(0xA5A5)
+        gs = cp.ones(1, cp.float32)
+        stream = cp.cuda.Stream()
+        out_packed, out_scale = nv.create_fp4_output_tensors(4, 64)
+        out_packed.fill(POISONS[0])
+    with pytest.raises(ValueError, match="scales is on device 1 but packed is on device 0"):
+        nv.dequantize_fp4(packed, other_scales, 1.0)
+    with pytest.raises(ValueError, match="out is on device 1 but packed is on device 0"):
+        nv.dequantize_fp4(packed, scales, 1.0, out=out)
+    with pytest.raises(ValueError, match="global_scale is on device 1"):
+        nv.dequantize_fp4(packed, scales, gs)
+    with pytest.raises(ValueError, match="stream belongs to device 1"):
+        nv.compute_global_scale(x, stream=stream)
+    with pytest.raises(ValueError, match="out is on device 1 but x is on device 0"):
+        nv.quantize(x, out=out_packed)
+    with cp.cuda.Device(1):
+        assert (out.view(cp.uint16) == 0xA5A5).all() and (out_packed == POISONS[0]).all()
+
+
+@pytest.mark.parametrize("device", range(MAX_DEVICES))
+def test_round_trip_on_each_device(device):
+    """quantize() and dequantize_fp4 on `device` while another is current."""
+    need_devices(device + 1)
+    import nvfp4_cupy as nv
+
+    host = make_input("outliers", 129, 7152, seed=device).astype(np.float16)
+    other = 1 if device == 0 and device_count() > 1 else 0
+    with cp.cuda.Device(device):
+        x = cp.asarray(host)
+    with cp.cuda.Device(other):
+        packed, scales, gs = nv.quantize(x, padded_n=7168, per_row=True)
+        back = nv.dequantize_fp4(packed, scales, gs, n=7152)
+        assert cp.cuda.runtime.getDevice() == other
+    assert {a.data.device_id for a in (packed, scales, gs, back)} == {device}
+    with cp.cuda.Device(device):
+        want_gs = ref.compute_global_scale(host, per_row=True)
+        want = ref.scaled_fp4_quant(host, want_gs, padded_n=7168)
+        assert_bytes_equal(cp.asnumpy(gs).view(np.uint8), want_gs.view(np.uint8), f"device {device} global scales")
+        assert_bytes_equal(cp.asnumpy(packed), want[0], f"device {device} packed")
+        assert_bytes_equal(cp.asnumpy(scales), want[1], f"device {device} scales")
+        want_back = ref.dequantize(want[0], want[1], want_gs, n=7152, dtype=np.float16)
+        assert_bytes_equal(cp.asnumpy(back).view(np.uint8), want_back.view(np.uint8), f"device {device} dequantized")
+
+
 def test_threads_drive_every_device_at_once():
     """One thread per device, all starting with no kernel built: each device
     loads its own module, and every result is the golden bytes."""

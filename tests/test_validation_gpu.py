@@ -118,6 +118,12 @@ def test_create_fp4_output_tensors_checks(nv):
         nv.create_fp4_output_tensors(-1, 64)
     with pytest.raises(TypeError, match="n must be an int, got float"):
         nv.create_fp4_output_tensors(4, 64.0)
+    with pytest.raises(ValueError, match="the last dimension n must be positive, got n=0"):
+        nv.create_fp4_output_tensors(4, 0)
+    with pytest.raises(ValueError, match="m=2147483648, .* too large for one launch"):
+        nv.create_fp4_output_tensors(2**31, 16)  # checked, not a 32 GiB allocation attempt
+    with pytest.raises(ValueError, match="num_experts=100000 is too large"):
+        nv.create_fp4_output_tensors(4, 16, num_experts=100_000)
 
 
 def test_per_expert_scale_shapes(nv):
