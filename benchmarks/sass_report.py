@@ -19,9 +19,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cupy_backends.cuda.libs import nvrtc  # noqa: E402
-
-from nvfp4_cupy._compile import (  # noqa: E402
+from nvfp4_cupy._format import LAYOUTS  # noqa: E402
+from nvfp4_cupy._runtime.compile import (  # noqa: E402
     SOFTWARE,
     DequantizeVariant,
     QuantizeVariant,
@@ -30,26 +29,31 @@ from nvfp4_cupy._compile import (  # noqa: E402
     nvrtc_arch,
     target_for,
 )
-from nvfp4_cupy._format import LAYOUTS  # noqa: E402
+from nvfp4_cupy._runtime.nvrtc import compile_program, supported_archs  # noqa: E402
 
 
 def main() -> int:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     dtype = args[0] if args else "float16"
     cc = int(args[1]) if len(args) > 1 else 90
-    target = SOFTWARE if "--software" in sys.argv else target_for(cc, tuple(nvrtc.getSupportedArchs()))
+    archs = supported_archs()
+    target = SOFTWARE if "--software" in sys.argv else target_for(cc, archs)
     kind = DequantizeVariant if "--dequantize" in sys.argv else QuantizeVariant
     variant = kind(dtype, LAYOUTS["swizzled"], True)
-    program = nvrtc.createProgram(kernel_source(variant.source), variant.source, [], [])
-    for name in variant.names:
-        nvrtc.addNameExpression(program, name)
-    arch = nvrtc_arch(target, cc, tuple(nvrtc.getSupportedArchs()))
-    nvrtc.compileProgram(program, list(compile_options(target, arch)))
+    # The library's build (-arch=sm_XX or sm_XXa), stopped at PTX
+    # (compute_XX or compute_XXa: compile_program returns the PTX text), for
+    # the local ptxas to assemble for that sm.
+    arch = nvrtc_arch(target, cc, archs)
+    ptx_arch = arch.replace("sm_", "compute_")
+    sass_arch = arch if arch.startswith("sm_") else f"sm_{cc}"
+    program = compile_program(
+        kernel_source(variant.source), variant.source, variant.names, compile_options(target, ptx_arch)
+    )
     ptxas = os.environ.get("PTXAS", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
-        ptx.write_bytes(nvrtc.getPTX(program))
-        subprocess.run([ptxas, f"-arch={arch}", str(ptx), "-o", str(cubin)], check=True)
+        ptx.write_bytes(program.image.rstrip(b"\0"))
+        subprocess.run([ptxas, f"-arch={sass_arch}", str(ptx), "-o", str(cubin)], check=True)
         sass = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
     lines = re.findall(r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)
     # The kernel body ends at its last EXIT; after it come out-of-line slow paths (IEEE division).

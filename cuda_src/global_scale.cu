@@ -2,21 +2,21 @@
 // or per row, computed on the device so that quantization needs no host sync.
 //
 // block_amax folds the exact, NaN-propagating block amax of
-// nvfp4_numerics.cuh into one uint32 per output (float32 bits: for
+// numerics.cuh into one uint32 per output (float32 bits: for
 // non-negative floats, and NaN above infinity, integer order is float order)
 // with atomicMax; global_scale_from_amax then turns those bits into scales in
 // place.
-#include "nvfp4_numerics.cuh"
-#include "nvfp4_load.cuh"
+#include "numerics.cuh"
+#include "load.cuh"
 
 namespace nvfp4 {
 
 template <typename Input, bool kVectorLoads>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(kThreadsPerBlock)
 block_amax(const typename Input::raw_t* __restrict__ x, long long row_stride, int m, int n, int per_row,
            u32* __restrict__ amax_bits) {
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
-  const int col = (blockIdx.y * blockDim.x + threadIdx.x) * 16;
+  const int col = (blockIdx.y * blockDim.x + threadIdx.x) * kBlockSize;
   u32 amax = 0;
   if (row < m && col < n) {
     u32 words[4 * sizeof(typename Input::raw_t)];
@@ -31,13 +31,14 @@ block_amax(const typename Input::raw_t* __restrict__ x, long long row_stride, in
   const bool warp_shares_target = block_shares_target || blockDim.x >= 32;
   if (warp_shares_target) amax = __reduce_max_sync(0xffffffffu, amax);
   if (block_shares_target) {
-    __shared__ u32 warp_amax[8];  // 256 threads
+    constexpr int kWarps = kThreadsPerBlock / 32;
+    __shared__ u32 warp_amax[kWarps];
     const int linear = threadIdx.y * blockDim.x + threadIdx.x;
     const int lane = linear & 31, warp = linear >> 5;
     if (lane == 0) warp_amax[warp] = amax;
     __syncthreads();
     if (warp != 0) return;
-    amax = lane < 8 ? warp_amax[lane] : 0u;
+    amax = lane < kWarps ? warp_amax[lane] : 0u;
     amax = __reduce_max_sync(0xffffffffu, amax);
     if (lane == 0 && amax) atomicMax(amax_bits + (per_row ? blockIdx.x : 0), amax);
     return;
@@ -58,7 +59,7 @@ __global__ void global_scale_from_amax(u32* __restrict__ values, int count) {
   if (amax == 0) {
     gs = 1.0f;
   } else if (amax > kF32InfBits) {
-    gs = __uint_as_float(0x7fc00000u);
+    gs = __uint_as_float(kF32CanonicalNaN);
   } else {
     gs = div_rn(448.0f * 6.0f, __uint_as_float(amax));
     if (__float_as_uint(gs) > kF32MaxBits) gs = __uint_as_float(kF32MaxBits);

@@ -24,13 +24,13 @@ __all__ = [
 
 # public name -> private module that defines it (imported on first use)
 _GPU_NAMES = {
-    "scaled_fp4_quant": "._quantize",
-    "create_fp4_output_tensors": "._quantize",
-    "dequantize_fp4": "._dequantize",
-    "compute_global_scale": "._global_scale",
-    "quantize": "._global_scale",
-    "KernelCompileError": "._nvrtc",
-    "KernelCacheWarning": "._disk_cache",
+    "scaled_fp4_quant": ".ops.quantize",
+    "create_fp4_output_tensors": ".ops.quantize",
+    "quantize": ".ops.quantize",
+    "dequantize_fp4": ".ops.dequantize",
+    "compute_global_scale": ".ops.global_scale",
+    "KernelCompileError": "._runtime.nvrtc",
+    "KernelCacheWarning": "._runtime.disk_cache",
 }
 
 

@@ -9,6 +9,7 @@ import ml_dtypes
 import numpy as np
 
 from . import reference as ref
+from ._cli import gpu_unavailable_reason
 
 SAMPLE_TOKENS = 256
 SAMPLE_HIDDEN = 7152  # not a multiple of 128: CUTLASS wants K padded
@@ -22,17 +23,6 @@ def sample_activation(seed: int = 0) -> np.ndarray:
     outliers = rng.choice(SAMPLE_HIDDEN, size=SAMPLE_HIDDEN // 100, replace=False)
     x[:, outliers] *= 40.0
     return x.astype(ml_dtypes.bfloat16)
-
-
-def _gpu_unavailable() -> str | None:
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return None
-        return "no CUDA device"
-    except Exception as exc:  # ImportError, or no driver
-        return f"{type(exc).__name__}: {exc}"
 
 
 def sqnr_db(x: np.ndarray, y: np.ndarray) -> float:
@@ -50,7 +40,7 @@ def run(layout: str = "swizzled") -> int:
     want_packed, want_scales = ref.scaled_fp4_quant(x, gs, padded_n=SAMPLE_PADDED, layout=layout)
     print(f"golden    : NumPy + ml_dtypes in {1e3 * (time.perf_counter() - started):.0f} ms")
 
-    reason = _gpu_unavailable()
+    reason = gpu_unavailable_reason()
     matched = None
     if reason:
         print(f"gpu       : none ({reason}); ran the golden model alone")
@@ -58,7 +48,7 @@ def run(layout: str = "swizzled") -> int:
     else:
         import cupy as cp
 
-        from ._quantize import scaled_fp4_quant
+        from . import scaled_fp4_quant
 
         device = cp.cuda.Device()
         name = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()

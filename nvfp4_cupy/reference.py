@@ -1,9 +1,9 @@
 """The golden model: NVFP4 quantization in NumPy and ml_dtypes, defining the
-exact bytes every GPU kernel must produce (DESIGN.md). Imports and runs
+exact bytes every GPU kernel must produce (docs/format.md). Imports and runs
 without CuPy, so bytes can be checked on any laptop.
 
 Independent of the kernels: the FP4/FP8 roundings are ml_dtypes casts, the
-scale layouts are the DESIGN.md offset formulas, and the helpers that undo the
+scale layouts are the docs/format.md offset formulas, and the helpers that undo the
 layouts use reshapes instead of those formulas.
 """
 
@@ -14,13 +14,20 @@ import numpy as np
 
 from ._format import (
     BLOCK_SIZE,
-    MX_BLOCK_SIZE,
+    DEFAULT_DEQUANTIZE_DTYPE,
     E2M1_MAX,
     E4M3_MAX,
     LAYOUTS,
+    MX_BLOCK_SIZE,
+    NUMPY_DTYPES,
     ScaleLayout,
     block_size_of,
+    check_bool,
     check_dtype,
+    check_fmt_global_scale,
+    check_scales,
+    dequantize_shape,
+    global_scale_kind,
     host_global_scale,
     resolve_layout,
     resolve_padded_n,
@@ -46,7 +53,7 @@ _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 def quantize_blocks(values: np.ndarray, global_scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
     """float32 [m, padded_n] -> (E2M1 codes uint8 [m, padded_n], E4M3 scale
-    bytes uint8 [m, padded_n // 16]), DESIGN.md steps 1-6 and special cases."""
+    bytes uint8 [m, padded_n // 16]), docs/format.md steps 1-6 and special cases."""
     m, padded_n = values.shape
     blocks = values.reshape(m, padded_n // BLOCK_SIZE, BLOCK_SIZE)
     gs = np.float32(global_scale)
@@ -61,12 +68,12 @@ def quantize_blocks(values: np.ndarray, global_scale: np.float32) -> tuple[np.nd
         y = blocks * r[..., None].astype(np.float32)
         codes = np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
         # y is NaN only as inf * 0: a block holding an inf whose sf / gs
-        # overflowed, so r = 1 / inf = 0. DESIGN.md is silent; like a
+        # overflowed, so r = 1 / inf = 0. docs/format.md, section 3: like a
         # satfinite conversion (and the kernels), NaN becomes +6 (code 7).
         codes = np.where(np.isnan(y), np.uint8(7), codes)
     scale_bytes = sf.view(np.uint8).copy()
 
-    # Special cases, in DESIGN.md's order: an invalid global scale NaNs every
+    # Special cases, in docs/format.md's order: an invalid global scale NaNs every
     # block; otherwise a block holding a NaN is NaN-scaled with zero codes.
     nan_blocks = np.isnan(amax) if (np.isfinite(gs) and gs > 0) else np.ones_like(amax, dtype=bool)
     scale_bytes[nan_blocks] = E4M3_NAN_BYTE
@@ -102,7 +109,7 @@ def quantize_mx_blocks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def scale_offsets(layout: ScaleLayout | str, rows, ks, scale_cols: int) -> np.ndarray:
-    """Byte offset of the scale of block `ks` of row `rows` (DESIGN.md)."""
+    """Byte offset of the scale of block `ks` of row `rows` (docs/format.md)."""
     name = layout if isinstance(layout, str) else layout.name
     rows = np.asarray(rows, dtype=np.int64)
     ks = np.asarray(ks, dtype=np.int64)
@@ -130,29 +137,17 @@ def _pack_codes(codes: np.ndarray) -> np.ndarray:
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
 
 
-def _global_scale_value(global_scale) -> np.float32:
-    """A float32 ndarray of one element stands for a device array: taken as is,
-    and an invalid value gives the NaN-scale output. Anything else is a host
-    scalar and must be valid."""
-    if isinstance(global_scale, np.ndarray):
-        if global_scale.dtype != np.float32 or global_scale.size != 1:
-            raise ValueError(
-                "global_scale as an array must be float32 with one element, got "
-                f"dtype {global_scale.dtype} shape {global_scale.shape}"
-            )
-        return global_scale.reshape(())[()]
-    return host_global_scale(global_scale)
-
-
-def _is_per_expert(x: np.ndarray, global_scale) -> bool:
-    """The GPU function's rule: x [E, m, n] with a 1-D float32 array of E scales."""
-    return (
-        isinstance(global_scale, np.ndarray)
-        and global_scale.dtype == np.float32
-        and x.ndim == 3
-        and global_scale.ndim == 1
-        and global_scale.shape[0] == x.shape[0]
-    )
+def _global_scale_array(global_scale, x_shape) -> tuple[np.ndarray, str]:
+    """(float32 scales, kind) for a NumPy float32 array standing for a device
+    array: taken as is (an invalid value gives the NaN-scale output), its shape
+    read by the GPU's rule (_format.global_scale_kind). A host scalar must be
+    valid and is kind "one"."""
+    if not isinstance(global_scale, np.ndarray):
+        return np.array([host_global_scale(global_scale)], np.float32), "one"
+    if global_scale.dtype != np.float32:
+        raise TypeError(f"global_scale as an array must be float32, got {global_scale.dtype}")
+    kind = global_scale_kind(global_scale.shape, x_shape)
+    return global_scale.reshape(-1), kind
 
 
 def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, fmt="nvfp4"):
@@ -160,51 +155,44 @@ def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None,
     float32, NumPy). Returns (packed uint8 [m, padded_n // 2], scales uint8 in
     the chosen layout), the bytes nvfp4_cupy.scaled_fp4_quant must produce.
 
-    With x [E, m, n] and a float32 array of E global scales, each expert is
-    quantized on its own: packed [E, m, padded_n // 2], scales [E, ...] with a
-    complete scale tensor per expert. A float32 array of m scales gives each
-    row its own. fmt="mxfp4" quantizes to OCP MXFP4 instead (32-value blocks,
-    E8M0 scales, global_scale must be None)."""
+    `global_scale`: a host float, or a float32 array standing for the GPU's
+    device array: one element, one per row (m scales), or with x [E, m, n]
+    one per expert, each expert then quantized on its own into packed
+    [E, m, padded_n // 2] and scales [E, ...] (a complete scale tensor per
+    expert). fmt="mxfp4" quantizes to OCP MXFP4 instead (32-value blocks, E8M0
+    scales, global_scale must be None). docs/format.md has the arithmetic."""
     x = np.asarray(x)
     check_dtype(x.dtype)
-    block_size = block_size_of(fmt)
-    if fmt == "mxfp4" and global_scale is not None:
-        raise ValueError(f"global_scale must be None for fmt='mxfp4' (MX has no global scale), got {global_scale!r}")
-    if fmt == "nvfp4" and _is_per_expert(x, global_scale):
-        results = [
-            scaled_fp4_quant(x[e], global_scale[e : e + 1], is_sf_swizzled_layout, padded_n, layout=layout)
-            for e in range(x.shape[0])
-        ]
-        if results:
-            return np.stack([r[0] for r in results]), np.stack([r[1] for r in results])
-        m, n = x.shape[1:]
-        padded_n = resolve_padded_n(n, padded_n)
-        scale_shape = resolve_layout(is_sf_swizzled_layout, layout).scale_shape(m, padded_n)
-        return np.zeros((0, m, padded_n // 2), np.uint8), np.zeros((0, *scale_shape), np.uint8)
+    block_size = check_fmt_global_scale(fmt, global_scale)
     m, n = rows_and_n(x.shape)
     padded_n = resolve_padded_n(n, padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
-    values = np.zeros((m, padded_n), dtype=np.float32)
-    values[:, :n] = x.reshape(m, n).astype(np.float32)
     if fmt == "mxfp4":
-        codes, scale_bytes = quantize_mx_blocks(values)
-    elif _is_per_row(global_scale, m):
-        rows = [quantize_blocks(values[i : i + 1], global_scale[i]) for i in range(m)]
-        codes = np.concatenate([r[0] for r in rows])
-        scale_bytes = np.concatenate([r[1] for r in rows])
+        codes, scale_bytes = quantize_mx_blocks(_padded_rows(x.reshape(m, n), padded_n))
+        return _pack_codes(codes), _lay_out_scales(scale_bytes, scale_layout, padded_n, block_size)
+    scales, kind = _global_scale_array(global_scale, x.shape)
+    if kind == "expert":
+        packed = np.empty((x.shape[0], x.shape[1], padded_n // 2), np.uint8)
+        scale_tensors = np.empty((x.shape[0], *scale_layout.scale_shape(x.shape[1], padded_n)), np.uint8)
+        for e in range(x.shape[0]):
+            packed[e], scale_tensors[e] = scaled_fp4_quant(x[e], scales[e : e + 1], padded_n=padded_n,
+                                                           layout=scale_layout.name)
+        return packed, scale_tensors
+    values = _padded_rows(x.reshape(m, n), padded_n)
+    if kind == "row":
+        rows = [quantize_blocks(values[i : i + 1], scales[i]) for i in range(m)]
+        codes = np.concatenate([r[0] for r in rows]).reshape(m, padded_n)
+        scale_bytes = np.concatenate([r[1] for r in rows]).reshape(m, padded_n // block_size)
     else:
-        codes, scale_bytes = quantize_blocks(values, _global_scale_value(global_scale))
+        codes, scale_bytes = quantize_blocks(values, scales[0])
     return _pack_codes(codes), _lay_out_scales(scale_bytes, scale_layout, padded_n, block_size)
 
 
-def _is_per_row(global_scale, m: int) -> bool:
-    """One float32 scale per row (per token), as a 1-D array of length m > 1."""
-    return (
-        isinstance(global_scale, np.ndarray)
-        and global_scale.dtype == np.float32
-        and global_scale.ndim == 1
-        and global_scale.shape[0] == m > 1
-    )
+def _padded_rows(rows: np.ndarray, padded_n: int) -> np.ndarray:
+    """float32 [m, padded_n]: the rows, then zeros for the K padding."""
+    values = np.zeros((rows.shape[0], padded_n), dtype=np.float32)
+    values[:, : rows.shape[1]] = rows.astype(np.float32)
+    return values
 
 
 def compute_global_scale(x, per_row: bool = False) -> np.ndarray:
@@ -214,6 +202,7 @@ def compute_global_scale(x, per_row: bool = False) -> np.ndarray:
     FLT_MAX where the quotient would overflow."""
     x = np.asarray(x)
     check_dtype(x.dtype)
+    per_row = check_bool(per_row, "per_row")
     m, n = rows_and_n(x.shape)
     values = x.reshape(m, n).astype(np.float32)
     with np.errstate(all="ignore"):
@@ -270,36 +259,39 @@ def unswizzle_scales(scales: np.ndarray, m: int, padded_n: int, layout="swizzled
 _CANONICAL_NAN_BITS = {"float16": (np.uint16, 0x7E00), "bfloat16": (np.uint16, 0x7FC0), "float32": (np.uint32, 0x7FC00000)}
 
 
-def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled", dtype=np.float32, fmt="nvfp4"):
-    """Bytes back to `dtype` [m, n]: e2m1 * float(e4m3) / global_scale, each
-    step IEEE float32, then one rounding to `dtype` (float16, bfloat16 or
-    float32). NaN results are the dtype's canonical quiet NaN. `global_scale`
-    as for scaled_fp4_quant, including one float32 scale per row. For
-    fmt="mxfp4": e2m1 * 2^(byte - 127), global_scale None."""
+def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled", dtype=DEFAULT_DEQUANTIZE_DTYPE,
+               fmt="nvfp4"):
+    """Bytes back to `dtype` [m, n] (default float32; [E, m, n] for an expert
+    batch packed [E, m, K/2]): e2m1 * float(e4m3) / global_scale, each step
+    IEEE float32, then one rounding to `dtype` (float16, bfloat16 or float32).
+    NaN results are the dtype's canonical quiet NaN. `global_scale` as for
+    scaled_fp4_quant (one, one per row, one per expert). For fmt="mxfp4":
+    e2m1 * 2^(byte - 127), global_scale None. docs/format.md, Dequantization."""
     packed, scales = np.asarray(packed), np.asarray(scales)
-    if packed.dtype != np.uint8 or packed.ndim != 2:
-        raise TypeError(f"packed must be uint8 [m, padded_n // 2], got {packed.dtype} {packed.shape}")
-    m, padded_n = packed.shape[0], packed.shape[1] * 2
-    block_size = block_size_of(fmt)
-    if padded_n == 0 or padded_n % block_size:
-        raise ValueError(f"packed has {padded_n} values a row, not a positive multiple of {block_size}")
-    n = padded_n if n is None else n
-    if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or not 0 < n <= padded_n:
-        raise ValueError(f"n must be an int in [1, {padded_n}], got {n!r}")
+    shape = dequantize_shape(packed.shape, packed.dtype, n, layout, fmt)
     dtype_name = check_dtype(dtype, "dtype")
-    scale_shape = resolve_layout(layout=layout).scale_shape(m, padded_n, block_size)
-    if scales.dtype != np.uint8 or scales.shape != scale_shape:
-        raise ValueError(f"scales must be uint8 of shape {scale_shape}, got {scales.dtype} {scales.shape}")
-    row_scales = unswizzle_scales(scales, m, padded_n, layout, fmt)
+    check_scales(scales.dtype, scales.shape, shape.scale_shape)
+    check_fmt_global_scale(fmt, global_scale)
     if fmt == "mxfp4":
-        per_element = np.repeat(row_scales.view(ml_dtypes.float8_e8m0fnu).astype(np.float32), block_size, axis=1)
-        gs = np.float32(1)  # dividing by 1 changes nothing: one formula for both formats
+        gs, kind = np.ones(1, np.float32), "one"  # dividing by 1 changes nothing: one formula for both formats
     else:
-        per_element = np.repeat(e4m3_values(row_scales), block_size, axis=1)
-        gs = global_scale.reshape(m, 1) if _is_per_row(global_scale, m) else _global_scale_value(global_scale)
+        gs, kind = _global_scale_array(global_scale, shape.x_shape)
+    if shape.experts is not None:
+        out = np.empty(shape.out_shape, NUMPY_DTYPES[dtype_name])
+        for e in range(shape.experts):
+            expert_gs = gs[e : e + 1] if kind == "expert" else gs[e * shape.m : (e + 1) * shape.m] if kind == "row" else gs
+            out[e] = dequantize(packed[e], scales[e], expert_gs, shape.n, layout=layout, dtype=dtype, fmt=fmt)
+        return out
+    row_scales = unswizzle_scales(scales, shape.m, shape.padded_n, layout, fmt)
+    if fmt == "mxfp4":
+        per_element = row_scales.view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
+    else:
+        per_element = e4m3_values(row_scales)
+    per_element = np.repeat(per_element, shape.block_size, axis=1)
+    divisor = gs.reshape(shape.m, 1) if kind == "row" else gs[0]
     with np.errstate(all="ignore"):
-        values = (e2m1_values(unpack_codes(packed)) * per_element / gs)[:, :n]
-        out = values.astype(ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.dtype(dtype_name))
+        values = (e2m1_values(unpack_codes(packed)) * per_element / divisor)[:, : shape.n]
+        out = values.astype(NUMPY_DTYPES[dtype_name])
     bits_type, nan_bits = _CANONICAL_NAN_BITS[dtype_name]
     out.view(bits_type)[np.isnan(values)] = nan_bits
     return out

@@ -1,6 +1,9 @@
-"""Bit-exact comparison with a failure message that says where."""
+"""Bit-exact comparison with a failure message that says where, and the GPU
+quantizer run into poisoned outputs."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -21,3 +24,44 @@ def assert_bytes_equal(actual, expected, what: str, limit: int = 5) -> None:
         for idx in where[:limit]
     )
     raise AssertionError(f"{what}: {len(where)} of {actual.size} bytes differ; first {first}")
+
+
+def quantize_poisoned(x, global_scale, *, target=None, fmt="nvfp4", num_experts=None, **kwargs):
+    """Quantize the CuPy array x on the GPU (the launcher's _quantize, so
+    `target` can force the conversion path) into output buffers filled with
+    each of POISONS in turn; both runs must agree (an unwritten byte cannot).
+    kwargs: padded_n, layout, is_sf_swizzled_layout, stream. With
+    num_experts, x is [E, m, n]. Returns host (packed, scales)."""
+    import cupy as cp
+
+    from nvfp4_cupy import create_fp4_output_tensors
+    from nvfp4_cupy.ops.quantize import _quantize
+
+    unknown = set(kwargs) - {"padded_n", "layout", "is_sf_swizzled_layout", "stream"}
+    assert not unknown, f"quantize_poisoned: unknown arguments {sorted(unknown)}"
+    rows = x.shape[1:-1] if num_experts is not None else x.shape[:-1]
+    m, n = math.prod(rows), x.shape[-1]
+    layout_args = {key: kwargs[key] for key in ("padded_n", "layout", "is_sf_swizzled_layout") if key in kwargs}
+    results = []
+    for poison in POISONS:
+        out, out_scale = create_fp4_output_tensors(m, n, num_experts=num_experts, fmt=fmt, **layout_args)
+        out.fill(poison)
+        out_scale.fill(poison)
+        packed, scales = _quantize(
+            x,
+            global_scale,
+            kwargs.get("is_sf_swizzled_layout", True),
+            kwargs.get("padded_n"),
+            kwargs.get("layout"),
+            out,
+            out_scale,
+            kwargs.get("stream"),
+            target=target,
+            fmt=fmt,
+        )
+        assert packed is out and scales is out_scale
+        results.append((cp.asnumpy(packed), cp.asnumpy(scales)))
+    (packed_a, scales_a), (packed_b, scales_b) = results
+    assert_bytes_equal(packed_a, packed_b, "packed under two poisons (unwritten bytes)")
+    assert_bytes_equal(scales_a, scales_b, "scales under two poisons (unwritten bytes)")
+    return packed_a, scales_a

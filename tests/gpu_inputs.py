@@ -6,9 +6,9 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from nvfp4_cupy._format import round_up
+from nvfp4_cupy._format import NUMPY_DTYPES, round_up
 
-HOST_DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+HOST_DTYPES = NUMPY_DTYPES  # dtype name -> NumPy dtype: the package's one map
 
 M_VALUES = (1, 2, 31, 127, 128, 129, 150, 1000)
 N_VALUES = (16, 48, 80, 128, 7152, 8192)

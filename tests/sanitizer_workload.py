@@ -14,14 +14,14 @@ import sys
 from pathlib import Path
 
 import cupy as cp
-import ml_dtypes
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nvfp4_cupy as nv  # noqa: E402
 from nvfp4_cupy import reference as ref  # noqa: E402
+from nvfp4_cupy._format import NUMPY_DTYPES  # noqa: E402
 
-DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+DTYPES = NUMPY_DTYPES
 LAYOUTS = ("swizzled", "linear", "8x4")
 
 

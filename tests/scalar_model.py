@@ -1,4 +1,4 @@
-"""A second, deliberately naive implementation of DESIGN.md, one value at a
+"""A second, deliberately naive implementation of docs/format.md, one value at a
 time in Python floats, sharing nothing with nvfp4_cupy.reference (no
 ml_dtypes, no NumPy vector code). The fuzz tests hold the golden model to it.
 

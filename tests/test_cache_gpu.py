@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 
 from bytes_check import POISONS, assert_bytes_equal
+from conftest import import_cupy
 from gpu_inputs import global_scale_for, make_input
 from nvfp4_cupy import reference as ref
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+cp = import_cupy()
 ROOT = Path(__file__).resolve().parents[1]
 # (host dtype, layout): three different kernel variants
 CALLS = ((np.float16, "swizzled"), (ml_dtypes.bfloat16, "linear"), (np.float32, "8x4"))
@@ -30,7 +31,8 @@ CALLS = ((np.float16, "swizzled"), (ml_dtypes.bfloat16, "linear"), (np.float32, 
 @pytest.fixture
 def cold_process(tmp_path, monkeypatch):
     """An empty cache directory and no kernel loaded in this process."""
-    from nvfp4_cupy import _disk_cache, _kernels
+    from nvfp4_cupy._runtime import disk_cache as _disk_cache
+    from nvfp4_cupy._runtime import kernels as _kernels
 
     monkeypatch.setenv(_disk_cache.ENV_VAR, str(tmp_path / "kernels"))
     monkeypatch.setattr(_kernels, "_functions", {})
@@ -53,7 +55,8 @@ def quantize_and_check(index: int, dtype, layout: str) -> None:
 
 
 def test_racing_threads_compile_each_variant_once(cold_process):
-    from nvfp4_cupy import _disk_cache, _kernels
+    from nvfp4_cupy._runtime import disk_cache as _disk_cache
+    from nvfp4_cupy._runtime import kernels as _kernels
 
     threads_count = 16
     start = threading.Barrier(threads_count)
@@ -85,7 +88,7 @@ sys.path[:0] = [{root!r}, {tests!r}]
 warnings.simplefilter("always")
 import numpy as np, ml_dtypes
 from test_cache_gpu import CALLS, quantize_and_check
-from nvfp4_cupy import _kernels
+from nvfp4_cupy._runtime import kernels as _kernels
 for k, (dtype, layout) in enumerate(CALLS):
     quantize_and_check(int(sys.argv[1]) + k, dtype, layout)
 print("bit-exact", sorted(origin for _, origin in _kernels.builds))
@@ -93,7 +96,7 @@ print("bit-exact", sorted(origin for _, origin in _kernels.builds))
 
 
 def run_processes(count: int, cache_dir: Path) -> list[subprocess.CompletedProcess]:
-    from nvfp4_cupy import _disk_cache
+    from nvfp4_cupy._runtime import disk_cache as _disk_cache
 
     env = {**os.environ, _disk_cache.ENV_VAR: str(cache_dir)}
     script = _PROCESS.format(root=str(ROOT), tests=str(ROOT / "tests"))

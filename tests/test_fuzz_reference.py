@@ -1,5 +1,5 @@
 """Hypothesis fuzzing of the golden model against tests/scalar_model.py, a
-naive per-value implementation of DESIGN.md that shares no code with it:
+naive per-value implementation of docs/format.md that shares no code with it:
 random shapes, dtypes, global scales and special values. A fixed seed and
 budget in the normal suite; NVFP4_FUZZ_EXAMPLES=N for a longer run."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import struct
 
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -19,9 +18,10 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from nvfp4_cupy import reference as ref  # noqa: E402
+from nvfp4_cupy._format import NUMPY_DTYPES  # noqa: E402
 
 EXAMPLES = int(os.environ.get("NVFP4_FUZZ_EXAMPLES", "300"))
-DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+DTYPES = NUMPY_DTYPES
 
 # float32 bit patterns: anything, weighted towards the places rounding is decided.
 interesting = st.sampled_from(

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from nvfp4_cupy._format import LAYOUTS
+from nvfp4_cupy._runtime import disk_cache as _disk_cache
+from nvfp4_cupy._runtime.compile import GlobalScaleVariant, QuantizeVariant, compile_options, kernel_source, target_for
+
 pytestmark = pytest.mark.nvrtc
-_kernels = pytest.importorskip("nvfp4_cupy._kernels", reason="CuPy is not installed")
-from nvfp4_cupy import _disk_cache  # noqa: E402
-from nvfp4_cupy._compile import GlobalScaleVariant, QuantizeVariant, target_for  # noqa: E402
-from nvfp4_cupy._format import LAYOUTS  # noqa: E402
-from nvfp4_cupy._nvrtc import KernelCompileError, compile_program  # noqa: E402
 
 VARIANT = GlobalScaleVariant("float32", False)  # the smallest program
 TARGET = target_for(80, (80,))
@@ -34,11 +33,21 @@ def cache_dir(tmp_path, monkeypatch):
     return directory
 
 
+def _kernels():
+    """kernels.py imports CuPy: imported by the tests, not at collection, so
+    that the nvrtc marker (conftest.py) skips them only where CuPy is absent
+    and any other import error fails them."""
+    from nvfp4_cupy._runtime import kernels
+
+    return kernels
+
+
 def build(variant=VARIANT):
     """Compile or load one program; return it and how it was obtained."""
-    before = _kernels.builds.copy()
-    program = _kernels.compiled_program(variant, TARGET, ARCH)
-    (origin,) = [origin for (_, origin) in (_kernels.builds - before)]
+    kernels = _kernels()
+    before = kernels.builds.copy()
+    program = kernels.compiled_program(variant, TARGET, ARCH)
+    (origin,) = [origin for (_, origin) in (kernels.builds - before)]
     return program, origin
 
 
@@ -55,9 +64,9 @@ def test_first_build_compiles_and_stores_later_ones_load(cache_dir):
 
 def test_entries_differ_by_variant_target_and_arch(cache_dir):
     build()
-    _kernels.compiled_program(VARIANT, TARGET, "sm_90")
-    _kernels.compiled_program(VARIANT, target_for(90, (90,)), "sm_90")
-    _kernels.compiled_program(GlobalScaleVariant("float16", False), TARGET, ARCH)
+    _kernels().compiled_program(VARIANT, TARGET, "sm_90")
+    _kernels().compiled_program(VARIANT, target_for(90, (90,)), "sm_90")
+    _kernels().compiled_program(GlobalScaleVariant("float16", False), TARGET, ARCH)
     assert len(_disk_cache.entries()) == 4
 
 
@@ -136,18 +145,21 @@ def test_read_only_cache_dir_falls_back_to_memory(monkeypatch):
 
 def test_precompile_fills_the_cache_once(cache_dir):
     variants = [VARIANT, QuantizeVariant("float16", LAYOUTS["swizzled"], True)]
-    assert _kernels.precompile(90, variants) == 2
+    assert _kernels().precompile(90, variants) == 2
     assert len(_disk_cache.entries()) == 2
-    assert _kernels.precompile(90, variants) == 0
+    assert _kernels().precompile(90, variants) == 0
 
 
 def test_failing_compile_shows_the_nvrtc_log():
-    name = "nvfp4::quantize_nvfp4<nvfp4::NoSuchInput, nvfp4::SwizzledScales, true, nvfp4::kOneScale>"
-    from nvfp4_cupy._compile import kernel_source
+    from nvfp4_cupy._runtime.nvrtc import KernelCompileError, compile_program
 
+    variant = QuantizeVariant("float16", LAYOUTS["swizzled"], True)
+    (real,) = variant.names
+    name = real.replace("nvfp4::Float16Input", "nvfp4::NoSuchInput")
+    assert name != real, f"no nvfp4::Float16Input to replace in {real}"
     with pytest.raises(KernelCompileError) as error:
-        compile_program(kernel_source(), "nvfp4_quantize.cu", (name,), ("-std=c++17", "-arch=sm_80"))
+        compile_program(kernel_source(variant.source), variant.source, (name,), compile_options(TARGET, ARCH))
     message = str(error.value)
-    assert name in message and "-arch=sm_80" in message
+    assert name in message and f"-arch={ARCH}" in message
     log = message.split("log:\n", 1)[1]
     assert "NoSuchInput" in log and "error" in log, message

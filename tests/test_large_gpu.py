@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from bytes_check import POISONS, assert_bytes_equal
+from conftest import import_cupy
 from nvfp4_cupy import reference as ref
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+cp = import_cupy()
 
 M, N = 65536 + 160, 32768  # 2**31 + 160 * 32768 elements; fp16 input 4.0 GiB
 NEEDED_BYTES = M * N * (2 + 2 + 1) + (2 << 30)  # input, dequantized, packed, headroom

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 
 from bytes_check import POISONS, assert_bytes_equal
+from conftest import import_cupy
 from gpu_inputs import global_scale_for, make_input
 from nvfp4_cupy import reference as ref
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+cp = import_cupy()
 ROOT = Path(__file__).resolve().parents[1]
 MAX_DEVICES = 8
 
@@ -108,7 +109,7 @@ def test_mixing_devices_in_dequantize_and_global_scale_is_an_error():
     with pytest.raises(ValueError, match="scales is on device 1 but packed is on device 0"):
         nv.dequantize_fp4(packed, other_scales, 1.0)
     with pytest.raises(ValueError, match="out is on device 1 but packed is on device 0"):
-        nv.dequantize_fp4(packed, scales, 1.0, out=out)
+        nv.dequantize_fp4(packed, scales, 1.0, out=out, dtype=cp.float16)
     with pytest.raises(ValueError, match="global_scale is on device 1"):
         nv.dequantize_fp4(packed, scales, gs)
     with pytest.raises(ValueError, match="stream belongs to device 1"):
@@ -131,7 +132,7 @@ def test_round_trip_on_each_device(device):
         x = cp.asarray(host)
     with cp.cuda.Device(other):
         packed, scales, gs = nv.quantize(x, padded_n=7168, per_row=True)
-        back = nv.dequantize_fp4(packed, scales, gs, n=7152)
+        back = nv.dequantize_fp4(packed, scales, gs, n=7152, dtype=cp.float16)
         assert cp.cuda.runtime.getDevice() == other
     assert {a.data.device_id for a in (packed, scales, gs, back)} == {device}
     with cp.cuda.Device(device):
@@ -148,7 +149,7 @@ def test_threads_drive_every_device_at_once():
     """One thread per device, all starting with no kernel built: each device
     loads its own module, and every result is the golden bytes."""
     need_devices(2)
-    from nvfp4_cupy import _kernels
+    from nvfp4_cupy._runtime import kernels as _kernels
 
     _kernels._functions.clear()  # force first calls everywhere
     errors: list[str] = []

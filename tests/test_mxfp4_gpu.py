@@ -7,14 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bytes_check import POISONS, assert_bytes_equal
+from bytes_check import assert_bytes_equal, quantize_poisoned
+from conftest import import_cupy
 from gpu_inputs import HOST_DTYPES, make_input
 from nvfp4_cupy import reference as ref
-from nvfp4_cupy._compile import SOFTWARE
+from nvfp4_cupy._runtime.compile import SOFTWARE
 from nvfp4_cupy._format import LAYOUTS
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+cp = import_cupy()
 
 
 def exponent_probe() -> np.ndarray:
@@ -34,28 +35,12 @@ def exponent_probe() -> np.ndarray:
     return np.stack(rows)
 
 
-def quantize_poisoned(x, target=None, **kwargs):
-    from nvfp4_cupy import create_fp4_output_tensors
-    from nvfp4_cupy._quantize import _quantize
-
-    m, n = int(np.prod(x.shape[:-1])), x.shape[-1]
-    results = []
-    for poison in POISONS:
-        out, out_scale = create_fp4_output_tensors(m, n, fmt="mxfp4", **kwargs)
-        out.fill(poison)
-        out_scale.fill(poison)
-        _quantize(x, None, True, kwargs.get("padded_n"), kwargs.get("layout"), out, out_scale, None,
-                  target=target, fmt="mxfp4")
-        results.append((cp.asnumpy(out), cp.asnumpy(out_scale)))
-    assert_bytes_equal(results[0][0], results[1][0], "packed under two poisons")
-    assert_bytes_equal(results[0][1], results[1][1], "scales under two poisons")
-    return results[0]
-
-
 @pytest.mark.parametrize("target", ["device", "software"])
 def test_every_exponent_boundary(target):
     x_host = exponent_probe()
-    got = quantize_poisoned(cp.asarray(x_host), target=SOFTWARE if target == "software" else None, layout="linear")
+    got = quantize_poisoned(
+        cp.asarray(x_host), None, fmt="mxfp4", target=SOFTWARE if target == "software" else None, layout="linear"
+    )
     want = ref.scaled_fp4_quant(x_host, None, layout="linear", fmt="mxfp4")
     assert_bytes_equal(got[0], want[0], f"packed ({target})")
     assert_bytes_equal(got[1], want[1], f"scales ({target})")
@@ -66,7 +51,7 @@ def test_every_exponent_boundary(target):
 @pytest.mark.parametrize("m, n, padded_n", [(1, 32, 32), (129, 7152, 7168), (33, 100, 256)])
 def test_mxfp4_matches_golden(dtype, layout, m, n, padded_n):
     x_host = make_input("specials", m, n, seed=m + n).astype(HOST_DTYPES[dtype])
-    got = quantize_poisoned(cp.asarray(x_host), layout=layout, padded_n=padded_n)
+    got = quantize_poisoned(cp.asarray(x_host), None, fmt="mxfp4", layout=layout, padded_n=padded_n)
     want = ref.scaled_fp4_quant(x_host, None, padded_n=padded_n, layout=layout, fmt="mxfp4")
     assert_bytes_equal(got[0], want[0], f"{dtype} {layout} packed")
     assert_bytes_equal(got[1], want[1], f"{dtype} {layout} scales")

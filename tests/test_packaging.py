@@ -44,10 +44,11 @@ def test_installed_wheel_imports_and_finds_its_sources(wheel, tmp_path):
     assert installed.returncode == 0, installed.stderr
     code = (
         "import numpy as np, nvfp4_cupy\n"
-        "from nvfp4_cupy import _compile, reference\n"
+        "from nvfp4_cupy import reference\n"
+        "from nvfp4_cupy._runtime import compile\n"
         "print(nvfp4_cupy.__file__)\n"
-        "print(_compile.source_dir())\n"
-        "assert 'struct SwizzledScales' in _compile.kernel_source()\n"
+        "print(compile.source_dir())\n"
+        "assert 'struct SwizzledScales' in compile.kernel_source('quantize.cu')\n"
         "p, s = reference.scaled_fp4_quant(np.ones((2, 32), np.float16), 1.0)\n"
         "assert p.shape == (2, 16)\n"
     )
@@ -56,3 +57,16 @@ def test_installed_wheel_imports_and_finds_its_sources(wheel, tmp_path):
     assert done.returncode == 0, done.stderr
     module_file, source_dir = done.stdout.split()
     assert module_file.startswith(str(target)) and source_dir.startswith(str(target))
+
+
+def test_cuda_extras_bring_cupy_and_nvrtc(wheel):
+    """A machine with only the NVIDIA driver: `pip install nvfp4-cupy[cuda12]`
+    must bring NVRTC too, through CuPy's own `ctk` extra (the CUDA toolkit
+    wheels). .ci/run checks that the install works in a fresh venv."""
+    metadata = zipfile.ZipFile(wheel).read("nvfp4_cupy-0.1.0.dist-info/METADATA").decode()
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    for extra, cupy in (("cuda12", "cupy-cuda12x"), ("cuda13", "cupy-cuda13x")):
+        wanted = [r for r in requires if r.endswith(f"extra == '{extra}'") or r.endswith(f'extra == "{extra}"')]
+        assert any(r.startswith(f"{cupy}[ctk]") for r in wanted), (extra, wanted)
+    # The test extra relies on cuda12/cuda13 for NVRTC instead of naming a wheel of its own.
+    assert not [r for r in requires if "nvrtc" in r], requires

@@ -3,55 +3,22 @@ buffer poisoned (twice, with different bytes) before each launch."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 
-from bytes_check import POISONS, assert_bytes_equal
+from bytes_check import POISONS, assert_bytes_equal, quantize_poisoned
+from conftest import import_cupy
 from gpu_inputs import HOST_DTYPES, boundary_cases, global_scale_for, make_input, numerics_probe
 from nvfp4_cupy import reference as ref
-from nvfp4_cupy._compile import SOFTWARE
+from nvfp4_cupy._runtime.compile import SOFTWARE
 from nvfp4_cupy._format import LAYOUTS
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+cp = import_cupy()
 
 
 def to_device(x_host: np.ndarray):
     return cp.asarray(x_host)
-
-
-def quantize_poisoned(x, global_scale, *, target=None, **kwargs):
-    """Runs the quantizer into buffers poisoned with each of POISONS; both runs
-    must agree (an unwritten byte cannot). Returns host (packed, scales)."""
-    from nvfp4_cupy import create_fp4_output_tensors
-    from nvfp4_cupy._quantize import _quantize
-
-    m, n = math.prod(x.shape[:-1]), x.shape[-1]
-    layout_args = {key: kwargs[key] for key in ("padded_n", "layout", "is_sf_swizzled_layout") if key in kwargs}
-    results = []
-    for poison in POISONS:
-        out, out_scale = create_fp4_output_tensors(m, n, **layout_args)
-        out.fill(poison)
-        out_scale.fill(poison)
-        packed, scales = _quantize(
-            x,
-            global_scale,
-            kwargs.get("is_sf_swizzled_layout", True),
-            kwargs.get("padded_n"),
-            kwargs.get("layout"),
-            out,
-            out_scale,
-            kwargs.get("stream"),
-            target=target,
-        )
-        assert packed is out and scales is out_scale
-        results.append((cp.asnumpy(packed), cp.asnumpy(scales)))
-    (packed_a, scales_a), (packed_b, scales_b) = results
-    assert_bytes_equal(packed_a, packed_b, "packed under two poisons (unwritten bytes)")
-    assert_bytes_equal(scales_a, scales_b, "scales under two poisons (unwritten bytes)")
-    return packed_a, scales_a
 
 
 def assert_matches_golden(x_host, global_scale, label, *, target=None, layouts=tuple(LAYOUTS), **kwargs):
@@ -129,21 +96,32 @@ def test_device_global_scale_matches_host_scale():
 
 
 def test_issue_example_and_default_outputs():
-    """The README quick start, without out=: the fresh outputs come from a
-    memory pool first filled with poison, so unwritten bytes would show."""
+    """The README quick start, without out=: every allocation the call makes
+    is filled with poison first, so unwritten bytes in the fresh outputs
+    would show."""
     import nvfp4_cupy as nv
 
     x = cp.random.standard_normal((150, 7152), dtype=cp.float32).astype(cp.float16)
     gs = 448 * 6 / float(abs(x).max())
     pool = cp.get_default_memory_pool()
-    for nbytes in (150 * 3584, 256 * 448):
-        cp.full(nbytes, 0xA5, dtype=cp.uint8)  # freed at once, back to the pool
-    packed, scales = nv.scaled_fp4_quant(x, gs, padded_n=7168)
+    poisoned = []
+
+    def poisoning_malloc(nbytes):
+        memory = pool.malloc(nbytes)
+        memory.memset_async(POISONS[0], nbytes)
+        poisoned.append(memory.ptr)
+        return memory
+
+    with cp.cuda.using_allocator(poisoning_malloc):
+        packed, scales = nv.scaled_fp4_quant(x, gs, padded_n=7168)
+    assert packed.data.ptr in poisoned and scales.data.ptr in poisoned, (
+        f"outputs at {packed.data.ptr:#x}, {scales.data.ptr:#x} not among the poisoned allocations "
+        f"{[hex(p) for p in poisoned]}: the poison never reached them"
+    )
     want_packed, want_scales = ref.scaled_fp4_quant(cp.asnumpy(x), gs, padded_n=7168)
     assert packed.shape == (150, 3584) and scales.shape == (256, 448)
     assert_bytes_equal(cp.asnumpy(packed), want_packed, "packed")
     assert_bytes_equal(cp.asnumpy(scales), want_scales, "scales")
-    assert pool.used_bytes() >= packed.nbytes + scales.nbytes
 
 
 def test_is_sf_swizzled_layout_false_is_linear():
@@ -225,10 +203,8 @@ def test_cuda_graph_capture_and_replay():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_torch_tensor_via_dlpack(dtype):
-    torch = pytest.importorskip("torch", reason="torch not installed")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA here")
+def test_torch_tensor_via_dlpack(dtype, torch_cuda):
+    torch = torch_cuda
     import nvfp4_cupy as nv
 
     host = make_input("outliers", 130, 7152, seed=12)
@@ -274,15 +250,8 @@ def test_expert_batches_with_a_scale_per_expert(dtype, layout):
     scales_host[2] = np.nan  # an invalid scale NaNs its own expert only
     want_packed, want_scales = ref.scaled_fp4_quant(x_host, scales_host, padded_n=padded_n, layout=layout)
     x = to_device(wide)[:, :, :n]
-    results = []
-    for poison in POISONS:
-        out, out_scale = nv.create_fp4_output_tensors(m, n, padded_n=padded_n, layout=layout, num_experts=experts)
-        out.fill(poison)
-        out_scale.fill(poison)
-        nv.scaled_fp4_quant(x, cp.asarray(scales_host), padded_n=padded_n, layout=layout, out=out, out_scale=out_scale)
-        results.append((cp.asnumpy(out), cp.asnumpy(out_scale)))
-    for packed, scales in results:
-        assert_bytes_equal(packed, want_packed, f"{dtype} {layout} experts packed")
-        assert_bytes_equal(scales, want_scales, f"{dtype} {layout} experts scales")
+    packed, scales = quantize_poisoned(x, cp.asarray(scales_host), num_experts=experts, padded_n=padded_n, layout=layout)
+    assert_bytes_equal(packed, want_packed, f"{dtype} {layout} experts packed")
+    assert_bytes_equal(scales, want_scales, f"{dtype} {layout} experts scales")
     packed, scales = nv.scaled_fp4_quant(x, cp.asarray(scales_host), padded_n=padded_n, layout=layout)
     assert packed.shape == (experts, m, padded_n // 2) and scales.shape == want_scales.shape

@@ -1,5 +1,5 @@
 """The golden model against hand-computed bytes, every rounding tie, every
-E2M1 and E4M3 code, and the special values of DESIGN.md. CPU only."""
+E2M1 and E4M3 code, and the special values of docs/format.md. CPU only."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from bytes_check import assert_bytes_equal
 from nvfp4_cupy import reference as ref
 
-# DESIGN.md's E2M1 table, as data: magnitudes of codes 0..7, and for each
+# docs/format.md's E2M1 table, as data: magnitudes of codes 0..7, and for each
 # boundary between codes i and i+1 whether the tie goes up.
 E2M1_MAGNITUDES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 E2M1_TIE_GOES_UP = [False, True, False, True, False, True, False]
@@ -344,7 +344,15 @@ def test_per_row_global_scales():
         assert_bytes_equal(packed[row : row + 1], want[0], f"row {row} packed")
         assert_bytes_equal(sf[row : row + 1], want[1], f"row {row} scales")
     back = ref.dequantize(packed, sf, scales, layout="linear")
-    assert back.shape == (5, 32)
+    # Independently: each code's E2M1 value times its block's E4M3 scale over
+    # its own row's global scale; in float64 the product is exact and the
+    # quotient rounds correctly to float32.
+    e2m1 = np.array(E2M1_MAGNITUDES + [-v for v in E2M1_MAGNITUDES])  # code 8 is -0
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(5, 32)  # low nibble first
+    block_scales = np.repeat(sf.view(ml_dtypes.float8_e4m3fn).astype(np.float64), 16, axis=1)
+    want = (e2m1[codes] * block_scales / scales.astype(np.float64)[:, None]).astype(np.float32)
+    assert back.dtype == np.float32
+    assert_bytes_equal(back.view(np.uint32), want.view(np.uint32), "per-row dequantize (float32 bits)")
 
 
 def mx_block(values, layout="linear"):
@@ -396,29 +404,6 @@ def test_mxfp4_layouts_count_32_value_blocks_and_round_trip():
         ref.scaled_fp4_quant(x, 1.0, fmt="mxfp4")
     with pytest.raises(ValueError, match="fmt must be one of"):
         ref.scaled_fp4_quant(x, 1.0, fmt="nvfp8")
-
-
-@pytest.mark.parametrize(
-    "change, error, match",
-    [
-        (lambda p, s: ((p, s[:5], 1.0), {}), ValueError, r"scales must be uint8 of shape \(128, 4\)"),
-        (lambda p, s: ((p[:, :3], s, 1.0), {}), ValueError, "not a positive multiple of 16"),
-        (lambda p, s: ((p, s, 1.0), {"n": 99}), ValueError, r"n must be an int in \[1, 64\], got 99"),
-        (lambda p, s: ((p, s, 1.0), {"n": True}), ValueError, "n must be an int"),
-        (lambda p, s: ((p, s, 1.0), {"dtype": np.int8}), TypeError, "dtype must be float16"),
-        (lambda p, s: ((p.astype(np.int16), s, 1.0), {}), TypeError, "packed must be uint8"),
-        (lambda p, s: ((p, s.astype(np.int8), 1.0), {}), ValueError, "scales must be uint8"),
-        (lambda p, s: ((p, s, "x"), {}), TypeError, "global_scale must be a float"),
-        (lambda p, s: ((p, s, 0.0), {}), ValueError, "global_scale must be finite and > 0"),
-        (lambda p, s: ((p, s, 1.0), {"layout": "bad"}), ValueError, "layout must be one of"),
-        (lambda p, s: ((p, s, 1.0), {"fmt": "fp4"}), ValueError, "fmt must be one of"),
-    ],
-)
-def test_dequantize_argument_errors_name_the_argument(change, error, match):
-    packed, scales = ref.scaled_fp4_quant(np.ones((3, 64), np.float32), 1.0)
-    args, kwargs = change(packed, scales)
-    with pytest.raises(error, match=match):
-        ref.dequantize(*args, **kwargs)
 
 
 @pytest.mark.parametrize(

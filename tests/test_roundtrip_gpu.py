@@ -7,21 +7,15 @@ import numpy as np
 import pytest
 
 from bytes_check import POISONS, assert_bytes_equal
+from conftest import import_cupy
 from gpu_inputs import HOST_DTYPES, make_input
 from nvfp4_cupy import reference as ref
 from nvfp4_cupy._format import LAYOUTS
 
 pytestmark = pytest.mark.gpu
-cp = pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+cp = import_cupy()
 
 BITS = {2: np.uint16, 4: np.uint32}
-
-
-@pytest.fixture
-def nv():
-    import nvfp4_cupy
-
-    return nvfp4_cupy
 
 
 def as_bits(array: np.ndarray) -> np.ndarray:
@@ -112,19 +106,12 @@ def test_per_row_scales_in_scaled_fp4_quant(nv):
     assert_bytes_equal(cp.asnumpy(scales), want[1], "per-row scales")
 
 
-def torch_cuda():
-    torch = pytest.importorskip("torch", reason="torch not installed")
-    if not torch.cuda.is_available():
-        pytest.skip("torch has no CUDA here")
-    return torch
-
-
-def test_torch_in_torch_out_on_torchs_stream(nv):
+def test_torch_in_torch_out_on_torchs_stream(nv, torch_cuda):
     """The work must run on torch's current stream: the input is written on a
     side stream right after a long sleep, and the result is read on that
     stream with no sync in between. Run anywhere else, the read would race the
     kernel (or the kernel the write) and see poison."""
-    torch = torch_cuda()
+    torch = torch_cuda
     host = make_input("outliers", 4096, 8192, seed=43)
     source = torch.from_numpy(host).to("cuda", torch.bfloat16)
     x = torch.empty_like(source)
@@ -144,8 +131,8 @@ def test_torch_in_torch_out_on_torchs_stream(nv):
     assert_bytes_equal(scales_copy.cpu().numpy(), want[1], "scales read on torch's stream")
 
 
-def test_torch_round_trip_without_cupy_types(nv):
-    torch = torch_cuda()
+def test_torch_round_trip_without_cupy_types(nv, torch_cuda):
+    torch = torch_cuda
     x = torch.randn(64, 4096, device="cuda", dtype=torch.float16)
     packed, scales, gs = nv.quantize(x, like="torch")
     y = nv.dequantize_fp4(packed, scales, gs, dtype=np.float16, like="torch")

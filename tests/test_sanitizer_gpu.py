@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import import_cupy
+
 pytestmark = pytest.mark.gpu
-pytest.importorskip("cupy", reason="no GPU tests: CuPy is not installed")
+import_cupy()
 WORKLOAD = Path(__file__).resolve().parent / "sanitizer_workload.py"
 
 

@@ -3,7 +3,7 @@
 // loads otherwise. Shared by the quantizer and the global-scale reduction.
 #pragma once
 
-#include "nvfp4_numerics.cuh"
+#include "numerics.cuh"
 
 namespace nvfp4 {
 
@@ -28,7 +28,7 @@ __device__ __forceinline__ void load_block(const typename Input::raw_t* __restri
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kBlockSize; ++j) {
       const u32 raw = (col + j < n) ? (u32)__ldg(row_ptr + col + j) : 0u;
       if (sizeof(raw_t) == 4) {
         words[j] = raw;

@@ -10,8 +10,9 @@ import threading
 import cupy as cp
 from cupy.cuda import function
 
-from . import _disk_cache, _nvrtc
-from ._compile import Target, all_variants, compile_options, kernel_source, nvrtc_arch, target_for
+from . import disk_cache as _disk_cache
+from . import nvrtc as _nvrtc
+from .compile import Target, all_variants, compile_options, kernel_source, nvrtc_arch, target_for
 
 _lock = threading.Lock()
 _functions: dict[tuple, tuple] = {}
@@ -54,6 +55,17 @@ def kernel_functions(device_id: int, variant, target: Target | None = None) -> t
                     functions = tuple(module.get_function(name) for name in program.lowered_names)
                 _functions[key] = functions
     return functions
+
+
+def function_pointer(device_id: int, variant, target: Target | None, index: int) -> int:
+    """The CUfunction of variant.names[index] on this device. Looked up on
+    every launch (a dict hit), never held by callers, so dropping the memo
+    (tests simulate a new process that way) can never leave a launcher
+    holding the handle of an unloaded module."""
+    functions = _functions.get((device_id, variant, target))
+    if functions is None:
+        functions = kernel_functions(device_id, variant, target)
+    return functions[index].ptr
 
 
 def compiled_program(variant, target: Target, arch: str) -> _nvrtc.CompiledProgram:

@@ -1,5 +1,5 @@
 // Where the scale byte of block k of row `row` lands, for each scale layout of
-// DESIGN.md. `scale_cols` is the allocated width of the scale tensor in blocks
+// docs/format.md. `scale_cols` is the allocated width of the scale tensor in blocks
 // (already rounded up by the launcher, which owns the shapes).
 #pragma once
 

@@ -1,7 +1,8 @@
-// Bit-exact NVFP4 numerics: the one device-side implementation of DESIGN.md's
-// per-block arithmetic, shared by every quantization kernel.
+// Bit-exact NVFP4 numerics: the one device-side implementation of the
+// per-block arithmetic of docs/format.md, and the encoders and decoders of
+// E2M1, E4M3 and E8M0, shared by every kernel.
 //
-// The result must not depend on -ftz (DESIGN.md): CuPy adds -ftz=true to the
+// The result must not depend on -ftz (docs/format.md): CuPy adds -ftz=true to the
 // compiles it does, and anyone may build these files that way. Under it the
 // compiler turns plain C++ float arithmetic into .ftz instructions, which
 // flush subnormal inputs and results and would break bit-exactness for tiny
@@ -18,9 +19,23 @@ typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
 
+#ifndef NVFP4_THREADS_PER_BLOCK
+#error "compile with -DNVFP4_THREADS_PER_BLOCK (the launcher's nvfp4_cupy._runtime.compile.THREADS_PER_BLOCK)"
+#endif
+constexpr int kThreadsPerBlock = NVFP4_THREADS_PER_BLOCK;
+// Values per block scale. Enumerators, not variables: a file that uses one
+// of them only must not get NVRTC's unused-variable warning (which on NVRTC
+// 13 also hides ptxas's -v report from the log).
+enum BlockSizes : int {
+  kBlockSize = 16,    // NVFP4: values per E4M3 scale
+  kMxBlockSize = 32,  // MXFP4: values per E8M0 scale
+};
+
 constexpr u32 kF32AbsMask = 0x7fffffffu;
 constexpr u32 kF32InfBits = 0x7f800000u;
-constexpr u32 kF32MaxBits = 0x7f7fffffu;  // FLT_MAX
+constexpr u32 kF32MaxBits = 0x7f7fffffu;       // FLT_MAX
+constexpr u32 kF32CanonicalNaN = 0x7fc00000u;  // the quiet NaN every kernel writes
+constexpr u32 kF32HalfBits = 0x3f000000u;      // 0.5
 constexpr u8 kE4M3NaN = 0x7f;
 constexpr u8 kE4M3Max = 0x7e;  // 448.0
 
@@ -95,7 +110,7 @@ struct Float32Input {
   __device__ static u32 abs_max_bits(const u32 (&words)[16]) {
     u32 amax = 0;
 #pragma unroll
-    for (int j = 0; j < 16; ++j) amax = max(amax, words[j] & kF32AbsMask);
+    for (int j = 0; j < kBlockSize; ++j) amax = max(amax, words[j] & kF32AbsMask);
     return amax;
   }
 };
@@ -189,8 +204,23 @@ __device__ __forceinline__ u32 e2m1x2_from_f32(float lo, float hi) {
 #endif
 }
 
+// E2M1 code (bit 3 sign) -> float32: codes 2..7 are 1.m * 2^(e - 1) with
+// e = code >> 1 and one mantissa bit; code 1 is 0.5.
+__device__ __forceinline__ float e2m1_to_f32(u32 code) {
+  const u32 magnitude = code & 7u;
+  const u32 bits = magnitude >= 2u ? ((((magnitude >> 1) + 126u) << 23) | ((magnitude & 1u) << 22))
+                                   : (magnitude ? kF32HalfBits : 0u);
+  return __uint_as_float(bits | ((code & 8u) << 28));
+}
+
+// Any E4M3 byte -> float32 (0x7f / 0xff are NaN).
+__device__ __forceinline__ float e4m3_to_f32_signed(u8 byte) {
+  if ((byte & 0x7fu) == 0x7fu) return __uint_as_float(kF32CanonicalNaN);
+  return __uint_as_float(__float_as_uint(e4m3_to_f32((u8)(byte & 0x7fu))) | ((u32)(byte & 0x80u) << 24));
+}
+
 // ---------------------------------------------------------------------------
-// The per-block arithmetic of DESIGN.md, steps 3-5 and the special cases.
+// The per-block arithmetic of docs/format.md, steps 3-5 and the special cases.
 // ---------------------------------------------------------------------------
 struct BlockScale {
   u8 scale_byte;    // E4M3 bits written to the scale tensor
@@ -254,7 +284,7 @@ __device__ __forceinline__ BlockScale mx_block_scale(u32 amax_bits) {
 
 // E8M0 byte -> float32: 2^(byte - 127), 0xff is NaN.
 __device__ __forceinline__ float e8m0_to_f32(u8 byte) {
-  if (byte == kE8M0NaN) return __uint_as_float(0x7fc00000u);
+  if (byte == kE8M0NaN) return __uint_as_float(kF32CanonicalNaN);
   return __uint_as_float(byte ? (u32)byte << 23 : 0x00400000u);
 }
 

@@ -1,10 +1,10 @@
-// NVFP4 -> float16 / bfloat16 / float32, the inverse of nvfp4_quantize.cu for
-// every scale layout: value = e2m1 * float(e4m3) / global_scale in IEEE
+// NVFP4 / MXFP4 -> float16 / bfloat16 / float32, the inverse of quantize.cu
+// for every scale layout (docs/format.md, Dequantization): value = e2m1 * float(e4m3) / global_scale in IEEE
 // float32 (round-to-nearest-even, subnormals kept), then one rounding to the
 // output type. A NaN result is written as the output type's canonical quiet
 // NaN, so that the bytes are defined. One thread per 16-value block.
-#include "nvfp4_numerics.cuh"
-#include "scale_layouts.cuh"
+#include "numerics.cuh"
+#include "layouts.cuh"
 
 namespace nvfp4 {
 
@@ -41,7 +41,7 @@ struct BFloat16Output {
 
 struct Float32Output {
   typedef u32 raw_t;
-  static constexpr u32 kCanonicalNaN = 0x7fc00000u;
+  static constexpr u32 kCanonicalNaN = kF32CanonicalNaN;
   __device__ static u32 from_f32(float v) { return __float_as_uint(v); }
 };
 
@@ -67,21 +67,6 @@ __device__ __forceinline__ void put_pair(u32* words, int j, float lo, float hi) 
   } else {
     words[j >> 1] = Output::from_f32x2(lo, hi);
   }
-}
-
-// E2M1 code (bit 3 sign) -> float32: codes 2..7 are 1.m * 2^(e - 1) with
-// e = code >> 1 and one mantissa bit; code 1 is 0.5.
-__device__ __forceinline__ float e2m1_to_f32(u32 code) {
-  const u32 magnitude = code & 7u;
-  const u32 bits = magnitude >= 2u ? ((((magnitude >> 1) + 126u) << 23) | ((magnitude & 1u) << 22))
-                                   : (magnitude ? 0x3f000000u : 0u);
-  return __uint_as_float(bits | ((code & 8u) << 28));
-}
-
-// Any E4M3 byte -> float32 (0x7f / 0xff are NaN).
-__device__ __forceinline__ float e4m3_to_f32_signed(u8 byte) {
-  if ((byte & 0x7fu) == 0x7fu) return __uint_as_float(0x7fc00000u);
-  return __uint_as_float(__float_as_uint(e4m3_to_f32((u8)(byte & 0x7fu))) | ((u32)(byte & 0x80u) << 24));
 }
 
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 selector) {
@@ -119,24 +104,35 @@ __device__ __forceinline__ void lookup_values(u32* words, uint2 codes, const flo
   }
 }
 
-// kMx: MXFP4 input (32-value blocks, E8M0 scales; the launcher passes a
-// global scale of 1, so one formula serves both formats).
+// NVFP4 or, with kMx, MXFP4 (32-value blocks, E8M0 scales; the launcher
+// passes a global scale of 1, so one formula serves both formats). One thread
+// per 16 values. blockIdx.z is the expert of an [E, m, K/2] batch, each with
+// its own packed rows, complete scale tensor and output rows; the global
+// scale of (expert, row) is global_scale_ptr[expert * expert_step + row *
+// row_step] (steps 0 for one scale, 1 and 0 for one per expert, m and 1 for
+// one per row).
 template <typename Output, typename Layout, bool kVectorStores, bool kMx>
-__global__ void __launch_bounds__(256)
-dequantize_nvfp4(const uint2* __restrict__ packed, const u8* __restrict__ scales, int m, int n, int padded_n,
-                 const float* __restrict__ global_scale_ptr, float global_scale_value, int global_scale_row_step,
-                 typename Output::raw_t* __restrict__ out, int scale_cols) {
+__global__ void __launch_bounds__(kThreadsPerBlock)
+dequantize_fp4(const uint2* __restrict__ packed, const u8* __restrict__ scales, int m, int n, int padded_n,
+               const float* __restrict__ global_scale_ptr, float global_scale_value, long long global_scale_expert_step,
+               long long global_scale_row_step, typename Output::raw_t* __restrict__ out, int scale_rows,
+               int scale_cols) {
   typedef typename Output::raw_t raw_t;
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   const int k = blockIdx.y * blockDim.x + threadIdx.x;
-  const int col = k * 16;
+  const int col = k * kBlockSize;
   if (row >= m || col >= n) return;
+  const long long expert = blockIdx.z;
+  packed += expert * m * (padded_n / kBlockSize);
+  scales += expert * scale_rows * scale_cols;
+  out += expert * m * n;
 
-  const uint2 codes = packed[(long long)row * (padded_n >> 4) + k];
+  const uint2 codes = packed[(long long)row * (padded_n / kBlockSize) + k];
   const u8 scale_byte = scales[Layout::offset(row, kMx ? k >> 1 : k, scale_cols)];
   const float sf = kMx ? e8m0_to_f32(scale_byte) : e4m3_to_f32_signed(scale_byte);
-  const float gs =
-      global_scale_ptr ? __ldg(global_scale_ptr + (long long)row * global_scale_row_step) : global_scale_value;
+  const float gs = global_scale_ptr
+                       ? __ldg(global_scale_ptr + expert * global_scale_expert_step + row * global_scale_row_step)
+                       : global_scale_value;
   // Exact shortcut: e2m1 * sf / gs takes only two quotients per block. Every
   // E2M1 magnitude is 1 or 3 times a power of two (0.5 = 1/2, 1.5 = 3/2, ...),
   // and scaling by 2^k commutes with rounding while results stay normal, so
@@ -170,12 +166,12 @@ dequantize_nvfp4(const uint2* __restrict__ packed, const u8* __restrict__ scales
         return __uint_as_float(bits ^ ((code & 8u) << 28));  // (-a) / b = -(a / b)
       };
 #pragma unroll
-      for (int j = 0; j < 16; j += 2) put_pair<Output, false>(words, j, value(code_of(j)), value(code_of(j + 1)));
+      for (int j = 0; j < kBlockSize; j += 2) put_pair<Output, false>(words, j, value(code_of(j)), value(code_of(j + 1)));
     }
   } else {
     const auto value = [&](u32 code) { return div_rn(mul_rn(e2m1_to_f32(code), sf), gs); };
 #pragma unroll
-    for (int j = 0; j < 16; j += 2) put_pair<Output, true>(words, j, value(code_of(j)), value(code_of(j + 1)));
+    for (int j = 0; j < kBlockSize; j += 2) put_pair<Output, true>(words, j, value(code_of(j)), value(code_of(j + 1)));
   }
   raw_t* dst = out + (long long)row * n + col;
   if (kVectorStores) {
@@ -190,7 +186,7 @@ dequantize_nvfp4(const uint2* __restrict__ packed, const u8* __restrict__ scales
     }
   } else {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) {
+    for (int j = 0; j < kBlockSize; ++j) {
       if (col + j < n) dst[j] = (raw_t)(sizeof(raw_t) == 4 ? words[j] : (words[j >> 1] >> (16 * (j & 1))));
     }
   }

@@ -10,22 +10,35 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from ._format import LAYOUTS, ScaleLayout
+from .._format import LAYOUTS, ScaleLayout
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
-INPUT_STRUCTS = {
-    "float16": "nvfp4::Float16Input",
-    "bfloat16": "nvfp4::BFloat16Input",
-    "float32": "nvfp4::Float32Input",
+# One thread per block of values, THREADS_PER_BLOCK threads a thread block:
+# the launch geometry (launch.py) and the kernels' __launch_bounds__ and
+# shared arrays (-DNVFP4_THREADS_PER_BLOCK) both read this one constant.
+THREADS_PER_BLOCK = 256
+
+
+@dataclass(frozen=True)
+class ElementStructs:
+    """The CUDA structs that read (quantize) and write (dequantize) a dtype."""
+
+    input: str
+    output: str
+
+
+ELEMENT_STRUCTS = {
+    name: ElementStructs(f"nvfp4::{cuda}Input", f"nvfp4::{cuda}Output")
+    for name, cuda in (("float16", "Float16"), ("bfloat16", "BFloat16"), ("float32", "Float32"))
 }
 
 
 def source_dir() -> Path:
     """cuda_src/ inside an installed wheel, else beside the package in a checkout."""
     for candidate in (_PACKAGE_DIR / "cuda_src", _PACKAGE_DIR.parent / "cuda_src"):
-        if (candidate / "nvfp4_quantize.cu").is_file():
+        if (candidate / "numerics.cuh").is_file():
             return candidate
     raise FileNotFoundError(
         f"nvfp4_cupy: cuda_src/ not found beside {_PACKAGE_DIR} (broken install?)"
@@ -33,7 +46,7 @@ def source_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def kernel_source(filename: str = "nvfp4_quantize.cu") -> str:
+def kernel_source(filename: str) -> str:
     """The .cu file with its local #include "..." files inlined, once each.
 
     Inlining makes the source text the disk cache hashes (_disk_cache.py)
@@ -94,11 +107,12 @@ def nvrtc_arch(target: Target, compute_capability: int, nvrtc_archs: tuple[int, 
 
 def compile_options(target: Target, arch: str) -> tuple[str, ...]:
     """Every NVRTC option a kernel is built with. No -ftz: the numerics must
-    not depend on it either way (DESIGN.md), and the CPU suite checks the PTX
-    holds no flushing instruction even when -ftz=true is added."""
+    not depend on it either way (docs/format.md), and the CPU suite checks the
+    PTX holds no flushing instruction even when -ftz=true is added."""
     return (
         "-std=c++17",
         f"-arch={arch}",
+        f"-DNVFP4_THREADS_PER_BLOCK={THREADS_PER_BLOCK}",
         f"-DNVFP4_HW_E4M3={int(target.hw_e4m3)}",
         f"-DNVFP4_HW_E2M1={int(target.hw_e2m1)}",
     )
@@ -121,11 +135,11 @@ class QuantizeVariant:
     global_scales: str = "one"  # "one", "expert" ([E, m, n] batch) or "row"
     fmt: str = "nvfp4"  # or "mxfp4" (no global scale)
 
-    source = "nvfp4_quantize.cu"
+    source = "quantize.cu"
 
     @property
     def names(self) -> tuple[str, ...]:
-        types = f"{INPUT_STRUCTS[self.dtype_name]}, {self.layout.cuda_struct}, {_flag(self.vector_loads)}"
+        types = f"{ELEMENT_STRUCTS[self.dtype_name].input}, {self.layout.cuda_struct}, {_flag(self.vector_loads)}"
         if self.fmt == "mxfp4":
             return (f"nvfp4::quantize_mxfp4<{types}>",)
         return (f"nvfp4::quantize_nvfp4<{types}, {GLOBAL_SCALES[self.global_scales]}>",)
@@ -138,14 +152,13 @@ class DequantizeVariant:
     vector_stores: bool
     fmt: str = "nvfp4"
 
-    source = "nvfp4_dequantize.cu"
+    source = "dequantize.cu"
 
     @property
     def names(self) -> tuple[str, ...]:
-        output = INPUT_STRUCTS[self.dtype_name].replace("Input", "Output")
         return (
-            f"nvfp4::dequantize_nvfp4<{output}, {self.layout.cuda_struct}, {_flag(self.vector_stores)}, "
-            f"{_flag(self.fmt == 'mxfp4')}>",
+            f"nvfp4::dequantize_fp4<{ELEMENT_STRUCTS[self.dtype_name].output}, {self.layout.cuda_struct}, "
+            f"{_flag(self.vector_stores)}, {_flag(self.fmt == 'mxfp4')}>",
         )
 
 
@@ -161,7 +174,7 @@ class GlobalScaleVariant:
     @property
     def names(self) -> tuple[str, ...]:
         return (
-            f"nvfp4::block_amax<{INPUT_STRUCTS[self.dtype_name]}, {_flag(self.vector_loads)}>",
+            f"nvfp4::block_amax<{ELEMENT_STRUCTS[self.dtype_name].input}, {_flag(self.vector_loads)}>",
             "nvfp4::global_scale_from_amax",
         )
 
@@ -172,7 +185,7 @@ def all_variants() -> list:
     return (
         [
             QuantizeVariant(dtype_name, layout, vector, scales, fmt)
-            for dtype_name in INPUT_STRUCTS
+            for dtype_name in ELEMENT_STRUCTS
             for layout in LAYOUTS.values()
             for vector in flags
             for fmt, all_scales in (("nvfp4", GLOBAL_SCALES), ("mxfp4", ("one",)))
@@ -180,10 +193,50 @@ def all_variants() -> list:
         ]
         + [
             DequantizeVariant(d, layout, vector, fmt)
-            for d in INPUT_STRUCTS
+            for d in ELEMENT_STRUCTS
             for layout in LAYOUTS.values()
             for vector in flags
             for fmt in ("nvfp4", "mxfp4")
         ]
-        + [GlobalScaleVariant(d, vector) for d in INPUT_STRUCTS for vector in flags]
+        + [GlobalScaleVariant(d, vector) for d in ELEMENT_STRUCTS for vector in flags]
     )
+
+
+# ---------------------------------------------------------------------------
+# Kernel parameter lists, read from the .cu source: launch.py packs arguments
+# by these names and types, so a changed signature is a loud error, never a
+# silently misread argument.
+# ---------------------------------------------------------------------------
+_KERNEL = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(([^)]*)\)")
+# C parameter type -> struct format character (native size and alignment,
+# which is how the CUDA ABI lays kernel parameters out).
+_PARAMETER_FORMATS = (("*", "Q"), ("long long", "q"), ("unsigned", "I"), ("float", "f"), ("int", "i"))
+
+
+@dataclass(frozen=True)
+class KernelParameter:
+    name: str
+    format: str  # struct format character
+    is_pointer: bool
+
+
+@lru_cache(maxsize=None)
+def kernel_parameters(filename: str, function: str) -> tuple[KernelParameter, ...]:
+    """The parameters of `__global__ void function(...)` in a cuda_src file."""
+    found = {name: params for name, params in _KERNEL.findall(kernel_source(filename))}
+    if function not in found:
+        raise LookupError(f"{filename} defines no __global__ function {function!r} (it has {sorted(found)})")
+    parameters = []
+    for declaration in found[function].split(","):
+        declaration = " ".join(declaration.split())
+        name = re.findall(r"\w+", declaration)[-1]
+        fmt = next((f for token, f in _PARAMETER_FORMATS if token in declaration), None)
+        if fmt is None:
+            raise LookupError(f"{filename}: {function}: parameter type of {declaration!r} is not one the launcher packs")
+        parameters.append(KernelParameter(name, fmt, fmt == "Q"))
+    return tuple(parameters)
+
+
+def function_name(template_name: str) -> str:
+    """nvfp4::quantize_nvfp4<...> -> quantize_nvfp4."""
+    return template_name.split("<", 1)[0].rsplit("::", 1)[-1]

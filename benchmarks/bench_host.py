@@ -1,0 +1,188 @@
+"""What a call costs the host, against the frameworks' own ops, in one run on
+one card: host microseconds per call (1 x 4096 bf16, 2000 calls back to
+back, best of 5), a mid-size call through torch against the kernel's graph
+time, a torch.compile'd function that calls our op (its time and whether
+dynamo broke the graph), a captured CUDA graph of a decode step checked
+bit-exact against eager, and a cProfile of the torch call.
+
+    python benchmarks/bench_host.py [--json F] [--profile F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cupy as cp  # noqa: E402
+import torch  # noqa: E402
+
+import nvfp4_cupy as nv  # noqa: E402
+import nvfp4_cupy.torch as nvt  # noqa: E402
+
+CALLS, ROUNDS = 2000, 5
+
+
+def host_us(call) -> float:
+    """Best of ROUNDS of the mean host time of CALLS back-to-back calls."""
+    for _ in range(50):
+        call()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(ROUNDS):
+        started = time.perf_counter()
+        for _ in range(CALLS):
+            call()
+        best = min(best, (time.perf_counter() - started) * 1e6 / CALLS)
+        torch.cuda.synchronize()
+    return best
+
+
+def graph_us(call, launches: int = 20, repeats: int = 15) -> float:
+    """Median device microseconds per call, from replays of a captured graph."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            call()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e3 / launches)
+    return statistics.median(times)
+
+
+def eager_us(call, calls: int = 200) -> float:
+    """Wall microseconds per call of back-to-back eager calls (host and device
+    overlapping, as in a model), median of 5."""
+    for _ in range(10):
+        call()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - started) * 1e6 / calls)
+    return statistics.median(samples)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, default=Path("bench_host.json"))
+    parser.add_argument("--profile", type=Path, default=None, help="write the cProfile of the torch call here")
+    args = parser.parse_args()
+    card = torch.cuda.get_device_name()
+    print(f"card {card}, torch {torch.__version__}, cupy {cp.__version__}, {time.strftime('%Y-%m-%d')}")
+
+    xt = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    xc = cp.from_dlpack(xt)
+    gs_t = torch.tensor([100.0], device="cuda")
+    gs_c = cp.from_dlpack(gs_t)
+    rows = [
+        ("torch x * 2 (torch's own op)", lambda: xt * 2),
+        ("cupy x * 2 (CuPy's own op)", lambda: xc * 2),
+        ("scaled_fp4_quant(cupy x, 100.0)", lambda: nv.scaled_fp4_quant(xc, 100.0)),
+        ("scaled_fp4_quant(cupy x, device gs)", lambda: nv.scaled_fp4_quant(xc, gs_c)),
+        ("quantize(cupy x)", lambda: nv.quantize(xc)),
+        ("scaled_fp4_quant(torch x, 100.0)", lambda: nv.scaled_fp4_quant(xt, 100.0)),
+        ('scaled_fp4_quant(torch x, 100.0, like="torch")', lambda: nv.scaled_fp4_quant(xt, 100.0, like="torch")),
+        ('scaled_fp4_quant(torch x, device gs, like="torch")', lambda: nv.scaled_fp4_quant(xt, gs_t, like="torch")),
+        ('quantize(torch x, like="torch")', lambda: nv.quantize(xt, like="torch")),
+        ("nvfp4_cupy.torch.scaled_fp4_quant(x, 100.0)", lambda: nvt.scaled_fp4_quant(xt, 100.0)),
+        ("nvfp4_cupy.torch.scaled_fp4_quant(x, device gs)", lambda: nvt.scaled_fp4_quant(xt, gs_t)),
+        ("nvfp4_cupy.torch.quantize(x)", lambda: nvt.quantize(xt)),
+        ("nvfp4_cupy.torch.compute_global_scale(x)", lambda: nvt.compute_global_scale(xt)),
+        ("torch.ops.nvfp4.scaled_fp4_quant(x, device gs)",
+         lambda: torch.ops.nvfp4.scaled_fp4_quant(xt, gs_t, 0.0, None, "swizzled", "nvfp4")),
+        ("torch.ops.nvfp4.quantize(x)", lambda: torch.ops.nvfp4.quantize(xt, None, "swizzled", False)),
+    ]
+    # The floors under our torch call: its prepared launch alone (one struct
+    # pack + cuLaunchKernel), and that plus the two output allocations.
+    from nvfp4_cupy.ops.quantize import prepare_quantize
+
+    launch, (packed, scales) = prepare_quantize(xt, 100.0, True, None, None, None, None, None, "torch", "nvfp4")
+    rows += [
+        ("floor: the prepared launch alone", launch),
+        ("floor: 2 x torch.empty + the prepared launch",
+         lambda: (torch.empty(packed.shape, dtype=torch.uint8, device="cuda"),
+                  torch.empty(scales.shape, dtype=torch.uint8, device="cuda"), launch())),
+    ]
+    results = {"card": card, "torch": torch.__version__, "cupy": cp.__version__, "host_us": {}}
+    print(f"{'call (1 x 4096 bf16)':<52} {'host us/call':>12}")
+    for label, call in rows:
+        results["host_us"][label] = us = host_us(call)
+        print(f"{label:<52} {us:>12.1f}", flush=True)
+
+    big = torch.randn(4096, 7168, device="cuda", dtype=torch.bfloat16)
+    packed, scales = nvt.scaled_fp4_quant(big, 100.0)
+    out = dict(out=packed, out_scale=scales)
+    mid = {
+        "kernel graph us": graph_us(lambda: nvt.scaled_fp4_quant(big, gs_t, **out)),
+        "torch eager us (outputs given)": eager_us(lambda: nvt.scaled_fp4_quant(big, gs_t, **out)),
+        "torch eager us (allocating)": eager_us(lambda: nvt.scaled_fp4_quant(big, gs_t)),
+        "cupy eager us (allocating)": eager_us(lambda: nv.scaled_fp4_quant(cp.from_dlpack(big), 100.0)),
+    }
+    results["4096x7168"] = mid
+    print("4096 x 7168 bf16: " + ", ".join(f"{k} {v:.1f}" for k, v in mid.items()))
+
+    def step(x, gs):
+        return nvt.scaled_fp4_quant(x * 2, gs)
+
+    explanation = torch._dynamo.explain(step)(xt, gs_t)
+    compiled = torch.compile(step, fullgraph=True)
+    results["torch.compile"] = {
+        "graph_breaks": explanation.graph_break_count,
+        "host_us": host_us(lambda: compiled(xt, gs_t)),
+        "eager_host_us": host_us(lambda: step(xt, gs_t)),
+    }
+    print(f"torch.compile(x * 2 -> scaled_fp4_quant): graph breaks {explanation.graph_break_count}, "
+          f"{results['torch.compile']['host_us']:.1f} us/call (eager {results['torch.compile']['eager_host_us']:.1f})")
+
+    decode = torch.randn(8, 7168, device="cuda", dtype=torch.bfloat16)
+
+    def decode_step():
+        q = nvt.scaled_fp4_quant(decode * 2, gs_t)
+        return q[0].to(torch.int32).sum(dim=1), q[0], q[1]
+
+    for _ in range(3):
+        decode_step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = decode_step()
+    decode.copy_(torch.randn_like(decode))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = decode_step()
+    exact = all(torch.equal(a, b) for a, b in zip(captured, eager))
+    results["decode_graph_bit_exact"] = exact
+    print(f"captured decode step (x * 2 -> quantize -> sum), replayed on new input: bit-exact vs eager: {exact}")
+
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(CALLS):
+            nvt.scaled_fp4_quant(xt, gs_t)
+        profiler.disable()
+        with args.profile.open("w") as file:
+            pstats.Stats(profiler, stream=file).sort_stats("tottime").print_stats(25)
+    args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
