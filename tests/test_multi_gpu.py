@@ -151,7 +151,7 @@ def test_threads_drive_every_device_at_once():
     need_devices(2)
     from nvfp4_cupy._runtime import kernels as _kernels
 
-    _kernels._functions.clear()  # force first calls everywhere
+    _kernels.forget()  # force first calls everywhere
     errors: list[str] = []
     start = threading.Barrier(device_count())
 

@@ -35,7 +35,7 @@ def test_wheel_contains_every_cuda_source(wheel):
     assert sources, "no CUDA sources in cuda_src/"
     missing = [name for name in sources if f"nvfp4_cupy/cuda_src/{name}" not in names]
     assert not missing, f"not in the wheel: {missing}"
-    assert "nvfp4_cupy/reference.py" in names
+    assert "nvfp4_cupy/reference/nvfp4.py" in names
 
 
 def test_installed_wheel_imports_and_finds_its_sources(wheel, tmp_path):

@@ -109,6 +109,7 @@ class TorchFrontend:
         self.torch_dtypes = {name: dtype for dtype, name in self.dtypes.items()}
         self._raw_stream = torch._C._cuda_getCurrentRawStream  # an int, not a Stream object
         self._devices: dict[int, object] = {}
+        self._strides: dict[tuple, tuple] = {}  # C-contiguous strides in elements, by shape
 
     def owns(self, obj) -> bool:
         return isinstance(obj, self.torch.Tensor)
@@ -148,8 +149,18 @@ class TorchFrontend:
         device = self._devices.get(device_id)
         if device is None:
             device = self._devices[device_id] = self.torch.device("cuda", device_id)
-        torch_empty, dtypes = self.torch.empty, self.torch_dtypes
-        return lambda shape, dtype_name: torch_empty(shape, dtype=dtypes[dtype_name], device=device)
+        empty_strided, dtypes, strides = self.torch.empty_strided, self.torch_dtypes, self._strides
+
+        def empty(shape: tuple, dtype_name: str):
+            # empty_strided with known strides parses its arguments faster than empty (2.3 vs 3.3 us).
+            shape_strides = strides.get(shape)
+            if shape_strides is None:
+                shape_strides = c_strides(shape, 1)
+                if len(strides) < 4096:  # serving loops repeat a few shapes; bound the rest
+                    strides[shape] = shape_strides
+            return empty_strided(shape, shape_strides, dtype=dtypes[dtype_name], device=device)
+
+        return empty
 
     @staticmethod
     def pointer(tensor) -> int:

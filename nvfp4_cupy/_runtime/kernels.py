@@ -57,6 +57,20 @@ def kernel_functions(device_id: int, variant, target: Target | None = None) -> t
     return functions
 
 
+def memo() -> dict:
+    """The current (device, variant, target) -> functions memo. Replaced,
+    never cleared in place, by forget(): launchers keep a CUfunction only
+    while the memo holding its module is the current one."""
+    return _functions
+
+
+def forget() -> None:
+    """Drop every loaded kernel from this process's memo (tests simulate a
+    fresh process this way); the next launch loads them again."""
+    global _functions
+    _functions = {}
+
+
 def function_pointer(device_id: int, variant, target: Target | None, index: int) -> int:
     """The CUfunction of variant.names[index] on this device. Looked up on
     every launch (a dict hit), never held by callers, so dropping the memo

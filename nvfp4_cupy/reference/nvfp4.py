@@ -12,7 +12,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from ._format import (
+from .._format import (
     BLOCK_SIZE,
     DEFAULT_DEQUANTIZE_DTYPE,
     E2M1_MAX,
