@@ -31,7 +31,7 @@ class Array:
     """An input's facts, read once per call: pointer, shape, strides in
     bytes, dtype (the library's own object, for cache keys), device."""
 
-    __slots__ = ("obj", "pointer", "shape", "strides", "dtype", "device_id", "nbytes", "itemsize")
+    __slots__ = ("obj", "pointer", "shape", "strides", "dtype", "device_id", "itemsize")
 
     def __init__(self, obj, pointer, shape, strides, dtype, device_id, itemsize):
         self.obj, self.pointer, self.shape, self.strides = obj, pointer, shape, strides
@@ -47,12 +47,6 @@ class Array:
 
 
 class CupyFrontend:
-    name = "cupy"
-
-    @staticmethod
-    def owns(obj) -> bool:
-        return isinstance(obj, cp.ndarray)
-
     def array(self, obj, name: str) -> Array:
         if not isinstance(obj, cp.ndarray):
             obj = _from_dlpack(obj, name)
@@ -99,8 +93,6 @@ class CupyFrontend:
 
 
 class TorchFrontend:
-    name = "torch"
-
     def __init__(self) -> None:
         import torch
 
@@ -110,9 +102,6 @@ class TorchFrontend:
         self._raw_stream = torch._C._cuda_getCurrentRawStream  # an int, not a Stream object
         self._devices: dict[int, object] = {}
         self._strides: dict[tuple, tuple] = {}  # C-contiguous strides in elements, by shape
-
-    def owns(self, obj) -> bool:
-        return isinstance(obj, self.torch.Tensor)
 
     def array(self, obj, name: str) -> Array:
         torch = self.torch

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from .._format import (
     check_fmt_global_scale,
+    check_int,
     host_global_scale,
     quantized_shapes,
-    check_int,
     resolve_layout,
     resolve_padded_n,
     row_view,
