@@ -25,11 +25,19 @@ torchao's GPU path give.
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from .._format import E2M1_MAX, MX_BLOCK_SIZE, check_dtype, resolve_layout, resolve_padded_n, rows_and_n
-from .nvfp4 import E8M0_NAN_BYTE, _lay_out_scales, _pack_codes, _padded_rows, quantize_mx_blocks
+from .nvfp4 import (
+    E8M0_NAN_BYTE,
+    _abs_max,
+    _e2m1_codes,
+    _lay_out_scales,
+    _pack_codes,
+    _padded_rows,
+    quantize_mx_blocks,
+)
+from .te import te_e2m1_codes
 
 __all__ = [
     "MX_SCALE_RULES",
@@ -73,11 +81,6 @@ def _scale_exponent(amax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return descale, np.clip(ceil_log2(descale), -_E8M0_BIAS, _E8M0_BIAS)
 
 
-def _e2m1_codes(y: np.ndarray) -> np.ndarray:
-    """Round to nearest even E2M1, saturating at +-6, sign kept (-0.0 -> 0x8)."""
-    return np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8).copy()
-
-
 def _rceil_blocks(blocks: np.ndarray, amax: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     _, e = _scale_exponent(amax)
     nan, inf = np.isnan(amax), np.isposinf(amax)
@@ -98,11 +101,7 @@ def _te_pow2_blocks(blocks: np.ndarray, amax: np.ndarray) -> tuple[np.ndarray, n
     scale_bytes = np.where(nan, E8M0_NAN_BYTE, np.nan_to_num(e) + _E8M0_BIAS).astype(np.uint8)
     encode = np.ldexp(np.float32(1), -np.nan_to_num(e).astype(np.int64)).astype(np.float32)  # 1 / 2^e, exact
     with np.errstate(all="ignore"):
-        y = blocks * encode[..., None]
-        codes = _e2m1_codes(y)
-    # TE's cast_to_fp4x2 compares magnitudes: NaN matches no range and -0.0 is
-    # not "< -0.0", so both keep the initial code 0.
-    codes[np.isnan(y) | (y == 0)] = 0
+        codes = te_e2m1_codes(blocks * encode[..., None])  # TE's cast_to_fp4x2: NaN and -0.0 give 0x0
     codes[nan] = 0
     return codes, scale_bytes
 
@@ -115,8 +114,7 @@ def quantize_mx_blocks_rule(values: np.ndarray, rule: str = "floor") -> tuple[np
         return quantize_mx_blocks(values)
     m, padded_n = values.shape
     blocks = values.reshape(m, padded_n // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
-    with np.errstate(all="ignore"):
-        amax = np.max(np.abs(blocks), axis=-1)  # NaN-propagating; +inf if an inf and no NaN
+    amax = _abs_max(blocks, -1)  # NaN-propagating; +inf if an inf and no NaN
     codes, scale_bytes = (_rceil_blocks if rule == "rceil" else _te_pow2_blocks)(blocks, amax)
     return codes.reshape(m, padded_n), scale_bytes
 

@@ -51,35 +51,72 @@ E4M3_NAN_BYTE = 0x7F
 _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 
-def quantize_blocks(values: np.ndarray, global_scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [m, padded_n] -> (E2M1 codes uint8 [m, padded_n], E4M3 scale
-    bytes uint8 [m, padded_n // 16]), docs/format.md steps 1-6 and special cases."""
+# ---------------------------------------------------------------------------
+# Steps shared with the other golden models (stochastic, mx_rules, te,
+# te_rht, te_4over6), so that each formula is written once.
+# ---------------------------------------------------------------------------
+def _abs_max(values: np.ndarray, axis) -> np.ndarray:
+    """max |v| along axis (None: all), in values' dtype, NaN-propagating
+    (np.max ignores no NaN, whatever `initial`), 0 over no values: the block
+    amax of every format and the amax of every global scale."""
+    with np.errstate(all="ignore"):
+        return np.max(np.abs(values), axis=axis, initial=np.float32(0))
+
+
+def _e2m1_codes(y: np.ndarray) -> np.ndarray:
+    """E2M1 codes (uint8) of y rounded to nearest even, saturating at +-6,
+    sign kept (-0.0 and a negative value that rounds to zero give 0x8).
+    ml_dtypes has no rule for NaN that any contract uses: each caller writes
+    its own code for a NaN y (ours 0x7, TE's 0x0) or zeroes the block."""
+    with np.errstate(all="ignore"):
+        return np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
+
+
+def _e4m3_bytes(s: np.ndarray) -> np.ndarray:
+    """E4M3 bytes (uint8) of s rounded to nearest even, saturating at +-448:
+    ml_dtypes' cast turns overflow into NaN, and every contract here
+    saturates (everything >= 448 rounds or saturates to 448). A NaN gives
+    0x7F or 0xFF by its sign: each caller writes its own NaN byte."""
+    with np.errstate(all="ignore"):
+        return np.clip(s, -E4M3_MAX, E4M3_MAX).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+
+
+def _scale_blocks(values: np.ndarray, global_scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """docs/format.md steps 1-5 and the special cases, all but the E2M1
+    rounding: float32 [m, padded_n] -> (y = RN(v * r), float32
+    [m, padded_n // 16, 16], and the E4M3 scale bytes uint8
+    [m, padded_n // 16], 0x7F where the block is NaN-scaled). quantize_blocks
+    rounds y to nearest, stochastic.quantize_blocks_sr stochastically; both
+    then zero the codes of the 0x7F blocks (no other block gets 0x7F: a
+    scale that is not NaN saturates at 448, 0x7E)."""
     m, padded_n = values.shape
     blocks = values.reshape(m, padded_n // BLOCK_SIZE, BLOCK_SIZE)
     gs = np.float32(global_scale)
     with np.errstate(all="ignore"):
-        amax = np.max(np.abs(blocks), axis=-1)  # NaN-propagating
+        amax = _abs_max(blocks, -1)
         s = gs * (amax / np.float32(E2M1_MAX))
-        # ml_dtypes' cast rounds to nearest even but turns overflow into NaN;
-        # the contract saturates, and everything >= 448 rounds or saturates to 448.
-        sf = np.minimum(s, np.float32(E4M3_MAX)).astype(ml_dtypes.float8_e4m3fn)
-        sf_value = sf.astype(np.float32)
+        scale_bytes = _e4m3_bytes(s)
+        sf_value = e4m3_values(scale_bytes)
         r = np.where(sf_value == 0, np.float32(0), np.minimum(np.float32(1) / (sf_value / gs), _FLT_MAX))
         y = blocks * r[..., None].astype(np.float32)
-        codes = np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
-        # y is NaN only as inf * 0: a block holding an inf whose sf / gs
-        # overflowed, so r = 1 / inf = 0. docs/format.md, section 3: like a
-        # satfinite conversion (and the kernels), NaN becomes +6 (code 7).
-        codes = np.where(np.isnan(y), np.uint8(7), codes)
-    scale_bytes = sf.view(np.uint8).copy()
 
     # Special cases, in docs/format.md's order: an invalid global scale NaNs every
-    # block; otherwise a block holding a NaN is NaN-scaled with zero codes.
+    # block; otherwise a block holding a NaN is NaN-scaled (the caller zeroes its codes).
     nan_blocks = np.isnan(amax) if (np.isfinite(gs) and gs > 0) else np.ones_like(amax, dtype=bool)
     scale_bytes[nan_blocks] = E4M3_NAN_BYTE
-    codes = codes.copy()
-    codes[nan_blocks] = 0
-    return codes.reshape(m, padded_n), scale_bytes
+    return y, scale_bytes
+
+
+def quantize_blocks(values: np.ndarray, global_scale: np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [m, padded_n] -> (E2M1 codes uint8 [m, padded_n], E4M3 scale
+    bytes uint8 [m, padded_n // 16]), docs/format.md steps 1-6 and special cases."""
+    y, scale_bytes = _scale_blocks(values, global_scale)
+    # y is NaN only as inf * 0: a block holding an inf whose sf / gs
+    # overflowed, so r = 1 / inf = 0. docs/format.md, section 3: like a
+    # satfinite conversion (and the kernels), NaN becomes +6 (code 7).
+    codes = np.where(np.isnan(y), np.uint8(7), _e2m1_codes(y))
+    codes[scale_bytes == E4M3_NAN_BYTE] = 0
+    return codes.reshape(values.shape), scale_bytes
 
 
 E8M0_NAN_BYTE = 0xFF
@@ -95,13 +132,12 @@ def quantize_mx_blocks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m, padded_n = values.shape
     blocks = values.reshape(m, padded_n // MX_BLOCK_SIZE, MX_BLOCK_SIZE)
     with np.errstate(all="ignore"):
-        amax = np.max(np.abs(blocks), axis=-1)
+        amax = _abs_max(blocks, -1)
         usable = np.isfinite(amax) & (amax > 0)
         _, exponent = np.frexp(np.where(usable, amax, 1).astype(np.float64))  # amax = f * 2^e, f in [0.5, 1)
         scale_bytes = np.where(usable, np.clip(exponent - 1 - _E2M1_EMAX + 127, 0, 254), 0).astype(np.uint8)
         scale = scale_bytes.view(ml_dtypes.float8_e8m0fnu).astype(np.float32)
-        y = blocks / scale[..., None]
-        codes = np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8).copy()
+        codes = _e2m1_codes(blocks / scale[..., None])
     bad = ~np.isfinite(amax)
     scale_bytes[bad] = E8M0_NAN_BYTE
     codes[bad] = 0
@@ -188,10 +224,11 @@ def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None,
     return _pack_codes(codes), _lay_out_scales(scale_bytes, scale_layout, padded_n, block_size)
 
 
-def _padded_rows(rows: np.ndarray, padded_n: int) -> np.ndarray:
-    """float32 [m, padded_n]: the rows, then zeros for the K padding."""
-    values = np.zeros((rows.shape[0], padded_n), dtype=np.float32)
-    values[:, : rows.shape[1]] = rows.astype(np.float32)
+def _padded_rows(rows: np.ndarray, padded_n: int, padded_m: int | None = None) -> np.ndarray:
+    """float32 [m, padded_n] (or [padded_m, padded_n]): the rows, then zeros
+    for the K padding (and for the padding rows of TE's 16x16 tiles)."""
+    values = np.zeros((rows.shape[0] if padded_m is None else padded_m, padded_n), dtype=np.float32)
+    values[: rows.shape[0], : rows.shape[1]] = rows.astype(np.float32)
     return values
 
 
@@ -205,13 +242,9 @@ def compute_global_scale(x, per_row: bool = False) -> np.ndarray:
     per_row = check_bool(per_row, "per_row")
     m, n = rows_and_n(x.shape)
     values = x.reshape(m, n).astype(np.float32)
+    amax = _abs_max(values, 1 if per_row else None).reshape(-1)  # [m] or [1]
     with np.errstate(all="ignore"):
-        if per_row:
-            amax = np.max(np.abs(values), axis=1, initial=0.0) if n else np.zeros(m, np.float32)
-        else:
-            amax = np.array([np.max(np.abs(values), initial=0.0) if values.size else 0.0], np.float32)
-        # np.max with initial=0 ignores nothing: a NaN still propagates.
-        gs = np.minimum(np.float32(E4M3_MAX * E2M1_MAX) / amax.astype(np.float32), _FLT_MAX)
+        gs = np.minimum(np.float32(E4M3_MAX * E2M1_MAX) / amax, _FLT_MAX)
     return np.where(amax == 0, np.float32(1), gs).astype(np.float32)
 
 

@@ -47,8 +47,7 @@ from .nvfp4 import (
     _lay_out_scales,
     _pack_codes,
     _padded_rows,
-    e4m3_values,
-    quantize_blocks,
+    _scale_blocks,
 )
 from .philox import sr_words
 
@@ -67,7 +66,6 @@ __all__ = [
 # (as operand f, e, b, a) -> the bit position of its random byte in rbits.
 RBITS_SHIFT = (0, 16, 8, 24)
 _U64_LIMIT = 1 << 64
-_FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 
 def check_seed_offset(seed, offset) -> tuple[int, int]:
@@ -144,16 +142,10 @@ def quantize_blocks_sr(values: np.ndarray, global_scale: np.float32,
     (E2M1 codes [m, padded_n], E4M3 scale bytes [m, padded_n // 16]): the
     scale bytes and special cases of nvfp4.quantize_blocks, the codes
     stochastically rounded from the same y = RN(v * r)."""
-    m, padded_n = values.shape
-    _, scale_bytes = quantize_blocks(values, global_scale)
-    gs = np.float32(global_scale)
-    with np.errstate(all="ignore"):
-        sf_value = e4m3_values(scale_bytes)
-        r = np.where(sf_value == 0, np.float32(0), np.minimum(np.float32(1) / (sf_value / gs), _FLT_MAX))
-        y = values.reshape(m, padded_n // BLOCK_SIZE, BLOCK_SIZE) * r[..., None].astype(np.float32)
+    y, scale_bytes = _scale_blocks(values, global_scale)  # quantize_blocks' steps 1-5 and special cases
     codes = sr_e2m1(y, rand8.reshape(y.shape))
     codes[scale_bytes == E4M3_NAN_BYTE] = 0  # NaN-scaled blocks (invalid gs, NaN inside): zero codes
-    return codes.reshape(m, padded_n), scale_bytes
+    return codes.reshape(values.shape), scale_bytes
 
 
 def _quantize_rows_sr(values, scales, kind, seed, offset, first_row):

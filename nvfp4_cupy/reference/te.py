@@ -23,7 +23,6 @@ What it adds to numerics="ieee" (reference/nvfp4.py):
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 from .._format import (
@@ -39,7 +38,17 @@ from .._format import (
     round_up,
     rows_and_n,
 )
-from .nvfp4 import E4M3_NAN_BYTE, _lay_out_scales, _pack_codes
+from .nvfp4 import (
+    E4M3_NAN_BYTE,
+    _FLT_MAX,
+    _abs_max,
+    _e2m1_codes,
+    _e4m3_bytes,
+    _lay_out_scales,
+    _pack_codes,
+    _padded_rows,
+    e4m3_values,
+)
 
 __all__ = [
     "NUMERICS",
@@ -48,6 +57,11 @@ __all__ = [
     "check_tile",
     "encode_scale_from_amax_te",
     "compute_global_scale_te",
+    "te_block_scales",
+    "te_e4m3_scales",
+    "te_reciprocals",
+    "te_e2m1_codes",
+    "te_nan_scale_invalid_rows",
     "quantize_blocks_te",
     "scaled_fp4_quant_te",
     "quantize_te",
@@ -57,11 +71,9 @@ NUMERICS = ("ieee", "te")
 # tile name -> rows per tile (every tile is 16 values wide)
 TILES = {"1x16": 1, "16x16": 16}
 
-_FLT_MAX = np.float32(np.finfo(np.float32).max)
 _ONE = np.float32(1)
 # RN(1 / 6) = 0x3E2AAAAB: TE folds the 1/6 into the global scale (section 2).
 _RECIP_E2M1_MAX = np.float32(_ONE / np.float32(E2M1_MAX))
-_GLOBAL_NUMERATOR = np.float32(E4M3_MAX * E2M1_MAX)  # 2688, exact
 
 
 # ---------------------------------------------------------------------------
@@ -106,20 +118,17 @@ def _check_te_options(tile, columnwise, row_scaled) -> tuple[int, bool, bool]:
 # ---------------------------------------------------------------------------
 # Global encode scale (docs/te_numerics.md, section 3)
 # ---------------------------------------------------------------------------
-def encode_scale_from_amax_te(amax) -> np.ndarray:
+def encode_scale_from_amax_te(amax, *, e4m3_max=E4M3_MAX) -> np.ndarray:
     """TE's global encode scale S_enc from float32 amax values (any shape):
-    RN(2688 / amax), clamped to FLT_MAX (so amax = 0 gives FLT_MAX), and 1.0
-    where that is 0 (amax = inf). A NaN amax gives NaN."""
+    RN(e4m3_max * 6 / amax) (2688 / amax), clamped to FLT_MAX (so amax = 0
+    gives FLT_MAX), and 1.0 where that is 0 (amax = inf). A NaN amax gives
+    NaN. `e4m3_max` is TE's nvfp4_e4m3_max: 448, or 256 for Four Over Six
+    (docs/te_rht_and_4over6.md, B.1; te_rht.check_te_options checks it);
+    e4m3_max * 6 is exact in float32."""
     amax = np.asarray(amax, dtype=np.float32)
     with np.errstate(all="ignore"):
-        scale = np.minimum(_GLOBAL_NUMERATOR / amax, _FLT_MAX)  # np.minimum propagates NaN
+        scale = np.minimum(np.float32(e4m3_max * E2M1_MAX) / amax, _FLT_MAX)  # np.minimum propagates NaN
     return np.where(scale == 0, _ONE, scale).astype(np.float32)
-
-
-def _abs_max(values: np.ndarray, axis) -> np.ndarray:
-    """max |v| along axis, NaN-propagating, 0 over no values."""
-    with np.errstate(all="ignore"):
-        return np.max(np.abs(values), axis=axis, initial=np.float32(0)).astype(np.float32)
 
 
 def compute_global_scale_te(x, per_row: bool = False, *, columnwise: bool = False, per_expert: bool = False):
@@ -149,10 +158,65 @@ def compute_global_scale_te(x, per_row: bool = False, *, columnwise: bool = Fals
 
 
 # ---------------------------------------------------------------------------
-# Per-block arithmetic (docs/te_numerics.md, section 2)
+# Per-block arithmetic (docs/te_numerics.md, section 2). The steps are
+# functions of their own because the RHT and Four Over Six golden models
+# (te_rht.py, te_4over6.py) and TE's pow-2 MXFP4 rule (mx_rules.py) run them
+# too: Four Over Six builds its two candidates' scales its own way, then
+# casts, inverts and rounds them with these same steps.
 # ---------------------------------------------------------------------------
 def _valid_scale(gs: np.ndarray) -> np.ndarray:
     return np.isfinite(gs) & (gs > 0)
+
+
+def te_e4m3_scales(decode_scale) -> tuple[np.ndarray, np.ndarray]:
+    """TE's cast_to_e4m3 of float32 decode scales: clamp to [-448, 448],
+    round to nearest even E4M3 -> (scale bytes uint8, their float32 values).
+    A NaN gives 0x7F (TE's reference writes 0x7F or 0xFF, by the NaN's sign:
+    docs/te_rht_and_4over6.md, A.6). The bound is E4M3's own 448 whatever
+    Four Over Six's e4m3_max: TE clamps with FLOAT8_E4M3_MAX."""
+    s = np.asarray(decode_scale, dtype=np.float32)
+    scale_bytes = np.where(np.isnan(s), np.uint8(E4M3_NAN_BYTE), _e4m3_bytes(s))
+    return scale_bytes, e4m3_values(scale_bytes)
+
+
+def te_block_scales(block_amax, global_encode_scale) -> tuple[np.ndarray, np.ndarray]:
+    """The block scales of TE's basic numerics (1x16 blocks, 16x16 tiles):
+    sf = e4m3(min(RN(amax * RN(S_enc * RN(1/6))), FLT_MAX)) -> (scale bytes,
+    sf values), as te_e4m3_scales. S_enc broadcasts against block_amax
+    ([m, 1] against [m, K // 16])."""
+    with np.errstate(all="ignore"):
+        multiplier = np.asarray(global_encode_scale, np.float32) * _RECIP_E2M1_MAX  # RN(S_enc * RN(1/6))
+        s = np.minimum(np.asarray(block_amax, np.float32) * multiplier, _FLT_MAX)  # NaN stays NaN
+    return te_e4m3_scales(s)
+
+
+def te_reciprocals(sf_values, global_encode_scale) -> np.ndarray:
+    """TE's encode factor of each block: r = min(RN(1 / RN(sf * RN(1 / S_enc))),
+    FLT_MAX), so a zero-scale block gets FLT_MAX (1 / 0 = inf, clamped), not
+    0 as in numerics="ieee"; a NaN sf gives a NaN r (and so codes 0x0)."""
+    with np.errstate(all="ignore"):
+        s_dec = _ONE / np.asarray(global_encode_scale, np.float32)  # RN(1 / S_enc)
+        return np.minimum(_ONE / (np.asarray(sf_values, np.float32) * s_dec), _FLT_MAX).astype(np.float32)
+
+
+def te_e2m1_codes(y) -> np.ndarray:
+    """TE's cast_to_fp4x2 of y = RN(v * r): clamp to [-6, 6], round to
+    nearest even E2M1, but code 0x0 for an exact zero of either sign and for
+    NaN: TE tests x < -0.0 for the negative codes, and NaN passes no test (a
+    negative value that rounds to zero still gives 0x8)."""
+    y = np.asarray(y)
+    return np.where((y == 0) | np.isnan(y), np.uint8(0), _e2m1_codes(y))
+
+
+def te_nan_scale_invalid_rows(codes: np.ndarray, scale_bytes: np.ndarray, global_encode_scale) -> None:
+    """In place: every row whose S_enc ([1] for all rows, or one per row) is
+    not finite and > 0 (NaN, +-inf, 0, negative: possible only from a device
+    array or a given amax) gets scale 0x7F and codes 0x0 (section 2.1,
+    case 1). codes and scale_bytes hold the rows on their first axis."""
+    invalid = ~_valid_scale(np.asarray(global_encode_scale, np.float32).reshape(-1))
+    rows = np.broadcast_to(invalid, (scale_bytes.shape[0],))
+    scale_bytes[rows] = E4M3_NAN_BYTE
+    codes[rows] = 0
 
 
 def quantize_blocks_te(values: np.ndarray, global_encode_scale, tile: str = "1x16") -> tuple[np.ndarray, np.ndarray]:
@@ -180,28 +244,17 @@ def quantize_blocks_te(values: np.ndarray, global_encode_scale, tile: str = "1x1
         raise ValueError(f"global_encode_scale must hold 1 value, or one per row for tile='1x16', got {gs.size} "
                          f"for {m} rows with tile={tile!r}")
     blocks = values.reshape(m, padded_n // BLOCK_SIZE, BLOCK_SIZE)
+    amax = _abs_max(blocks, -1)  # [m, kb]
+    if tile_rows > 1:  # one amax per 16x16 tile, repeated on its 16 rows
+        tile_amax = amax.reshape(m // tile_rows, tile_rows, padded_n // BLOCK_SIZE).max(axis=1)
+        amax = np.repeat(tile_amax, tile_rows, axis=0)
+    g = gs[:, None]
+    # A block whose s is NaN (a NaN inside, or a NaN S_enc) comes out 0x7F
+    # with codes 0x0 through these steps: its sf, r and y are NaN.
+    scale_bytes, sf_values = te_block_scales(amax, g)
     with np.errstate(all="ignore"):
-        amax = np.max(np.abs(blocks), axis=-1, initial=np.float32(0))  # [m, kb], NaN-propagating
-        if tile_rows > 1:  # one amax per 16x16 tile, repeated on its 16 rows
-            tile_amax = amax.reshape(m // tile_rows, tile_rows, padded_n // BLOCK_SIZE).max(axis=1)
-            amax = np.repeat(tile_amax, tile_rows, axis=0)
-        g = gs[:, None]
-        g_decode = _ONE / g  # RN(1 / S_enc)
-        multiplier = g * _RECIP_E2M1_MAX  # RN(S_enc * RN(1/6))
-        s = np.minimum(amax * multiplier, _FLT_MAX)  # RN(amax * multiplier); NaN stays NaN
-        # ml_dtypes rounds to nearest even; min(s, 448) is TE's clamp (>= 448 gives 448).
-        sf = np.minimum(s, np.float32(E4M3_MAX)).astype(ml_dtypes.float8_e4m3fn)
-        sf_value = sf.astype(np.float32)
-        r = np.minimum(_ONE / (sf_value * g_decode), _FLT_MAX)  # sf = 0 gives 1 / 0 = inf, clamped
-        y = blocks * r[..., None]
-        codes = np.clip(y, -E2M1_MAX, E2M1_MAX).astype(ml_dtypes.float4_e2m1fn).view(np.uint8).copy()
-    # TE's FP4 cast writes 0x0 for an exact zero of either sign and for NaN
-    # (it tests x < -0.0 for the negative codes, and NaN passes no test).
-    codes[(y == 0) | np.isnan(y)] = 0
-    scale_bytes = sf.view(np.uint8).copy()
-    nan_blocks = np.isnan(s) | ~_valid_scale(g)
-    scale_bytes[nan_blocks] = E4M3_NAN_BYTE
-    codes[nan_blocks] = 0
+        codes = te_e2m1_codes(blocks * te_reciprocals(sf_values, g)[..., None])
+    te_nan_scale_invalid_rows(codes, scale_bytes, gs)
     return codes.reshape(m, padded_n), scale_bytes
 
 
@@ -273,9 +326,8 @@ def _quantize_matrix(matrix: np.ndarray, gs: np.ndarray, padded_k: int, tile_row
     """One 2-D matrix [rows, k] -> (packed [rows, padded_k // 2], scales in
     the layout): zero padding to padded_k columns and, for 16x16 tiles, to
     whole tiles of rows; the pad rows are dropped again."""
-    rows, k = matrix.shape
-    values = np.zeros((round_up(rows, tile_rows), padded_k), np.float32)
-    values[:rows, :k] = matrix.astype(np.float32)
+    rows = matrix.shape[0]
+    values = _padded_rows(matrix, padded_k, round_up(rows, tile_rows))
     codes, scale_bytes = quantize_blocks_te(values, gs, "1x16" if tile_rows == 1 else "16x16")
     return _pack_codes(codes[:rows]), _lay_out_scales(scale_bytes[:rows], scale_layout, padded_k)
 

@@ -33,20 +33,16 @@ from .._format import (
     resolve_padded_n,
     rows_and_n,
 )
-from .nvfp4 import compute_global_scale, dequantize, e2m1_values, scaled_fp4_quant
-from .te_rht import (
-    RHT_SIZE,
-    _e4m3_bytes,
-    _e4m3_float,
-    _quantize_te_rows,
-    _te_e2m1_codes,
-    _te_encode_scale,
-    _te_quantize_blocks,
-    _te_reciprocal,
-    check_te_options,
-    hadamard_matrix,
-    scaled_fp4_quant_rht,
+from .nvfp4 import _abs_max, compute_global_scale, dequantize, e2m1_values, e4m3_values, scaled_fp4_quant
+from .te import (
+    encode_scale_from_amax_te,
+    quantize_te,
+    te_e2m1_codes,
+    te_e4m3_scales,
+    te_nan_scale_invalid_rows,
+    te_reciprocals,
 )
+from .te_rht import RHT_SIZE, _quantize_te_rows, check_te_options, hadamard_matrix, scaled_fp4_quant_rht
 
 __all__ = ["scaled_fp4_quant_4over6", "fp16_candidate", "accuracy_table", "format_accuracy_table"]
 
@@ -68,7 +64,7 @@ def fp16_candidate(codes, scale_bytes) -> np.ndarray:
     codes = np.asarray(codes, np.uint8)
     scale_bytes = np.asarray(scale_bytes, np.uint8)
     q = e2m1_values(codes)
-    magnitude = np.abs(q) * _e4m3_float(scale_bytes & np.uint8(0x7F))  # exact
+    magnitude = np.abs(q) * e4m3_values(scale_bytes & np.uint8(0x7F))  # exact
     negative = (q < 0) ^ (scale_bytes >= 0x80)
     value = np.where(negative, -magnitude, magnitude)
     return np.where((scale_bytes & 0x7F) == 0x7F, FP16_NAN_AS_DECODED, value).astype(np.float32)
@@ -77,21 +73,20 @@ def fp16_candidate(codes, scale_bytes) -> np.ndarray:
 def _four_over_six_blocks(values: np.ndarray, amax: np.ndarray, s_enc: np.ndarray, e4m3_max: int, err_mode: str,
                           fast: bool) -> tuple[np.ndarray, np.ndarray]:
     """float32 [m, K] -> (codes [m, K], scale bytes [m, K // 16]),
-    docs/te_rht_and_4over6.md, section B.2."""
+    docs/te_rht_and_4over6.md, section B.2. The candidates' scales are Four
+    Over Six's own (RN(RN(amax / 6) * S_enc), times 1.5 for map to 4); their
+    cast, reciprocal and codes are TE's basic steps (reference/te.py)."""
     m, k = values.shape
     blocks = values.reshape(m, k // BLOCK_SIZE, BLOCK_SIZE)
     amax = np.asarray(amax, np.float32).reshape(-1, 1)  # [1 or m, 1]: per tensor or per row
     s_enc = np.asarray(s_enc, np.float32).reshape(-1, 1)
+    block_amax = _abs_max(blocks, -1)
     with np.errstate(all="ignore"):
-        s_dec = _F32(1) / s_enc
-        block_amax = np.max(np.abs(blocks), axis=-1)
         base = (block_amax / _F32(E2M1_MAX)) * s_enc
         candidates = []
         for decode_scale in (base * _MAP4_FACTOR, base):  # map to 4, map to 6
-            scale_bytes = _e4m3_bytes(decode_scale)
-            scale_value = _e4m3_float(scale_bytes)
-            r = _te_reciprocal(scale_value, s_dec)
-            codes = _te_e2m1_codes(blocks * r[..., None])
+            scale_bytes, scale_value = te_e4m3_scales(decode_scale)
+            codes = te_e2m1_codes(blocks * te_reciprocals(scale_value, s_enc)[..., None])
             candidates.append((codes, scale_bytes, scale_value))
         if fast:
             reference = blocks * s_enc[..., None]  # RN(v * S_enc)
@@ -111,8 +106,9 @@ def _four_over_six_blocks(values: np.ndarray, amax: np.ndarray, s_enc: np.ndarra
             errors.append(err)
         pick4 = errors[0] < errors[1]  # ties and NaN errors keep map-to-6
     (codes4, bytes4, _), (codes6, bytes6, _) = candidates
-    codes = np.where(pick4[..., None], codes4, codes6)
-    return codes.reshape(m, k), np.where(pick4, bytes4, bytes6)
+    codes, scale_bytes = np.where(pick4[..., None], codes4, codes6), np.where(pick4, bytes4, bytes6)
+    te_nan_scale_invalid_rows(codes, scale_bytes, s_enc)
+    return codes.reshape(m, k), scale_bytes
 
 
 def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
@@ -164,7 +160,7 @@ def _data(kind: str, shape: tuple[int, int], rng: np.random.Generator) -> np.nda
 def _te_dequantize(packed, scales, amax, e4m3_max, n):
     """e2m1 * sf / S_enc in float32 (our dequantize with S_enc as the global
     scale): what TE's GEMM alpha amax / (6 * e4m3_max) gives back."""
-    s_enc = _te_encode_scale(amax, e4m3_max)
+    s_enc = encode_scale_from_amax_te(amax, e4m3_max=e4m3_max)
     return dequantize(packed, scales, s_enc, n, layout="linear")
 
 
@@ -195,10 +191,8 @@ def accuracy_table(m: int = 256, n: int = 1024, dtype="bfloat16", seed: int = 0)
         gs = compute_global_scale(x)
         packed, scales = scaled_fp4_quant(x, gs, layout="linear")
         results["ieee"] = dequantize(packed, scales, gs, n, layout="linear")
-        packed, scales, te_amax = _quantize_te_rows(
-            x.astype(np.float32), n, resolve_layout(layout="linear"), None, False,
-            lambda v, amax, s_enc: _te_quantize_blocks(v, s_enc))
-        results["te"] = _te_dequantize(packed, scales, te_amax, 448, n)
+        packed, scales, te_gs = quantize_te(x, layout="linear")
+        results["te"] = dequantize(packed, scales, te_gs, n, layout="linear")
         for e4m3_max in (448, 256):
             for mode in ("MAE", "MSE"):
                 packed, scales, amax = scaled_fp4_quant_4over6(x, layout="linear", err_mode=mode, e4m3_max=e4m3_max)

@@ -25,10 +25,11 @@ Public:
   x [..., N]: flattened to [M, N], transposed to [N, M], the same call.
 - check_te_options(...): which combinations of the TE variants are defined.
 
-Private TE basics (to fold into reference/te.py, which holds TE's basic "te"
-numerics): _te_global_amax, _te_encode_scale, _te_quantize_blocks,
-_te_e2m1_codes, _resolve_global_amax. No torch here: TE's code is only the
-tests' oracle (tests/te_oracle.py).
+TE's basic numerics after the transform are reference/te.py's
+(quantize_blocks_te, encode_scale_from_amax_te); this module adds only the
+global-amax convention shared with Four Over Six (_resolve_global_amax,
+_quantize_te_rows). No torch here: TE's code is only the tests' oracle
+(tests/te_oracle.py).
 """
 
 from __future__ import annotations
@@ -36,12 +37,9 @@ from __future__ import annotations
 import math
 import numbers
 
-import ml_dtypes
 import numpy as np
 
 from .._format import (
-    BLOCK_SIZE,
-    E2M1_MAX,
     E4M3_MAX,
     NUMPY_DTYPES,
     block_size_of,
@@ -53,7 +51,8 @@ from .._format import (
     resolve_padded_n,
     rows_and_n,
 )
-from .nvfp4 import E4M3_NAN_BYTE, _lay_out_scales, _pack_codes, _padded_rows
+from .nvfp4 import _abs_max, _lay_out_scales, _pack_codes, _padded_rows
+from .te import encode_scale_from_amax_te, quantize_blocks_te
 
 __all__ = [
     "RHT_SIZE",
@@ -75,8 +74,6 @@ RHT_SIGNS = np.array([1, 1, 1, -1, 1, -1, -1, -1, -1, -1, -1, 1, -1, 1, -1, -1],
 RHT_SIGNS.setflags(write=False)
 _RHT_SCALE = np.float32(0.25)  # 1 / sqrt(16), exact
 _TERMS = RHT_SIGNS * _RHT_SCALE  # +-0.25: element i's factor before the butterfly
-_FLT_MAX = np.float32(np.finfo(np.float32).max)
-_F32 = np.float32
 E4M3_MAX_CHOICES = (448, 256)
 ERR_MODES = ("MAE", "MSE")
 
@@ -161,7 +158,7 @@ def rht_global_amax(x, per_row: bool = False, transform_dtype: str = "input") ->
     per_row = check_bool(per_row, "per_row")
     transformed = rht(x, transform_dtype)
     m, k = rows_and_n(transformed.shape)
-    return _te_global_amax(transformed.reshape(m, k), per_row)
+    return _abs_max(transformed.reshape(m, k), 1 if per_row else None).reshape(-1)
 
 
 # ---------------------------------------------------------------------------
@@ -207,77 +204,14 @@ def check_te_options(*, fmt="nvfp4", rht=False, four_over_six=False, e4m3_max=No
 
 
 # ---------------------------------------------------------------------------
-# Private TE basics: TE's global scale and its basic NVFP4 block quantizer
-# (docs/te_rht_and_4over6.md, section A.4, part F). Duplicates of
-# reference/te.py's, to fold together:
-#   _te_quantize_blocks(values, s_enc) = te.quantize_blocks_te(values, s_enc)
-#   _te_encode_scale(amax, 448)        = te.encode_scale_from_amax_te(amax)
-#                                        (Four Over Six also needs 256)
-#   _te_global_amax(values, per_row)   = te._abs_max over all, or per row
-#   _te_e2m1_codes, _te_reciprocal, _e4m3_bytes, _e4m3_float: the inner steps
-#   of te.quantize_blocks_te, which Four Over Six runs once per candidate.
+# TE's quantization of rows under a global amax (docs/te_rht_and_4over6.md,
+# section A.4). The arithmetic is reference/te.py's; what is ours here is the
+# convention: these functions take the global amax, which Four Over Six's
+# error needs raw (B.2 step 8), where te.py takes the encode scale S_enc.
 # ---------------------------------------------------------------------------
-def _te_global_amax(values: np.ndarray, per_row: bool) -> np.ndarray:
-    """max |v| of float32 [m, n] as float32 [1] (or [m]), NaN-propagating,
-    0 where there are no values."""
-    m, n = values.shape
-    with np.errstate(all="ignore"):
-        if per_row:
-            return (np.max(np.abs(values), axis=1) if n and m else np.zeros(m)).astype(np.float32)
-        return np.array([np.max(np.abs(values)) if values.size else 0.0], np.float32)
-
-
-def _te_encode_scale(amax: np.ndarray, e4m3_max: int = 448) -> np.ndarray:
-    """TE's global encode scale S_enc = min(RN(e4m3_max * 6 / amax), FLT_MAX),
-    and 1 where that is 0 (amax = inf). amax = 0 gives FLT_MAX, NaN gives NaN."""
-    with np.errstate(all="ignore"):
-        s_enc = np.minimum(_F32(e4m3_max * E2M1_MAX) / np.asarray(amax, np.float32), _FLT_MAX)
-    return np.where(s_enc == 0, _F32(1), s_enc).astype(np.float32)
-
-
-def _e4m3_bytes(s: np.ndarray) -> np.ndarray:
-    """TE's scale cast: clamp to [-448, 448], round to nearest even E4M3.
-    A NaN is always 0x7F (TE's reference sometimes writes 0xFF, section A.6)."""
-    with np.errstate(all="ignore"):
-        scale_bytes = np.clip(s, -_F32(E4M3_MAX), _F32(E4M3_MAX)).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
-    return np.where(np.isnan(s), np.uint8(E4M3_NAN_BYTE), scale_bytes)
-
-
-def _e4m3_float(scale_bytes: np.ndarray) -> np.ndarray:
-    return scale_bytes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
-
-
-def _te_e2m1_codes(y: np.ndarray) -> np.ndarray:
-    """TE's E2M1 conversion of RN(v * r): clamp to [-6, 6], round to nearest
-    even; -0.0 and NaN give code 0 (a negative value that rounds to zero
-    gives 0x8)."""
-    with np.errstate(all="ignore"):
-        codes = np.clip(y, -_F32(E2M1_MAX), _F32(E2M1_MAX)).astype(ml_dtypes.float4_e2m1fn).view(np.uint8)
-    return np.where((y == 0) | np.isnan(y), np.uint8(0), codes)
-
-
-def _te_reciprocal(scale_value: np.ndarray, s_dec: np.ndarray) -> np.ndarray:
-    """r = min(RN(1 / RN(sf * S_dec)), FLT_MAX): FLT_MAX for sf = 0."""
-    with np.errstate(all="ignore"):
-        return np.minimum(_F32(1) / (scale_value * s_dec), _FLT_MAX).astype(np.float32)
-
-
-def _te_quantize_blocks(values: np.ndarray, s_enc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """TE's basic NVFP4 numerics, float32 [m, K] under S_enc ([1] or [m]) ->
-    (codes uint8 [m, K], scale bytes uint8 [m, K // 16]):
-    sf = e4m3(min(RN(amax * RN(S_enc * RN(1/6))), FLT_MAX)),
-    r = min(RN(1 / RN(sf * RN(1 / S_enc))), FLT_MAX), code = e2m1(RN(v * r))."""
-    m, k = values.shape
-    blocks = values.reshape(m, k // BLOCK_SIZE, BLOCK_SIZE)
-    s_enc = np.asarray(s_enc, np.float32).reshape(-1, 1)
-    with np.errstate(all="ignore"):
-        s_dec = _F32(1) / s_enc
-        multiplier = s_enc * (_F32(1) / _F32(E2M1_MAX))
-        amax = np.max(np.abs(blocks), axis=-1)
-        scale_bytes = _e4m3_bytes(np.minimum(amax * multiplier, _FLT_MAX))
-        r = _te_reciprocal(_e4m3_float(scale_bytes), s_dec)
-        codes = _te_e2m1_codes(blocks * r[..., None])
-    return codes.reshape(m, k), scale_bytes
+# TE's basic block quantizer under the name tests/test_reference_te_rht_4over6.py
+# imports: te.quantize_blocks_te(values, s_enc), 1x16 tiles.
+_te_quantize_blocks = quantize_blocks_te
 
 
 def _resolve_global_amax(global_amax, values: np.ndarray, per_row: bool) -> np.ndarray:
@@ -287,7 +221,7 @@ def _resolve_global_amax(global_amax, values: np.ndarray, per_row: bool) -> np.n
     as is, like a device array)."""
     m, n = values.shape
     if global_amax is None:
-        return _te_global_amax(values, per_row)
+        return _abs_max(values, 1 if per_row else None).reshape(-1)
     if per_row:
         raise ValueError("per_row=True asks for a computed amax per row; with a global_amax given, its shape "
                          "says whether it is per row: pass one or the other")
@@ -306,20 +240,19 @@ def _resolve_global_amax(global_amax, values: np.ndarray, per_row: bool) -> np.n
     return np.array([value + 0.0], np.float32)  # -0.0 counts as 0
 
 
-def _quantize_te_rows(values: np.ndarray, padded_n: int, layout, global_amax, per_row: bool, quantize_blocks,
+def _quantize_te_rows(values: np.ndarray, padded_n: int, layout, global_amax, per_row: bool, quantize_blocks=None,
                       e4m3_max: int = 448):
     """The shared tail: amax (after any transform), S_enc, K padding, the
-    block quantizer, packing and the scale layout."""
+    block quantizer, packing and the scale layout. quantize_blocks(values,
+    amax, s_enc) -> (codes, scale bytes) NaN-scales the rows of an invalid
+    S_enc itself; None is TE's basic numerics (te.quantize_blocks_te)."""
     amax = _resolve_global_amax(global_amax, values, per_row)
-    s_enc = _te_encode_scale(amax, e4m3_max)
-    codes, scale_bytes = quantize_blocks(_padded_rows(values, padded_n), amax, s_enc)
-    # An S_enc that is not finite and > 0 (NaN, or from a negative or -0.0 amax
-    # given in an array) NaN-scales its rows, as docs/te_numerics.md, 2.1, case 1.
-    invalid = ~(np.isfinite(s_enc) & (s_enc > 0))
-    if invalid.any():
-        rows = np.broadcast_to(invalid, (values.shape[0],))
-        scale_bytes[rows] = E4M3_NAN_BYTE
-        codes[rows] = 0
+    s_enc = encode_scale_from_amax_te(amax, e4m3_max=e4m3_max)
+    padded = _padded_rows(values, padded_n)
+    if quantize_blocks is None:
+        codes, scale_bytes = quantize_blocks_te(padded, s_enc)
+    else:
+        codes, scale_bytes = quantize_blocks(padded, amax, s_enc)
     return _pack_codes(codes), _lay_out_scales(scale_bytes, layout, padded_n), amax
 
 
@@ -352,8 +285,7 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
     padded_n = resolve_padded_n(k, padded_n)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     transformed = _transform(x.reshape(m, k), dtype_name, transform_dtype)
-    return _quantize_te_rows(transformed, padded_n, scale_layout, global_amax, per_row,
-                             lambda v, amax, s_enc: _te_quantize_blocks(v, s_enc))
+    return _quantize_te_rows(transformed, padded_n, scale_layout, global_amax, per_row)
 
 
 def scaled_fp4_quant_rht_columnwise(x, global_amax=None, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
