@@ -19,6 +19,7 @@ nvfp4_cupy.reference import te`):
 """
 
 from .._format import LAYOUTS
+from . import nvfp4
 from .nvfp4 import (
     E4M3_NAN_BYTE,
     E8M0_NAN_BYTE,
@@ -34,18 +35,4 @@ from .nvfp4 import (
     unswizzle_scales,
 )
 
-__all__ = [
-    "scaled_fp4_quant",
-    "compute_global_scale",
-    "quantize_blocks",
-    "quantize_mx_blocks",
-    "scale_offsets",
-    "unpack_codes",
-    "e2m1_values",
-    "e4m3_values",
-    "unswizzle_scales",
-    "dequantize",
-    "LAYOUTS",
-    "E4M3_NAN_BYTE",
-    "E8M0_NAN_BYTE",
-]
+__all__ = [*nvfp4.__all__, "LAYOUTS", "E4M3_NAN_BYTE", "E8M0_NAN_BYTE"]
