@@ -234,6 +234,86 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+
+
+def _parse_devices(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        devices = [int(d) for d in text.split(",")]
+    except ValueError:
+        raise UserError(f"--devices {text}: a comma-separated list of GPU ids, e.g. 0,1") from None
+    if not devices or len(set(devices)) != len(devices) or min(devices) < 0:
+        raise UserError(f"--devices {text}: distinct non-negative GPU ids, e.g. 0,1")
+    return devices
+
+
+def cmd_convert(args) -> int:
+    import warnings
+
+    try:
+        from .checkpoint import DEFAULT_EXCLUDE, CheckpointError, convert
+    except ImportError as exc:
+        raise UserError(f"the checkpoint commands need the checkpoint extra ({exc})") from None
+    exclude = ([] if args.no_default_exclude else list(DEFAULT_EXCLUDE)) + list(args.exclude or [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = convert(args.input, args.output, args.format, exclude=exclude, cpu=args.cpu, resume=args.resume,
+                             overwrite=args.overwrite, shard_index=args.shard_index, num_shards=args.num_shards,
+                             devices=_parse_devices(args.devices), progress=not args.no_progress)
+        except CheckpointError as exc:
+            raise UserError(str(exc)) from None
+    for w in caught:
+        print(f"nvfp4-cupy convert: warning: {w.message}", file=sys.stderr)
+    where = "cpu (golden model)" if args.cpu else "gpu"
+    print(f"{args.input} -> {args.output} ({args.format}, {where}): {report.quantized} Linear weights to NVFP4, "
+          f"{len(report.written)} shards written, {len(report.resumed)} already there (verified), "
+          f"{report.seconds:.1f} s")
+    print("weight-only: no input_scale (no activation calibration); "
+          + ("hf_quant_config.json says quant_algo W4A16_NVFP4, which loaders run with unquantized activations"
+             if args.format == "modelopt" else
+             "quantization_config has input_activations null (W4A16), which loaders run with unquantized activations"))
+    return 0
+
+
+def cmd_dequantize_checkpoint(args) -> int:
+    from .checkpoint import CheckpointError, dequantize_checkpoint
+
+    try:
+        shards = dequantize_checkpoint(args.input, args.output, overwrite=args.overwrite)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{args.input} -> {args.output}: {len(shards)} shards, NVFP4 weights as bfloat16")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint import CheckpointError, inspect_checkpoint
+
+    try:
+        result = inspect_checkpoint(args.input, args.reference)
+    except CheckpointError as exc:
+        raise UserError(str(exc)) from None
+    print(f"{args.input}: {result['format']}, {len(result['tensors'])} NVFP4 weights, {result['other']} other tensors")
+    for t in result["tensors"]:
+        line = (f"  {t['module']}: [{t['shape'][0]}, {t['shape'][1]}] {t['packed']}, scales {t['scale_shape']} E4M3 "
+                f"({t['zero_scales']} zero, {t['nan_scales']} NaN), global scale {t['global_scale']:.6g} "
+                f"(decode {t['decode_scale']:.6g}; {t['stored_global']})")
+        err = result["error"].get(t["module"])
+        if err:
+            line += f", SQNR {err['sqnr_db']:.2f} dB, max |err| {err['max_abs']:.3g}"
+        print(line)
+    for key, scales in sorted(result["groups"].items()):
+        shared = "shared" if len(set(scales)) == 1 else "NOT shared"
+        print(f"  fused {key}: {len(scales)} weights, global scale {shared}")
+    if result["error"]:
+        sqnr = [e["sqnr_db"] for e in result["error"].values()]
+        print(f"error vs {args.reference}: SQNR min {min(sqnr):.2f} dB, mean {sum(sqnr) / len(sqnr):.2f} dB "
+              f"over {len(sqnr)} weights")
+    return 0
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -292,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="NVFP4 quantization on every NVIDIA GPU from sm_80, bit-exact to a NumPy golden model. "
         "Without a command: the demo.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info,warm,quantize,dequantize}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,info,warm,quantize,dequantize,convert,dequantize-checkpoint,inspect}")
     demo = sub.add_parser("demo", help="quantize a built-in LLM-like activation and check every byte (default)")
     demo.add_argument("--layout", default="swizzled", choices=sorted(LAYOUTS), help="scale layout")
     sub.add_parser("bench", help="the benchmark, on a GPU (see `nvfp4-cupy bench --help`)", add_help=False)
@@ -321,10 +401,39 @@ def build_parser() -> argparse.ArgumentParser:
     dequantize.add_argument("input", help="the prefix given to quantize")
     dequantize.add_argument("output", help="output .npy file (written under exactly this name)")
     dequantize.add_argument("--dtype", choices=SUPPORTED_DTYPES, help="default: the quantized input's")
+    convert = sub.add_parser(
+        "convert", help="a Hugging Face safetensors model -> an NVFP4 checkpoint (ModelOpt or compressed-tensors)",
+        description="Quantize every Linear weight of a Hugging Face safetensors model directory to NVFP4 and write "
+                    "it in a serving engine's format; everything else is carried over (docs/checkpoints.md).")
+    convert.add_argument("input", help="model directory (safetensors shards, with or without an index)")
+    convert.add_argument("output", help="output directory (must not exist, unless --resume or --overwrite)")
+    convert.add_argument("--format", required=True, choices=["modelopt", "compressed-tensors"])
+    convert.add_argument("--exclude", action="append", metavar="PATTERN",
+                         help="module-name pattern (fnmatch) left unquantized, repeatable; added to the defaults")
+    convert.add_argument("--no-default-exclude", action="store_true",
+                         help="drop the default patterns (embeddings, norms, lm_head, routers)")
+    convert.add_argument("--cpu", action="store_true", help="the golden model instead of the GPU")
+    convert.add_argument("--resume", action="store_true", help="keep shards already written and verified")
+    convert.add_argument("--overwrite", action="store_true", help="write into an existing directory")
+    convert.add_argument("--devices", help="GPU ids, e.g. 0,1: one worker process per GPU")
+    convert.add_argument("--shard-index", type=int, default=0, help="this machine's part (0-based)")
+    convert.add_argument("--num-shards", type=int, default=1, help="how many parts the shards are split into")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+    deq = sub.add_parser("dequantize-checkpoint", help="an NVFP4 checkpoint back to a bfloat16 safetensors model",
+                         description="Dequantize every NVFP4 weight with its format's own arithmetic into bfloat16.")
+    deq.add_argument("input", help="NVFP4 checkpoint directory (ModelOpt or compressed-tensors)")
+    deq.add_argument("output", help="output directory (must not exist, unless --overwrite)")
+    deq.add_argument("--overwrite", action="store_true")
+    insp = sub.add_parser("inspect", help="which tensors of a checkpoint are NVFP4, their scales and error",
+                          description="List the NVFP4 weights, their block and global scales, fused groups, and "
+                                      "with --reference the dequantization error against the unquantized model.")
+    insp.add_argument("input", help="NVFP4 checkpoint directory")
+    insp.add_argument("--reference", help="the unquantized model directory, for an error summary")
     return parser
 
 
-COMMANDS = {"demo": cmd_demo, "info": cmd_info, "warm": cmd_warm, "quantize": cmd_quantize, "dequantize": cmd_dequantize}
+COMMANDS = {"demo": cmd_demo, "info": cmd_info, "warm": cmd_warm, "quantize": cmd_quantize, "dequantize": cmd_dequantize,
+            "convert": cmd_convert, "dequantize-checkpoint": cmd_dequantize_checkpoint, "inspect": cmd_inspect}
 
 
 def main(argv: list[str] | None = None) -> int:
