@@ -15,7 +15,9 @@ nvfp4_cupy.reference import te`):
   (docs/te_rht_and_4over6.md);
 - philox, stochastic: stochastic rounding from a Philox4x32-10 stream;
   mx_rules: the MXFP4 scale rules floor, rceil and TE's pow-2
-  (docs/stochastic_rounding_and_mx_rules.md).
+  (docs/stochastic_rounding_and_mx_rules.md);
+- fused: RMSNorm + quantize, SiLU-and-mul + quantize, grouped experts with
+  offsets or counts, fake quantization (docs/fused_ops.md).
 """
 
 from .._format import LAYOUTS
