@@ -28,6 +28,7 @@ from nvfp4_cupy._runtime.compile import (  # noqa: E402
     kernel_source,
     nvrtc_arch,
     target_for,
+    wide_blocks_per_thread,
 )
 from nvfp4_cupy._runtime.nvrtc import compile_program, supported_archs  # noqa: E402
 
@@ -39,7 +40,12 @@ def main() -> int:
     archs = supported_archs()
     target = SOFTWARE if "--software" in sys.argv else target_for(cc, archs)
     kind = DequantizeVariant if "--dequantize" in sys.argv else QuantizeVariant
-    variant = kind(dtype, LAYOUTS["swizzled"], True)
+    # Quantize: the wide kernel that large inputs get (ops/quantize.py).
+    blocks = wide_blocks_per_thread(dtype, "nvfp4") if kind is QuantizeVariant else 1
+    variant = QuantizeVariant(dtype, LAYOUTS["swizzled"], True, blocks_per_thread=blocks) if blocks > 1 else \
+        kind(dtype, LAYOUTS["swizzled"], True)
+    if kind is DequantizeVariant:
+        blocks = variant.max_blocks_per_thread  # what large tensors get (ops/dequantize.py)
     # The library's build (-arch=sm_XX or sm_XXa), stopped at PTX
     # (compute_XX or compute_XXa: compile_program returns the PTX text), for
     # the local ptxas to assemble for that sm.
@@ -60,9 +66,60 @@ def main() -> int:
     body_end = max(i for i, (_, op) in enumerate(lines) if op == "EXIT") + 1
     histogram = collections.Counter(op.split(".")[0] for _, op in lines[:body_end])
     print(f"{variant.names[0]} on {arch}, {target.description}")
-    print(f"{body_end} SASS instructions in the body (+{len(lines) - body_end} out of line) for 16 values")
+    print(f"{body_end} SASS instructions in the body for {16 * blocks} values a thread: {body_end / blocks:.0f} per "
+          f"16 values (every path of the body counted once; +{len(lines) - body_end} out of line)")
     print(", ".join(f"{op} {count}" for op, count in histogram.most_common(16)))
+    if kind is DequantizeVariant:
+        fast, per_thread = dequantize_fast_path(sass)
+        print(f"fast path (every block in the shortcut's range, {blocks} blocks a thread): {fast} instructions, "
+              f"{fast / blocks:.1f} per 16 values; {per_thread} of them before the first block")
     return 0
+
+
+def dequantize_fast_path(sass: str) -> tuple[int, int]:
+    """(instructions a thread executes, those before its first block) when
+    every block takes the shortcut and the thread block shares its scale
+    tables: the kernel's first function walked from its start, every forward
+    branch decided this way: around a CALL (the out-of-line exact paths, the
+    per-value formula and div.rn's slow path) where one side holds one, else
+    the shorter side of an if/else (the shared tables' lookup, against making
+    a block's table), else straight on (more blocks to do)."""
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass.split("Function :")[1])
+    body = [(int(address, 16), bool(predicate), op, rest) for address, predicate, op, rest in found]
+    at = {address: i for i, (address, *_) in enumerate(body)}
+
+    def branch(i):  # (target index, conditional) of a forward BRA, else None
+        address, predicated, op, rest = body[i]
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target is None or at.get(int(target.group(1), 16), -1) <= i:
+            return None
+        return at[int(target.group(1), 16)], predicated or bool(re.match(r"\s*!?U?P\d", rest))
+
+    def calls(lo, hi):
+        return any(body[k][2].startswith("CALL") for k in range(lo, hi))
+
+    taken, i = [], 0
+    while i < len(body):
+        taken.append(body[i])
+        if body[i][2] == "EXIT" and not body[i][1]:
+            break
+        jump = branch(i)
+        if jump is None:
+            i += 1
+            continue
+        target, conditional = jump
+        if not conditional:
+            i = target
+            continue
+        join = branch(target - 1)  # the fall-through side ends in BRA join: an if/else
+        if join is not None and not join[1] and join[0] >= target:
+            here, there = calls(i + 1, target), calls(target, join[0])
+            take = here and not there or (here == there and join[0] - target < target - i - 1)
+        else:
+            take = calls(i + 1, target)
+        i = target if take else i + 1
+    first_exit = next(k for k, x in enumerate(taken) if x[2] == "EXIT")
+    return len(taken), first_exit + 1
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 // Reading one 16-value block of a row of x: two (16-bit input) or four
 // (float32) 16-byte loads when the launcher has checked alignment, element
-// loads otherwise. Shared by the quantizer and the global-scale reduction.
+// loads otherwise. Used by the quantizer.
 #pragma once
 
 #include "numerics.cuh"

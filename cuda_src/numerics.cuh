@@ -13,6 +13,8 @@
 // PTX generated with -ftz=true holds no .ftz instruction.
 #pragma once
 
+#include "division.cuh"
+
 namespace nvfp4 {
 
 typedef unsigned char u8;
@@ -57,15 +59,55 @@ __device__ __forceinline__ float div_rn(float a, float b) {
   return d;
 }
 
+// |a| (no .ftz: subnormals kept). Folds into the consuming instruction's
+// operand modifier.
+__device__ __forceinline__ float abs_f32(float a) {
+  float d;
+  asm("abs.f32 %0, %1;" : "=f"(d) : "f"(a));
+  return d;
+}
+
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float d;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+
 // ---------------------------------------------------------------------------
 // Input element types. Each knows its raw storage, how to widen one value to
 // float32 exactly, and how to find the float32 bits of a block's max |v| from
 // the raw bits: |x| is a mask, and a max over masked bits is an exact,
 // NaN-propagating amax (NaN bit patterns sort above infinity).
 // A block of 16 values arrives as 4 * sizeof(raw_t) 32-bit words.
+//
+// For the software E2M1 path each also gives the signs of values 8h..8h+7 at
+// bit 3 of their nibbles (`sign_nibbles`), so that the rounding works on
+// magnitudes only.
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ u32 raw_half(const u32* words, int j) {
   return (words[j >> 1] >> (16 * (j & 1))) & 0xffffu;
+}
+
+// prmt.b32: bytes of {b, a} chosen by the selector's nibbles; a nibble with
+// bit 3 set replicates the chosen byte's sign bit over the whole byte.
+__device__ __forceinline__ u32 byte_perm_signed(u32 a, u32 b, u32 selector) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(selector));
+  return d;
+}
+
+// even: one byte per value 8h, 8h+2, .., 8h+6, 0xff where negative; odd: the
+// same for 8h+1, .., 8h+7. Returns their sign bits at nibble bit 3.
+__device__ __forceinline__ u32 sign_nibbles_from_bytes(u32 even, u32 odd) {
+  return ((even & 0x0f0f0f0fu) | (odd & 0xf0f0f0f0u)) & 0x88888888u;
+}
+
+// Two values a word: word w holds value 2w in bits 0..15 (sign bit 15) and
+// value 2w + 1 in bits 16..31 (sign bit 31).
+__device__ __forceinline__ u32 sign_nibbles_16(const u32* words, int h) {
+  const u32 first = byte_perm_signed(words[4 * h], words[4 * h + 1], 0xFBD9u);       // s0 s2 s1 s3
+  const u32 second = byte_perm_signed(words[4 * h + 2], words[4 * h + 3], 0xFBD9u);  // s4 s6 s5 s7
+  return sign_nibbles_from_bytes(byte_perm_signed(first, second, 0x5410u), byte_perm_signed(first, second, 0x7632u));
 }
 
 // amax of 16 values stored two to a word, two lanes at a time: on
@@ -75,7 +117,7 @@ __device__ __forceinline__ u32 abs_max_bits_16x2(const u32 (&words)[8]) {
   u32 pair = words[0] & 0x7fff7fffu;
 #pragma unroll
   for (int w = 1; w < 8; ++w) pair = Input::max_nan_x2(pair, words[w] & 0x7fff7fffu);
-  return __float_as_uint(Input::to_f32(max(pair & 0xffffu, pair >> 16))) & kF32AbsMask;
+  return __float_as_uint(Input::to_f32(max(pair & 0xffffu, pair >> 16)));
 }
 
 struct Float16Input {
@@ -90,6 +132,7 @@ struct Float16Input {
     return a;
   }
   __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
+  __device__ static u32 sign_nibbles(const u32* words, int h) { return sign_nibbles_16(words, h); }
   __device__ static u32 abs_max_bits(const u32 (&words)[8]) { return abs_max_bits_16x2<Float16Input>(words); }
 };
 
@@ -101,12 +144,22 @@ struct BFloat16Input {
     return a;
   }
   __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
+  __device__ static u32 sign_nibbles(const u32* words, int h) { return sign_nibbles_16(words, h); }
   __device__ static u32 abs_max_bits(const u32 (&words)[8]) { return abs_max_bits_16x2<BFloat16Input>(words); }
 };
 
 struct Float32Input {
   typedef u32 raw_t;
   __device__ static float element(const u32* words, int j) { return __uint_as_float(words[j]); }
+  // One value a word, sign bit 31.
+  __device__ static u32 sign_nibbles(const u32* words, int h) {
+    const u32* w = words + 8 * h;
+    const u32 even = byte_perm_signed(byte_perm_signed(w[0], w[2], 0xFBFBu), byte_perm_signed(w[4], w[6], 0xFBFBu),
+                                      0x5410u);
+    const u32 odd = byte_perm_signed(byte_perm_signed(w[1], w[3], 0xFBFBu), byte_perm_signed(w[5], w[7], 0xFBFBu),
+                                     0x5410u);
+    return sign_nibbles_from_bytes(even, odd);
+  }
   __device__ static u32 abs_max_bits(const u32 (&words)[16]) {
     u32 amax = 0;
 #pragma unroll
@@ -156,42 +209,60 @@ __device__ __forceinline__ u8 e4m3_from_f32(float s) {
 
 // Exact value of a non-negative, non-NaN E4M3 byte.
 __device__ __forceinline__ float e4m3_to_f32(u8 code) {
+#if NVFP4_HW_E4M3
+  // sm_89+: to float16 (which holds every E4M3 value exactly), then float32.
+  u32 pair;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(pair) : "h"((u16)code));
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)pair));
+  return f;
+#else
   const u32 exponent = code >> 3;
   const u32 mantissa = code & 7u;
   if (exponent == 0) return mul_rn((float)mantissa, 0x1p-9f);  // subnormal: m * 2^-9, exact
   return __uint_as_float(((exponent + 120u) << 23) | (mantissa << 20));
+#endif
 }
 
 // ---------------------------------------------------------------------------
 // FP4 E2M1 (values). Codes 0..7 are 0, 0.5, 1, 1.5, 2, 3, 4, 6; bit 3 is sign.
 // ---------------------------------------------------------------------------
-__device__ __forceinline__ float fma_rn(float a, float b, float c) {
-  float d;
-  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(d) : "f"(a), "f"(b), "f"(c));
-  return d;
+// The software E2M1 path of the quantizer: the magnitude code of
+// a = RN(|v| * r), plus kE2M1Bias. With a clamped to 6 (NaN, which is only
+// inf * 0, too), adding 2^22 * 2^k, k = max(floor(log2 a), 0), lands a on
+// the grid of that sum's ulp, 2^(k-1): E2M1's spacing in a's binade (0.5
+// below 2, 1 in [2, 4), 2 in [4, 6]), rounded to nearest even by the FADD
+// itself. The sum's low bits are then q = a / 2^(k-1) rounded, and the code
+// is q + 2k; subtracting binade * (2^23 - 2) from the sum's bits leaves
+// q + 2k + kE2M1Bias. Even q is even code, so ties go to the even code.
+// tests/test_numerics_gpu.py compares it with the table of docs/format.md
+// section 2.1 for every float32 a >= 0.
+enum E2M1Bias : u32 { kE2M1Bias = (22u << 23) + 254u };  // an enumerator: see BlockSizes
+
+__device__ __forceinline__ u32 e2m1_biased_magnitude_code(float product) {
+  const u32 a = min(__float_as_uint(product), 0x40c00000u);
+  const u32 binade = max(a >> 23, 127u);
+  const u32 sum = __float_as_uint(add_rn(__uint_as_float(a), __uint_as_float((binade + 22u) << 23)));
+  return sum - binade * ((1u << 23) - 2u);
 }
 
-__device__ __forceinline__ u32 e2m1_from_f32_software(float y) {
-  const u32 bits = __float_as_uint(y);
-  const u32 a = bits & kF32AbsMask;
-  // |y| >= 1: E2M1 is a float with one mantissa bit, so round the float32
-  // bits to nearest-even at mantissa bit 22; what is left above it is
-  // (biased exponent << 1 | mantissa bit), 254 for 1.0 (code 2). Codes past
-  // 7 (above 6, including inf) saturate.
-  const u32 rounded = (a + 0x1fffffu + ((a >> 22) & 1u)) >> 22;
-  const u32 from_one = min(rounded - 252u, 7u);
-  // |y| < 1: codes 0, 1, 2 step by 0.5, so the code is 2|y| rounded to an
-  // integer, nearest-even (0.25 -> 0, 0.75 -> 2). One fma does that rounding:
-  // 2|y| + 2^23 lands on the integer grid of 2^23's ulp.
-  const u32 below_one = __float_as_uint(fma_rn(__uint_as_float(a), 2.0f, 8388608.0f)) - 0x4b000000u;
-  const u32 magnitude = (a >= 0x3f800000u) ? from_one : below_one;
-  return magnitude | ((bits >> 28) & 8u);
+// Values 8h..8h+7 of a block times r, as eight E2M1 codes (value 8h + i in
+// nibble i). The biases add up to kE2M1Bias * 0x11111111 (mod 2^32); the
+// nibble bits 3 are then free for the signs.
+template <typename Input>
+__device__ __forceinline__ u32 e2m1x8_from_magnitudes(const u32* words, int h, float r) {
+  u32 sum = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    sum += e2m1_biased_magnitude_code(mul_rn(abs_f32(Input::element(words, 8 * h + i)), r)) << (4 * i);
+  }
+  return (sum - kE2M1Bias * 0x11111111u) | Input::sign_nibbles(words, h);
 }
 
-// Two values to one byte: lo in bits 0..3, hi in bits 4..7.
-__device__ __forceinline__ u32 e2m1x2_from_f32(float lo, float hi) {
 #if NVFP4_HW_E2M1
-  // sm_100a/sm_120a family: the hardware conversion (first operand -> high nibble).
+// Two values to one byte, lo in bits 0..3 and hi in bits 4..7: the sm_100a /
+// sm_120a family's conversion (first operand -> high nibble).
+__device__ __forceinline__ u32 e2m1x2_from_f32(float lo, float hi) {
   u16 pair;
   asm("{\n\t.reg .b8 byte;\n\t"
       "cvt.rn.satfinite.e2m1x2.f32 byte, %1, %2;\n\t"
@@ -199,10 +270,8 @@ __device__ __forceinline__ u32 e2m1x2_from_f32(float lo, float hi) {
       : "=h"(pair)
       : "f"(hi), "f"(lo));
   return pair;
-#else
-  return e2m1_from_f32_software(lo) | (e2m1_from_f32_software(hi) << 4);
-#endif
 }
+#endif
 
 // E2M1 code (bit 3 sign) -> float32: codes 2..7 are 1.m * 2^(e - 1) with
 // e = code >> 1 and one mantissa bit; code 1 is 0.5.
@@ -223,9 +292,10 @@ __device__ __forceinline__ float e4m3_to_f32_signed(u8 byte) {
 // The per-block arithmetic of docs/format.md, steps 3-5 and the special cases.
 // ---------------------------------------------------------------------------
 struct BlockScale {
-  u8 scale_byte;    // E4M3 bits written to the scale tensor
-  float reciprocal;  // r: multiply the block's values by this
-  bool zero_codes;   // NaN block or invalid global scale: all 16 codes are 0
+  u8 scale_byte;        // E4M3 bits written to the scale tensor
+  float reciprocal;     // r: multiply the block's values by this
+  bool zero_codes;      // NaN block or invalid global scale: all 16 codes are 0
+  bool inf_times_zero;  // r = 0 and the block holds an inf: inf * 0 is NaN, code 0x7 whatever the sign
 };
 
 __device__ __forceinline__ bool is_valid_global_scale(float gs) {
@@ -234,25 +304,46 @@ __device__ __forceinline__ bool is_valid_global_scale(float gs) {
   return bits - 1u < kF32MaxBits;
 }
 
-// amax_bits: float32 bits of max |v_i| over the block (NaN bit patterns above inf).
-__device__ __forceinline__ BlockScale block_scale(u32 amax_bits, float gs) {
+// What every block under one global scale shares, worked out once a thread.
+struct GlobalScale {
+  float value;
+  bool valid;          // finite and > 0
+  bool fast_division;  // in the range where divide() by it is div.rn
+  Divisor divisor;
+};
+
+__device__ __forceinline__ GlobalScale global_scale(float gs) {
+  return GlobalScale{gs, is_valid_global_scale(gs), in_fast_division_range(gs), divisor(gs)};
+}
+
+// Steps 3-5 with div.rn throughout, for the blocks block_scale's shortcuts do
+// not cover: a global scale outside the fast division range, or an amax that
+// is inf or below 2^-100. Out of line: it is rare, and long.
+__device__ __noinline__ BlockScale block_scale_exact(u32 amax_bits, float gs) {
   BlockScale out;
-  if (!is_valid_global_scale(gs) || amax_bits > kF32InfBits) {
+  out.zero_codes = false;
+  out.scale_byte = e4m3_from_f32(mul_rn(gs, div_rn(__uint_as_float(amax_bits), 6.0f)));
+  const float r = out.scale_byte ? div_rn(1.0f, div_rn(e4m3_to_f32(out.scale_byte), gs)) : 0.0f;
+  out.reciprocal = (__float_as_uint(r) > kF32MaxBits) ? __uint_as_float(kF32MaxBits) : r;
+  out.inf_times_zero = __float_as_uint(r) == 0u && amax_bits == kF32InfBits;
+  return out;
+}
+
+// amax_bits: float32 bits of max |v_i| over the block (NaN bit patterns above inf).
+__device__ __forceinline__ BlockScale block_scale(u32 amax_bits, const GlobalScale& gs) {
+  BlockScale out;
+  out.inf_times_zero = false;
+  if (!gs.valid || amax_bits > kF32InfBits) {
     out.scale_byte = kE4M3NaN;
     out.reciprocal = 0.0f;
     out.zero_codes = true;
     return out;
   }
-  const float amax = __uint_as_float(amax_bits);
-  const float s = mul_rn(gs, div_rn(amax, 6.0f));
-  out.scale_byte = e4m3_from_f32(s);
+  if (!gs.fast_division || !sixth_is_fast(amax_bits)) return block_scale_exact(amax_bits, gs.value);
   out.zero_codes = false;
-  if (out.scale_byte == 0) {
-    out.reciprocal = 0.0f;
-  } else {
-    const float r = div_rn(1.0f, div_rn(e4m3_to_f32(out.scale_byte), gs));
-    out.reciprocal = (__float_as_uint(r) > kF32MaxBits) ? __uint_as_float(kF32MaxBits) : r;
-  }
+  out.scale_byte = e4m3_from_f32(mul_rn(gs.value, divide_by_six(__uint_as_float(amax_bits))));
+  // sf / gs lies in [2^-69, 2^69]: both divisions are div.rn's fast path, and 1 / q cannot overflow.
+  out.reciprocal = out.scale_byte ? reciprocal_rn(divide(e4m3_to_f32(out.scale_byte), gs.divisor)) : 0.0f;
   return out;
 }
 
@@ -266,6 +357,7 @@ constexpr u8 kE8M0NaN = 0xff;
 
 __device__ __forceinline__ BlockScale mx_block_scale(u32 amax_bits) {
   BlockScale out;
+  out.inf_times_zero = false;
   out.zero_codes = amax_bits >= kF32InfBits;
   if (out.zero_codes) {
     out.scale_byte = kE8M0NaN;
@@ -288,20 +380,35 @@ __device__ __forceinline__ float e8m0_to_f32(u8 byte) {
   return __uint_as_float(byte ? (u32)byte << 23 : 0x00400000u);
 }
 
+// r = 0 with an inf in the block (BlockScale::inf_times_zero): the finite
+// values give codes 0x0/0x8, and an inf gives inf * 0 = NaN, code 0x7 whatever
+// its sign. Clears the sign of every 0xF nibble.
+__device__ __forceinline__ u32 drop_nan_signs(u32 codes) {
+  return codes & ~(((codes & (codes >> 1) & (codes >> 2)) & 0x11111111u) << 3);
+}
+
 // One block of 16 values -> 64 bits of packed codes (element 2j in the low
 // nibble of byte j).
 template <typename Input>
 __device__ __forceinline__ uint2 pack_block(const u32* words, const BlockScale& scale) {
+  if (scale.zero_codes) return make_uint2(0u, 0u);
+#if NVFP4_HW_E2M1
+  // The hardware conversion, on the signed product (inf * 0 is NaN there,
+  // which satfinite makes +6).
   u32 halves[2] = {0u, 0u};
-  if (!scale.zero_codes) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float lo = mul_rn(Input::element(words, 2 * j), scale.reciprocal);
-      const float hi = mul_rn(Input::element(words, 2 * j + 1), scale.reciprocal);
-      halves[j >> 2] |= e2m1x2_from_f32(lo, hi) << (8 * (j & 3));
-    }
+  for (int j = 0; j < 8; ++j) {
+    const float lo = mul_rn(Input::element(words, 2 * j), scale.reciprocal);
+    const float hi = mul_rn(Input::element(words, 2 * j + 1), scale.reciprocal);
+    halves[j >> 2] |= e2m1x2_from_f32(lo, hi) << (8 * (j & 3));
   }
   return make_uint2(halves[0], halves[1]);
+#else
+  uint2 codes = make_uint2(e2m1x8_from_magnitudes<Input>(words, 0, scale.reciprocal),
+                           e2m1x8_from_magnitudes<Input>(words, 1, scale.reciprocal));
+  if (scale.inf_times_zero) codes = make_uint2(drop_nan_signs(codes.x), drop_nan_signs(codes.y));
+  return codes;
+#endif
 }
 
 }  // namespace nvfp4

@@ -3,29 +3,116 @@
 //
 // Thread mapping: the grid covers the whole scale tensor, layout padding
 // included, so that every byte of both outputs is written here. threadIdx.y /
-// blockIdx.x walk rows, threadIdx.x / blockIdx.y walk
-// 16-value blocks. A thread whose block lies in the data reads its 16 values
-// (two 16-byte loads for 16-bit input on the vector path); one in the K
-// padding (n <= column < padded_n) writes zero codes and the scale byte of an
-// empty block; one outside [m, padded_n) only zeroes the scale byte its
-// layout pads in.
+// blockIdx.x walk rows, threadIdx.x / blockIdx.y walk blocks, several a thread
+// (quantize_rows). A block that lies in the data is read (16-byte loads for
+// 16-bit input on the vector path); one in the K padding
+// (n <= column < padded_n) gets zero codes and the scale byte of an empty
+// block; one outside [m, padded_n) only zeroes the scale byte its layout pads
+// in.
 #include "numerics.cuh"
 #include "load.cuh"
 #include "layouts.cuh"
 
 namespace nvfp4 {
 
-// One thread per 16-value block. kGlobalScales (GlobalScales) says which
-// global scale a block uses: the one scale, its expert's (blockIdx.z is the
-// expert of a [E, m, n] batch, with its own rows of x, packed rows and
-// complete scale tensor), or its row's. Template flags, not runtime branches:
-// the one-scale kernel is issue-bound on 16-bit input, and expert offsets
-// computed at run time cost it 2.6% on an H100.
-template <typename Input, typename Layout, bool kVectorLoads, int kGlobalScales>
+// What differs between the two formats, for quantize_rows.
+// NVFP4: 16-value blocks, E4M3 scales under a global scale.
+struct Nvfp4Blocks {
+  static constexpr int kValues = kBlockSize;
+  GlobalScale global;
+  __device__ BlockScale scale(u32 amax_bits) const { return block_scale(amax_bits, global); }
+};
+
+// MXFP4: 32-value blocks, E8M0 scales, no global scale.
+struct Mxfp4Blocks {
+  static constexpr int kValues = kMxBlockSize;
+  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale(amax_bits); }
+};
+
+// kPerThread blocks of one row per thread, blockDim.x blocks apart (so each
+// load and store instruction of a warp stays contiguous): the per-thread work
+// (indices, the global scale and its divisor) is paid once for all of them,
+// and all their loads are in flight before the first block is worked on.
+// make_blocks() gives the Blocks, and is only called for rows of x (a
+// per-row global scale exists for those only).
+template <typename Input, typename Layout, bool kVectorLoads, int kPerThread, typename MakeBlocks>
+__device__ __forceinline__ void quantize_rows(const typename Input::raw_t* __restrict__ x, long long row_stride,
+                                              int m, int n, int padded_n, uint2* __restrict__ packed,
+                                              u8* __restrict__ scales, int scale_rows, int scale_cols,
+                                              MakeBlocks make_blocks) {
+  typedef decltype(make_blocks()) Blocks;
+  constexpr int kHalves = Blocks::kValues / kBlockSize;  // 16-value pieces of a block
+  constexpr int kWords = 4 * sizeof(typename Input::raw_t);
+  const int row = blockIdx.x * blockDim.y + threadIdx.y;
+  const int first_k = blockIdx.y * (blockDim.x * kPerThread) + threadIdx.x;
+  if (row >= m) {
+    // Rows that exist only in the scale layout's padding.
+    if (row < scale_rows) {
+      u8* scale_row = scales + Layout::row_offset(row, scale_cols);
+#pragma unroll
+      for (int b = 0; b < kPerThread; ++b) {
+        const int k = first_k + b * blockDim.x;
+        if (k < scale_cols) scale_row[Layout::column_offset(k)] = 0;
+      }
+    }
+    return;
+  }
+
+  // load_block reads columns >= n (K padding, or past padded_n) as +0, so
+  // every load is issued here, predicated, before any block is worked on.
+  const typename Input::raw_t* x_row = x + row * row_stride;
+  u32 words[kPerThread][kHalves][kWords];
+#pragma unroll
+  for (int b = 0; b < kPerThread; ++b) {
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      load_block<Input, kVectorLoads>(x_row, (first_k + b * blockDim.x) * Blocks::kValues + h * kBlockSize, n,
+                                      words[b][h]);
+    }
+  }
+  const Blocks blocks = make_blocks();
+  long long packed_offset = (long long)row * (padded_n / Blocks::kValues) * kHalves;
+  long long scale_offset = Layout::row_offset(row, scale_cols);
+  // Opaque to the compiler, so that it keeps the row's offsets in registers
+  // instead of recomputing them for every block's stores.
+  asm("" : "+l"(packed_offset), "+l"(scale_offset));
+  uint2* packed_row = packed + packed_offset;
+  u8* scale_row = scales + scale_offset;
+#pragma unroll
+  for (int b = 0; b < kPerThread; ++b) {
+    const int k = first_k + b * blockDim.x;
+    if (k >= scale_cols) break;  // k grows with b
+    u8 scale_byte = 0;  // blocks past padded_n exist only in the scale layout's padding
+    if (k * Blocks::kValues < padded_n) {
+      u32 amax_bits = Input::abs_max_bits(words[b][0]);
+#pragma unroll
+      for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[b][h]));
+      const BlockScale scale = blocks.scale(amax_bits);
+      if constexpr (kHalves == 1) {
+        packed_row[k] = pack_block<Input>(words[b][0], scale);
+      } else {
+        const uint2 low = pack_block<Input>(words[b][0], scale);
+        const uint2 high = pack_block<Input>(words[b][1], scale);
+        reinterpret_cast<uint4*>(packed_row)[k] = make_uint4(low.x, low.y, high.x, high.y);
+      }
+      scale_byte = scale.scale_byte;
+    }
+    scale_row[Layout::column_offset(k)] = scale_byte;
+  }
+}
+
+// The per-call arguments come first (the launcher packs only those), then
+// the ones fixed by the call's shape. kGlobalScales (GlobalScales) says which
+// global scale a block uses: the
+// one scale, its expert's (blockIdx.z is the expert of a [E, m, n] batch,
+// with its own rows of x, packed rows and complete scale tensor), or its
+// row's. Template flags, not runtime branches: the one-scale kernel is
+// issue-bound on 16-bit input.
+template <typename Input, typename Layout, bool kVectorLoads, int kGlobalScales, int kPerThread>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-quantize_nvfp4(const typename Input::raw_t* __restrict__ x, long long row_stride, long long expert_stride, int m,
-               int n, int padded_n, const float* __restrict__ global_scale_ptr, float global_scale_value,
-               uint2* __restrict__ packed, u8* __restrict__ scales, int scale_rows, int scale_cols) {
+quantize_nvfp4(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
+               float global_scale_value, uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride,
+               long long expert_stride, int m, int n, int padded_n, int scale_rows, int scale_cols) {
   if (kGlobalScales == kScalePerExpert) {
     const long long expert = blockIdx.z;
     x += expert * expert_stride;
@@ -33,57 +120,21 @@ quantize_nvfp4(const typename Input::raw_t* __restrict__ x, long long row_stride
     scales += expert * scale_rows * scale_cols;
     global_scale_ptr += expert;
   }
-  const int row = blockIdx.x * blockDim.y + threadIdx.y;
-  const int k = blockIdx.y * blockDim.x + threadIdx.x;
-  const int col = k * kBlockSize;
-
-  if (row < m && col < padded_n) {
-    u32 words[4 * sizeof(typename Input::raw_t)];
-    if (col < n) {
-      load_block<Input, kVectorLoads>(x + row * row_stride, col, n, words);
-    } else {
-#pragma unroll
-      for (int w = 0; w < 4 * (int)sizeof(typename Input::raw_t); ++w) words[w] = 0;
-    }
-    const float gs = global_scale_ptr ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow ? row : 0))
-                                      : global_scale_value;
-    const BlockScale scale = block_scale(Input::abs_max_bits(words), gs);
-    packed[(long long)row * (padded_n / kBlockSize) + k] = pack_block<Input>(words, scale);
-    scales[Layout::offset(row, k, scale_cols)] = scale.scale_byte;
-  } else if (row < scale_rows && k < scale_cols) {
-    scales[Layout::offset(row, k, scale_cols)] = 0;
-  }
+  quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
+                                                         scale_cols, [&] {
+    const int row = blockIdx.x * blockDim.y + threadIdx.y;
+    return Nvfp4Blocks{global_scale(global_scale_ptr
+                                        ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow ? row : 0))
+                                        : global_scale_value)};
+  });
 }
 
-// MXFP4: one thread per 32-value block (two 16-value halves, one E8M0 scale).
-template <typename Input, typename Layout, bool kVectorLoads>
+template <typename Input, typename Layout, bool kVectorLoads, int kPerThread>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-quantize_mxfp4(const typename Input::raw_t* __restrict__ x, long long row_stride, int m, int n, int padded_n,
-               uint4* __restrict__ packed, u8* __restrict__ scales, int scale_rows, int scale_cols) {
-  constexpr int kWords = 4 * sizeof(typename Input::raw_t);
-  const int row = blockIdx.x * blockDim.y + threadIdx.y;
-  const int k = blockIdx.y * blockDim.x + threadIdx.x;
-  const int col = k * kMxBlockSize;
-
-  if (row < m && col < padded_n) {
-    u32 halves[2][kWords];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      if (col + kBlockSize * h < n) {
-        load_block<Input, kVectorLoads>(x + row * row_stride, col + kBlockSize * h, n, halves[h]);
-      } else {
-#pragma unroll
-        for (int w = 0; w < kWords; ++w) halves[h][w] = 0;
-      }
-    }
-    const BlockScale scale = mx_block_scale(max(Input::abs_max_bits(halves[0]), Input::abs_max_bits(halves[1])));
-    const uint2 low = pack_block<Input>(halves[0], scale);
-    const uint2 high = pack_block<Input>(halves[1], scale);
-    packed[(long long)row * (padded_n / kMxBlockSize) + k] = make_uint4(low.x, low.y, high.x, high.y);
-    scales[Layout::offset(row, k, scale_cols)] = scale.scale_byte;
-  } else if (row < scale_rows && k < scale_cols) {
-    scales[Layout::offset(row, k, scale_cols)] = 0;
-  }
+quantize_mxfp4(const typename Input::raw_t* __restrict__ x, uint2* __restrict__ packed, u8* __restrict__ scales,
+               long long row_stride, int m, int n, int padded_n, int scale_rows, int scale_cols) {
+  quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
+                                                         scale_cols, [] { return Mxfp4Blocks{}; });
 }
 
 }  // namespace nvfp4

@@ -155,6 +155,9 @@ def test_every_variant_compiles_without_spills(compute_capability, source):
     _, build = build_for(compute_capability, source)
     assert_every_kernel_built(build)
     assert_no_spills(build)
+    # A warning is a bug, and on NVRTC 13 it also hides ptxas's report.
+    warnings = [line for line in build.log.splitlines() if "warning" in line.lower()]
+    assert not warnings, warnings[:3]
 
 
 @pytest.mark.parametrize("compute_capability", COMPUTE_CAPABILITIES)
@@ -180,8 +183,14 @@ def test_software_path_compiles_anywhere(compute_capability):
 @pytest.mark.parametrize("compute_capability", COMPUTE_CAPABILITIES)
 def test_no_flush_to_zero_even_with_ftz_option(compute_capability, source):
     _, build = build_for(compute_capability, source)
-    flushing = [line for line in ptx_instructions(build.ptx) if ".ftz" in line]
+    # The one .ftz the sources write themselves: division.cuh's reciprocal
+    # estimate, div.rn's own MUFU.RCP, only ever given normal operands (its
+    # callers' range checks), so that it cannot flush anything.
+    flushing = [line for line in ptx_instructions(build.ptx) if ".ftz" in line and not line.startswith(OWN_FTZ)]
     assert not flushing, f"-ftz=true leaked into {len(flushing)} instructions: {flushing[:5]}"
+
+
+OWN_FTZ = "rcp.approx.ftz.f32 "
 
 
 def ptx_instructions(ptx: str) -> list[str]:

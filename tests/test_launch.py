@@ -90,6 +90,21 @@ def test_bound_kernel_refuses_names_that_are_not_the_kernels_parameters():
         BoundKernel(variant, (1, 1, 1), (256, 1, 1), {**static, "stride": 1}, (names[0],))  # one unknown
     with pytest.raises(TypeError, match="but its parameters are"):
         BoundKernel(variant, (1, 1, 1), (256, 1, 1), static, (names[0], names[1]))  # one twice
+    late = {name: 0 for name in names if name != names[2]}
+    with pytest.raises(TypeError, match="must be its first parameters"):
+        BoundKernel(variant, (1, 1, 1), (256, 1, 1), late, (names[2],))  # a per-call argument after fixed ones
+
+
+def test_a_launch_packs_the_per_call_arguments_over_the_fixed_ones():
+    variant = _quantize_variant()
+    parameters = kernel_parameters(variant.source, function_name(variant.names[0]))
+    names = [p.name for p in parameters]
+    static = {name: 7 + i for i, name in enumerate(names[2:])}
+    kernel = BoundKernel(variant, (1, 1, 1), (256, 1, 1), static, tuple(names[:2]))
+    data = kernel._buffer()[0]
+    whole = struct.Struct("@" + "".join(p.format for p in parameters))
+    struct.Struct("@" + "".join(p.format for p in parameters[:2])).pack_into(data, 0, 0x1000, 0x2000)
+    assert whole.unpack(data.raw) == (0x1000, 0x2000, *static.values())
 
 
 def _array(shape, dtype, itemsize):
@@ -119,8 +134,8 @@ def test_dequantize_and_global_scale_plans_bind_every_kernel_argument(kind, fmt)
     shape = dequantize_shape((3, 5, 32), "uint8", None, "swizzled", fmt)
     plan = dequantize._plan_for(shape, "swizzled", "bfloat16", fmt, kind)
     assert plan.kernels[1] is not None
-    scale_plan = global_scale._make_plan(CUPY, _array((5, 64), "float32", 4), kind == "row")
-    assert scale_plan.amax[1] is not None and scale_plan.scales == (5 if kind == "row" else 1)
+    scale_plan = global_scale._make_plan(CUPY, _array((5, 64), "float32", 4), kind == "row", 4224)
+    assert scale_plan.kernels[1] is not None and scale_plan.scales == (5 if kind == "row" else 1)
 
 
 def test_importing_the_package_and_its_ops_does_not_import_torch():
@@ -131,3 +146,54 @@ def test_importing_the_package_and_its_ops_does_not_import_torch():
             "nv.compute_global_scale; print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("blocks_per_row", [1, 3, 16, 100, 112, 255, 256, 257, 448, 1000, 1024, 4096])
+@pytest.mark.parametrize("dense", [False, True])
+def test_launch_geometry_covers_every_block_once_per_thread(blocks_per_row, dense):
+    from nvfp4_cupy._runtime.compile import THREADS_PER_BLOCK
+    from nvfp4_cupy._runtime.launch import launch_geometry
+
+    rows = 300
+    grid, (threads_x, threads_y, threads_z) = launch_geometry(rows, blocks_per_row, columns=1, what="x", dense=dense)
+    assert threads_z == 1 and threads_x * threads_y <= THREADS_PER_BLOCK
+    assert grid[0] * threads_y >= rows and (grid[0] - 1) * threads_y < rows
+    assert grid[1] * threads_x >= blocks_per_row and (grid[1] - 1) * threads_x < blocks_per_row
+    if not dense:  # a warp never spans two rows
+        assert threads_x & (threads_x - 1) == 0
+    elif grid[1] > 1:  # rows split into whole warps, as evenly as whole warps allow
+        assert threads_x % 32 == 0 and grid[1] * threads_x - blocks_per_row < 32 * grid[1]
+    else:  # the thread block is exactly as wide as the row
+        assert threads_x == blocks_per_row
+
+
+def test_quantize_threads_take_several_blocks_only_when_there_are_many():
+    from nvfp4_cupy._runtime.arrays import CUPY
+    from nvfp4_cupy._runtime.compile import wide_blocks_per_thread
+    from nvfp4_cupy.ops import quantize
+
+    small = quantize._make_plan(CUPY, _array((64, 4096), "bfloat16", 2), None, True, None, "one", "nvfp4", None)
+    assert small.kernels[1].variant.blocks_per_thread == 1
+    big = quantize._make_plan(CUPY, _array((4096, 4096), "bfloat16", 2), None, True, None, "one", "nvfp4", None)
+    wide = wide_blocks_per_thread("bfloat16", "nvfp4")
+    assert wide == 4 and big.kernels[1].variant.blocks_per_thread == wide
+    (_, blocks_y, _), (threads_x, _, _) = big.kernels[1].grid, big.kernels[1].block
+    assert blocks_y * threads_x * wide >= 4096 // 16
+
+
+def test_torch_outputs_are_fresh_c_contiguous_tensors(monkeypatch):
+    """The torch frontend's allocation, run on the CPU (the device is the
+    only thing a GPU would change): shapes, dtypes and strides, twice over
+    (the second time from the remembered strides)."""
+    torch = pytest.importorskip("torch")
+    from nvfp4_cupy._runtime import arrays
+
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 0, raising=False)
+    frontend = arrays.TorchFrontend()
+    frontend._devices[0] = torch.device("cpu")
+    for _ in range(2):
+        packed, scales = frontend.uint8_outputs(0, 0, ((3, 8), (128, 4)))
+        assert packed.shape == (3, 8) and scales.shape == (128, 4) and packed.dtype == scales.dtype == torch.uint8
+        assert packed.is_contiguous() and scales.is_contiguous() and packed.data_ptr() != scales.data_ptr()
+        values = frontend.allocator(0, 0)((2, 5, 7), "bfloat16")
+        assert values.shape == (2, 5, 7) and values.dtype == torch.bfloat16 and values.stride() == (35, 7, 1)

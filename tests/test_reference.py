@@ -425,3 +425,11 @@ def test_rows_of_no_values_are_empty_not_an_error_for_the_global_scale():
     assert ref.compute_global_scale(np.ones((2, 0), np.float32)).tolist() == [1.0]
     with pytest.raises(ValueError, match="n must be positive"):
         ref.scaled_fp4_quant(np.ones((2, 0), np.float32), 1.0)
+
+
+def test_mxfp4_expert_batch_dequantizes_each_expert_alone():
+    x = np.random.default_rng(5).standard_normal((3, 5, 64)).astype(np.float32)
+    packed, scales = ref.scaled_fp4_quant(x.reshape(15, 64), None, layout="linear", fmt="mxfp4")
+    batch = ref.dequantize(packed.reshape(3, 5, 32), scales.reshape(3, 5, 2), None, layout="linear", fmt="mxfp4")
+    rows = ref.dequantize(packed, scales, None, layout="linear", fmt="mxfp4")
+    assert batch.shape == (3, 5, 64) and np.array_equal(batch, rows.reshape(3, 5, 64))

@@ -7,6 +7,8 @@ object and no DLPack round trip)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 import cupy as cp
@@ -84,6 +86,23 @@ class CupyFrontend:
         return empty
 
     @staticmethod
+    def uint8_outputs(device_id: int, stream: int, shapes: tuple) -> list:
+        """Uninitialized uint8 arrays of these shapes, a call's outputs, carved
+        (each 256-byte aligned) from one allocation of the memory pool with
+        `stream` current: one pool call instead of one an output, which is
+        most of what a small call costs beyond its launch."""
+        offsets, total = [], 0
+        for shape in shapes:
+            offsets.append(total)
+            total += -(-math.prod(shape) // 256) * 256
+        if runtime.getDevice() == device_id and cp.cuda.get_current_stream().ptr == stream:
+            memory = cp.cuda.alloc(total)
+        else:
+            with cp.cuda.Device(device_id), cp.cuda.ExternalStream(stream, device_id):
+                memory = cp.cuda.alloc(total)
+        return [cp.ndarray(shape, UINT8, memory + offset if offset else memory) for shape, offset in zip(shapes, offsets)]
+
+    @staticmethod
     def pointer(array) -> int:
         return array.data.ptr
 
@@ -101,6 +120,7 @@ class TorchFrontend:
         self.torch_dtypes = {name: dtype for dtype, name in self.dtypes.items()}
         self._raw_stream = torch._C._cuda_getCurrentRawStream  # an int, not a Stream object
         self._devices: dict[int, object] = {}
+        self._uint8 = torch.uint8
         self._strides: dict[tuple, tuple] = {}  # C-contiguous strides in elements, by shape
 
     def array(self, obj, name: str) -> Array:
@@ -135,21 +155,38 @@ class TorchFrontend:
         """empty(shape, dtype name) on the device. torch's caching allocator
         orders reuse by torch's current stream, the launch stream of every
         torch call."""
-        device = self._devices.get(device_id)
-        if device is None:
-            device = self._devices[device_id] = self.torch.device("cuda", device_id)
-        empty_strided, dtypes, strides = self.torch.empty_strided, self.torch_dtypes, self._strides
+        device = self._device(device_id)
+        empty_strided, dtypes, known = self.torch.empty_strided, self.torch_dtypes, self._strides
 
         def empty(shape: tuple, dtype_name: str):
             # empty_strided with known strides parses its arguments faster than empty (2.3 vs 3.3 us).
-            shape_strides = strides.get(shape)
-            if shape_strides is None:
-                shape_strides = c_strides(shape, 1)
-                if len(strides) < 4096:  # serving loops repeat a few shapes; bound the rest
-                    strides[shape] = shape_strides
-            return empty_strided(shape, shape_strides, dtype=dtypes[dtype_name], device=device)
+            return empty_strided(shape, known.get(shape) or self._strides_of(shape), dtype=dtypes[dtype_name],
+                                 device=device)
 
         return empty
+
+    def uint8_outputs(self, device_id: int, stream: int, shapes: tuple) -> list:
+        """Uninitialized uint8 tensors of these shapes, a call's outputs."""
+        device = self._devices.get(device_id) or self._device(device_id)
+        known, empty_strided, uint8 = self._strides, self.torch.empty_strided, self._uint8
+        return [empty_strided(shape, known.get(shape) or self._strides_of(shape), dtype=uint8, device=device)
+                for shape in shapes]
+
+    def _device(self, device_id: int):
+        device = self._devices.get(device_id)
+        if device is None:
+            device = self._devices[device_id] = self.torch.device("cuda", device_id)
+        return device
+
+    def _strides_of(self, shape: tuple) -> tuple:
+        """C-contiguous strides in elements, remembered: serving loops repeat
+        a few shapes (the rest is bounded)."""
+        strides = self._strides.get(shape)
+        if strides is None:
+            strides = c_strides(shape, 1)
+            if len(self._strides) < 4096:
+                self._strides[shape] = strides
+        return strides
 
     @staticmethod
     def pointer(tensor) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .._format import LAYOUTS, ScaleLayout
+from .._format import LAYOUTS, NUMPY_DTYPES, ScaleLayout, block_size_of
 
 _PACKAGE_DIR = Path(__file__).resolve().parents[1]
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
@@ -19,6 +19,9 @@ _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 # the launch geometry (launch.py) and the kernels' __launch_bounds__ and
 # shared arrays (-DNVFP4_THREADS_PER_BLOCK) both read this one constant.
 THREADS_PER_BLOCK = 256
+# Quantization's wide threads work on this many bytes of a row of x, in
+# whole blocks: 4 NVFP4 or 2 MXFP4 blocks of 16-bit input, half that of float32.
+QUANTIZE_BYTES_PER_THREAD = 128
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class QuantizeVariant:
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
     global_scales: str = "one"  # "one", "expert" ([E, m, n] batch) or "row"
     fmt: str = "nvfp4"  # or "mxfp4" (no global scale)
+    blocks_per_thread: int = 1  # 1, or wide_blocks_per_thread(): see ops/quantize.py
 
     source = "quantize.cu"
 
@@ -141,16 +145,26 @@ class QuantizeVariant:
     def names(self) -> tuple[str, ...]:
         types = f"{ELEMENT_STRUCTS[self.dtype_name].input}, {self.layout.cuda_struct}, {_flag(self.vector_loads)}"
         if self.fmt == "mxfp4":
-            return (f"nvfp4::quantize_mxfp4<{types}>",)
-        return (f"nvfp4::quantize_nvfp4<{types}, {GLOBAL_SCALES[self.global_scales]}>",)
+            return (f"nvfp4::quantize_mxfp4<{types}, {self.blocks_per_thread}>",)
+        return (f"nvfp4::quantize_nvfp4<{types}, {GLOBAL_SCALES[self.global_scales]}, {self.blocks_per_thread}>",)
+
+
+def wide_blocks_per_thread(dtype_name: str, fmt: str) -> int:
+    """Blocks a wide quantize thread works on: QUANTIZE_BYTES_PER_THREAD of x."""
+    return QUANTIZE_BYTES_PER_THREAD // (block_size_of(fmt) * NUMPY_DTYPES[dtype_name].itemsize)
 
 
 @dataclass(frozen=True)
 class DequantizeVariant:
     dtype_name: str  # output dtype
     layout: ScaleLayout
-    vector_stores: bool
+    vector_stores: bool  # 16-byte stores: aligned output and n % 8 == 0
     fmt: str = "nvfp4"
+    # The most 16-value blocks a thread takes (the kernel's kMaxSteps; each
+    # launch picks its own number up to it, ops/dequantize.py). 8 spills for
+    # float32 output with CUDA 13's ptxas on sm_100a/sm_120a, and compiles
+    # 1.5x slower, for 1.5 fewer instructions a value.
+    max_blocks_per_thread: int = 4
 
     source = "dequantize.cu"
 
@@ -158,13 +172,14 @@ class DequantizeVariant:
     def names(self) -> tuple[str, ...]:
         return (
             f"nvfp4::dequantize_fp4<{ELEMENT_STRUCTS[self.dtype_name].output}, {self.layout.cuda_struct}, "
-            f"{_flag(self.vector_stores)}, {_flag(self.fmt == 'mxfp4')}>",
+            f"{_flag(self.vector_stores)}, {_flag(self.fmt == 'mxfp4')}, {self.max_blocks_per_thread}>",
         )
 
 
 @dataclass(frozen=True)
 class GlobalScaleVariant:
-    """The amax reduction for one input dtype, and the amax -> scale step."""
+    """The global scale of one input dtype: the amax reduction and the amax
+    -> scale step in one kernel (whole tensor or per row)."""
 
     dtype_name: str
     vector_loads: bool
@@ -173,10 +188,7 @@ class GlobalScaleVariant:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (
-            f"nvfp4::block_amax<{ELEMENT_STRUCTS[self.dtype_name].input}, {_flag(self.vector_loads)}>",
-            "nvfp4::global_scale_from_amax",
-        )
+        return (f"nvfp4::global_scale<{ELEMENT_STRUCTS[self.dtype_name].input}, {_flag(self.vector_loads)}>",)
 
 
 def all_variants() -> list:
@@ -184,12 +196,13 @@ def all_variants() -> list:
     flags = (False, True)
     return (
         [
-            QuantizeVariant(dtype_name, layout, vector, scales, fmt)
+            QuantizeVariant(dtype_name, layout, vector, scales, fmt, per_thread)
             for dtype_name in ELEMENT_STRUCTS
             for layout in LAYOUTS.values()
             for vector in flags
             for fmt, all_scales in (("nvfp4", GLOBAL_SCALES), ("mxfp4", ("one",)))
             for scales in all_scales
+            for per_thread in sorted({1, wide_blocks_per_thread(dtype_name, fmt)})
         ]
         + [
             DequantizeVariant(d, layout, vector, fmt)

@@ -28,6 +28,14 @@ from .._runtime.launch import VECTOR_BYTES, VECTOR_PIECE, BoundKernel, launch_ge
 
 # (expert step, row step) into the global-scale array, by kind
 _GLOBAL_SCALE_STEPS = {"one": lambda m: (0, 0), "expert": lambda m: (1, 0), "row": lambda m: (m, 1)}
+# Blocks a thread takes (the kernel's `steps`): the most the kernel allows
+# while the launch keeps THREADS_WANTED threads (about one wave of a 132-SM
+# GPU at the four 256-thread blocks an SM the kernel's registers allow), fewer
+# for small tensors, down to one. More blocks a thread pay its fixed work
+# (indices, loads in flight, the scale tables) once for all of them.
+THREADS_WANTED = 1 << 17
+# The kernel's segments of threads x (cuda_src/dequantize.cu) need at least 8.
+MIN_THREADS_X = 8
 
 
 def dequantize_fp4(packed, scales, global_scale, n=None, *, layout="swizzled", dtype=DEFAULT_DEQUANTIZE_DTYPE,
@@ -87,18 +95,31 @@ def _plan_for(shape, layout, dtype_name, fmt, scale_kind) -> _Plan:
     if plan is None:
         scale_layout = resolve_layout(layout=layout)
         batch = shape.experts if shape.experts is not None else 1
-        grid, block = launch_geometry(shape.m, shape.padded_n // BLOCK_SIZE, batch=batch, columns=shape.padded_n,
+        variants = [DequantizeVariant(dtype_name, scale_layout, vector, fmt) for vector in (False, True)]
+        steps = blocks_per_thread(shape.m * batch, shape.padded_n // BLOCK_SIZE, variants[0].max_blocks_per_thread)
+        # launch_geometry maps one thread per unit of a row; here a unit is a
+        # thread's `steps` blocks.
+        grid, block = launch_geometry(shape.m, max(-(-(shape.padded_n // BLOCK_SIZE) // steps), MIN_THREADS_X),
+                                      batch=batch, columns=shape.padded_n,
                                       what=f"packed of shape {shape.out_shape[:-1] + (shape.padded_n // 2,)}")
         expert_step, row_step = _GLOBAL_SCALE_STEPS[scale_kind](shape.m)
-        static = dict(m=shape.m, n=shape.n, padded_n=shape.padded_n, global_scale_expert_step=expert_step,
-                      global_scale_row_step=row_step, scale_rows=shape.scale_shape[-2],
+        static = dict(m=shape.m, n=shape.n, blocks_per_row=shape.padded_n // BLOCK_SIZE, steps=steps,
+                      global_scale_expert_step=expert_step, global_scale_row_step=row_step,
+                      scale_expert_stride=shape.scale_shape[-2] * shape.scale_shape[-1],
                       scale_cols=shape.scale_shape[-1])
         dynamic = ("packed", "scales", "global_scale_ptr", "global_scale_value", "out")
         plan = _plans[key] = _Plan(tuple(
-            BoundKernel(DequantizeVariant(dtype_name, scale_layout, vector, fmt), grid, block, static, dynamic)
-            if (shape.n % VECTOR_PIECE == 0 or not vector) else None
-            for vector in (False, True)
+            BoundKernel(variant, grid, block, static, dynamic)
+            if (shape.n % VECTOR_PIECE == 0 or not variant.vector_stores) else None
+            for variant in variants
         ))
     return plan
 
 
+def blocks_per_thread(rows: int, blocks_per_row: int, most: int) -> int:
+    """The kernel's `steps` for `rows` rows of `blocks_per_row` blocks: the
+    largest power of two up to `most` that leaves THREADS_WANTED threads."""
+    steps = most
+    while steps > 1 and rows * -(-blocks_per_row // steps) < THREADS_WANTED:
+        steps //= 2
+    return steps

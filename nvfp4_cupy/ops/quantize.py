@@ -30,7 +30,7 @@ from .._runtime.arrays import (
     output_frontend,
     resolve_stream,
 )
-from .._runtime.compile import QuantizeVariant, Target
+from .._runtime.compile import QuantizeVariant, Target, wide_blocks_per_thread
 from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
 from .global_scale import prepare_global_scale
 
@@ -58,8 +58,10 @@ def scaled_fp4_quant(
     (then packed is [E, m, padded_n // 2] and scales [E, ...], a scale tensor
     per expert). `padded_n` (default n rounded up to 16) pads K with zeros in
     the kernel. `out`/`out_scale` may be uninitialized buffers: every byte is
-    written. `stream`: CuPy or torch stream; default CuPy's current stream, or
-    torch's for a torch tensor. `like="torch"` returns torch tensors.
+    written; without them, CuPy outputs share one allocation of CuPy's memory
+    pool (one pool call, not two). `stream`: CuPy or torch stream; default
+    CuPy's current stream, or torch's for a torch tensor. `like="torch"`
+    returns torch tensors.
     """
     if out is None and out_scale is None and stream is None:
         outputs = _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt)
@@ -80,9 +82,9 @@ def _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out
 
 def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_row=False, out=None, out_scale=None,
              stream=None, like=None):
-    """compute_global_scale then scaled_fp4_quant, all on the device:
-    returns (packed, scales, global_scale). Both steps are checked before
-    either runs."""
+    """compute_global_scale then scaled_fp4_quant, all on the device, in two
+    launches: returns (packed, scales, global_scale). Both steps are checked
+    before either runs. Streams and CUDA graphs: as compute_global_scale."""
     scale_launch, global_scale = prepare_global_scale(x, per_row, stream, like)
     quantize_launch, (packed, scales) = prepare_quantize(
         x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, "nvfp4"
@@ -95,10 +97,17 @@ def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_r
 @dataclass(frozen=True)
 class _Plan:
     kernels: tuple  # BoundKernel with element loads, with 16-byte loads (None where impossible)
-    packed_shape: tuple
-    scale_shape: tuple
+    outputs: tuple  # the shapes of packed and scales
     empty: bool  # nothing to launch
     row_span: tuple  # (experts, expert stride, rows, row stride, n) in elements: what the kernel reads
+
+    @property
+    def packed_shape(self) -> tuple:
+        return self.outputs[0]
+
+    @property
+    def scale_shape(self) -> tuple:
+        return self.outputs[1]
 
 
 _plans: dict = {}
@@ -112,8 +121,9 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
     padded_n = resolve_padded_n(view.n, padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     scale_rows, scale_cols = scale_layout.scale_shape(view.m, padded_n, block_size)
-    grid, block = launch_geometry(scale_rows, scale_cols, batch=view.experts, columns=padded_n,
-                                  what=f"x: shape {x.shape} with padded_n={padded_n}")
+    per_thread = blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt)
+    grid, block = _geometry(scale_rows, scale_cols, view.experts, padded_n, per_thread,
+                            f"x: shape {x.shape} with padded_n={padded_n}")
     static = dict(m=view.m, n=view.n, padded_n=padded_n, scale_rows=scale_rows, scale_cols=scale_cols,
                   row_stride=view.row_stride)
     if fmt == "mxfp4":
@@ -123,13 +133,33 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
         dynamic = ("x", "global_scale_ptr", "global_scale_value", "packed", "scales")
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(
-        BoundKernel(QuantizeVariant(dtype_name, scale_layout, vector, scale_kind, fmt), grid, block, static, dynamic,
-                    target=target) if (vectors or not vector) else None
+        BoundKernel(QuantizeVariant(dtype_name, scale_layout, vector, scale_kind, fmt, per_thread), grid, block, static,
+                    dynamic, target=target) if (vectors or not vector) else None
         for vector in (False, True)
     )
     packed_shape, scale_shape = quantized_shapes(x.shape, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt)
-    return _Plan(kernels, packed_shape, scale_shape, view.m == 0 or view.experts == 0,
+    return _Plan(kernels, (packed_shape, scale_shape), view.m == 0 or view.experts == 0,
                  (view.experts, view.expert_stride, view.m, view.row_stride, view.n))
+
+
+# Wide threads (wide_blocks_per_thread blocks each) pay the per-thread work
+# once for several blocks, which is what keeps the 16-bit quantizer off the
+# H200's issue limit; but they are fewer, and a thread's blocks are worked on
+# one after another. Below this many blocks a launch is latency-bound, and one
+# block per thread finishes sooner (measured on the H200: BENCHMARKS.md).
+WIDE_MIN_BLOCKS = 1 << 20
+
+
+def blocks_per_thread(blocks: int, dtype_name: str, fmt: str) -> int:
+    """How many blocks each thread of a launch quantizes (`blocks` in all)."""
+    return wide_blocks_per_thread(dtype_name, fmt) if blocks >= WIDE_MIN_BLOCKS else 1
+
+
+def _geometry(scale_rows: int, scale_cols: int, experts: int, padded_n: int, per_thread: int, what: str) -> tuple:
+    """(grid, block) covering the scale tensor: a thread per row and
+    `per_thread` scale columns."""
+    return launch_geometry(scale_rows, -(-scale_cols // per_thread), batch=experts, columns=padded_n, what=what,
+                           dense=True)
 
 
 def _plan_for(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target) -> _Plan:
@@ -199,8 +229,7 @@ def _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt)
     scale_value = float(host_global_scale(global_scale)) if type(global_scale) is float else 0.0
     device_id, plan = repeat.device_id, repeat.plan
     handle = repeat.frontend.stream(device_id)
-    empty = repeat.results.allocator(device_id, handle)
-    packed, scales = empty(plan.packed_shape, "uint8"), empty(plan.scale_shape, "uint8")
+    packed, scales = repeat.results.uint8_outputs(device_id, handle, plan.outputs)
     kernel = plan.kernels[plan.kernels[1] is not None and x_pointer % VECTOR_BYTES == 0]
     pointers = (repeat.results.pointer(packed), repeat.results.pointer(scales))
     if fmt == "mxfp4":
@@ -243,7 +272,9 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
         if scale is not None and scale.array is not None:
             reads.append(("global_scale", scale.array.byte_range()))
         check_disjoint(reads, [(name, buffer.byte_range()) for name, buffer in given.items()])
-    if out is None or out_scale is None:
+    if out is None and out_scale is None:
+        packed, scales = results.uint8_outputs(device_id, handle, plan.outputs)
+    elif out is None or out_scale is None:
         empty = results.allocator(device_id, handle)
         packed = out if out is not None else empty(plan.packed_shape, "uint8")
         scales = out_scale if out_scale is not None else empty(plan.scale_shape, "uint8")
@@ -287,8 +318,9 @@ def create_fp4_output_tensors(m, n, is_sf_swizzled_layout=True, padded_n=None, *
     block_size = check_fmt_global_scale(fmt, None)
     padded_n = resolve_padded_n(int(n), padded_n, block_size)
     scale_shape = resolve_layout(is_sf_swizzled_layout, layout).scale_shape(int(m), padded_n, block_size)
-    launch_geometry(scale_shape[0], scale_shape[1], batch=int(num_experts or 1), columns=padded_n,
-                    what=f"m={m}, padded_n={padded_n}, num_experts={num_experts}")
+    # The largest geometry any call with these buffers launches (one block a thread).
+    _geometry(scale_shape[0], scale_shape[1], int(num_experts or 1), padded_n, 1,
+              f"m={m}, padded_n={padded_n}, num_experts={num_experts}")
     batch = () if num_experts is None else (int(num_experts),)
     device = cp.cuda.Device().id
     empty = CUPY.allocator(device, CUPY.stream(device))

@@ -313,7 +313,8 @@ def dequantize(packed, scales, global_scale, n=None, *, layout="swizzled", dtype
         out = np.empty(shape.out_shape, NUMPY_DTYPES[dtype_name])
         for e in range(shape.experts):
             expert_gs = gs[e : e + 1] if kind == "expert" else gs[e * shape.m : (e + 1) * shape.m] if kind == "row" else gs
-            out[e] = dequantize(packed[e], scales[e], expert_gs, shape.n, layout=layout, dtype=dtype, fmt=fmt)
+            out[e] = dequantize(packed[e], scales[e], None if fmt == "mxfp4" else expert_gs, shape.n, layout=layout,
+                                dtype=dtype, fmt=fmt)
         return out
     row_scales = unswizzle_scales(scales, shape.m, shape.padded_n, layout, fmt)
     if fmt == "mxfp4":

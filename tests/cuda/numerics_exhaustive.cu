@@ -1,0 +1,107 @@
+// Exhaustive checks of the quantizer's shortcuts against the operations they
+// replace (tests/test_numerics_gpu.py): every operand of each shortcut's
+// domain, one per thread, grid-stride. Appended to cuda_src/numerics.cuh.
+// counts[0]: mismatches, counts[1]: operands checked; first: the smallest
+// operand bits that mismatched (0xffffffff if none).
+using namespace nvfp4;
+
+__device__ __forceinline__ void report(unsigned long long* counts, unsigned* first, unsigned long long bad,
+                                       unsigned long long checked, unsigned first_bad) {
+  if (bad) {
+    atomicAdd(counts, bad);
+    atomicMin(first, first_bad);
+  }
+  atomicAdd(counts + 1, checked);
+}
+
+// divide_by_six == div.rn(a, 6) for every amax sixth_is_fast accepts.
+extern "C" __global__ void check_divide_by_six(unsigned long long* counts, unsigned* first) {
+  unsigned long long bad = 0, checked = 0;
+  unsigned first_bad = 0xffffffffu;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i <= kF32InfBits;
+       i += gridDim.x * (unsigned long long)blockDim.x) {
+    const u32 bits = (u32)i;
+    if (!sixth_is_fast(bits)) continue;
+    const float a = __uint_as_float(bits);
+    ++checked;
+    if (__float_as_uint(divide_by_six(a)) != __float_as_uint(div_rn(a, 6.0f))) {
+      ++bad;
+      first_bad = min(first_bad, bits);
+    }
+  }
+  report(counts, first, bad, checked, first_bad);
+}
+
+// For every global scale in_fast_division_range accepts and every positive
+// E4M3 value sf: divide(sf, divisor(gs)) == div.rn(sf, gs), and the
+// reciprocal of that quotient == div.rn(1, q). first: the gs bits.
+extern "C" __global__ void check_scale_divisions(unsigned long long* counts, unsigned* first) {
+  unsigned long long bad = 0, checked = 0;
+  unsigned first_bad = 0xffffffffu;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i <= kF32InfBits;
+       i += gridDim.x * (unsigned long long)blockDim.x) {
+    const u32 bits = (u32)i;
+    const float gs = __uint_as_float(bits);
+    if (!in_fast_division_range(gs)) continue;
+    const Divisor d = divisor(gs);
+    for (u32 code = 1; code <= kE4M3Max; ++code) {
+      const float sf = e4m3_to_f32((u8)code);
+      const float q = div_rn(sf, gs);
+      ++checked;
+      if (__float_as_uint(divide(sf, d)) != __float_as_uint(q) ||
+          __float_as_uint(reciprocal_rn(q)) != __float_as_uint(div_rn(1.0f, q))) {
+        ++bad;
+        first_bad = min(first_bad, bits);
+      }
+    }
+  }
+  report(counts, first, bad, checked, first_bad);
+}
+
+// reciprocal_rn(q) == div.rn(1, q) for every q in [2^-69, 2^69].
+extern "C" __global__ void check_reciprocal(unsigned long long* counts, unsigned* first) {
+  unsigned long long bad = 0, checked = 0;
+  unsigned first_bad = 0xffffffffu;
+  for (unsigned long long i = 0x1d000000ull + blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+       i <= 0x62000000ull; i += gridDim.x * (unsigned long long)blockDim.x) {
+    const u32 bits = (u32)i;
+    const float q = __uint_as_float(bits);
+    ++checked;
+    if (__float_as_uint(reciprocal_rn(q)) != __float_as_uint(div_rn(1.0f, q))) {
+      ++bad;
+      first_bad = min(first_bad, bits);
+    }
+  }
+  report(counts, first, bad, checked, first_bad);
+}
+
+// docs/format.md section 2.1's table, read literally: the magnitude code of
+// a >= 0 (NaN, as the quantizer meets it, is 0x7).
+__device__ u32 e2m1_code_from_table(float a) {
+  const u32 bits = __float_as_uint(a);  // a >= 0: bit order is value order, NaN above inf
+  const float upper[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+  const bool inclusive[7] = {true, false, true, false, true, false, true};  // "<=" or "<"
+  for (u32 code = 0; code < 7; ++code) {
+    const u32 limit = __float_as_uint(upper[code]);
+    if (inclusive[code] ? bits <= limit : bits < limit) return code;
+  }
+  return 7;
+}
+
+// The magnitude code of e2m1_biased_magnitude_code == the table's, for every
+// non-negative float32 bit pattern, inf and NaN too.
+extern "C" __global__ void check_e2m1_magnitude(unsigned long long* counts, unsigned* first) {
+  unsigned long long bad = 0, checked = 0;
+  unsigned first_bad = 0xffffffffu;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < 0x80000000ull;
+       i += gridDim.x * (unsigned long long)blockDim.x) {
+    const u32 bits = (u32)i;
+    const float a = __uint_as_float(bits);
+    ++checked;
+    if (e2m1_biased_magnitude_code(a) - kE2M1Bias != e2m1_code_from_table(a)) {
+      ++bad;
+      first_bad = min(first_bad, bits);
+    }
+  }
+  report(counts, first, bad, checked, first_bad);
+}
