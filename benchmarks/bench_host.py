@@ -81,6 +81,37 @@ def eager_us(call, calls: int = 200) -> float:
     return statistics.median(samples)
 
 
+def quantize_launches() -> dict:
+    """quantize() of m x 4096 bf16 (device time from graphs, host time per
+    call) in one launch (the kernel derives the global scale, every thread
+    block reading all of x) and in two (compute_global_scale, then the
+    quantizer), on both sides of ONE_LAUNCH_MAX_BLOCKS: where one launch
+    stops paying."""
+    from nvfp4_cupy.ops import quantize as module
+
+    limit = module.ONE_LAUNCH_MAX_BLOCKS
+    table = {"limit_blocks": limit}
+    print(f"quantize(m x 4096 bf16): one launch vs two (ONE_LAUNCH_MAX_BLOCKS = {limit} blocks)")
+    print(f"{'m':>5} {'blocks':>7} {'1 launch graph us':>18} {'2 launches graph us':>20} {'1 launch host us':>17} "
+          f"{'2 launches host us':>19}")
+    try:
+        for m in (1, 4, 8, 16, 32, 64):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+            row = {}
+            for name, forced in (("one", 1 << 40), ("two", 0)):
+                module.ONE_LAUNCH_MAX_BLOCKS = forced
+                module._repeats.clear()  # the repeated-call path remembers the path taken
+                row[f"{name}_graph_us"] = graph_us(lambda: nvt.quantize(x))
+                row[f"{name}_host_us"] = host_us(lambda: nvt.quantize(x))
+            table[m] = row
+            print(f"{m:>5} {m * 256:>7} {row['one_graph_us']:>18.2f} {row['two_graph_us']:>20.2f} "
+                  f"{row['one_host_us']:>17.1f} {row['two_host_us']:>19.1f}", flush=True)
+    finally:
+        module.ONE_LAUNCH_MAX_BLOCKS = limit
+        module._repeats.clear()
+    return table
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, default=Path("bench_host.json"))
@@ -139,6 +170,8 @@ def main() -> int:
     }
     results["4096x7168"] = mid
     print("4096 x 7168 bf16: " + ", ".join(f"{k} {v:.1f}" for k, v in mid.items()))
+
+    results["quantize_launches"] = quantize_launches()
 
     def step(x, gs):
         return nvt.scaled_fp4_quant(x * 2, gs)

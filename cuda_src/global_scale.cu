@@ -1,6 +1,7 @@
-// The global scale from the data: 448 * 6 / amax(|x|), over the whole tensor
-// or per row, in one launch, so that quantization needs no host sync and
-// quantize() is two launches.
+// The global scale from the data: 448 * 6 / amax(|x|) (numerics "ieee" or
+// "te", which differ at amax 0 and inf), over the whole tensor or per row, in
+// one launch, so that quantization needs no host sync and
+// quantize() of a large x is two launches (a small one is one: quantize.cu).
 //
 // Work: x is `rows` rows of `n` values (`row_stride` apart; a contiguous
 // tensor reduced whole arrives as one row). Each row is cut into `segments`
@@ -37,17 +38,6 @@ constexpr int kLoadsPerStep = 8;
 constexpr int kBlocksPerSM = 4;
 constexpr int kWarpsPerBlock = kThreadsPerBlock / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
-
-// amax bits -> the float32 global scale: 0 (all zeros, or no values) -> 1;
-// NaN -> NaN and inf -> 0, both invalid scales that make every block of the
-// quantized tensor NaN-scaled, so bad calibration data cannot pass unnoticed;
-// a tiny amax clamps the scale to FLT_MAX. The one place this is computed.
-__device__ __forceinline__ float global_scale_from_amax(u32 amax) {
-  if (amax == 0) return 1.0f;
-  if (amax > kF32InfBits) return __uint_as_float(kF32CanonicalNaN);
-  const float gs = div_rn(448.0f * 6.0f, __uint_as_float(amax));
-  return __float_as_uint(gs) > kF32MaxBits ? __uint_as_float(kF32MaxBits) : gs;
-}
 
 // amax bits of row[begin, end), this lane's share: lane `rank` of a group of
 // `width` reads values begin + rank + width * j, 16 a step. Element loads,
@@ -134,19 +124,30 @@ __device__ __forceinline__ u32 group_max(u32 value, int width) {
   return value;
 }
 
+// The amax -> scale step of each numerics, the kernel's last template
+// argument: "ieee" (docs/format.md, section 7) or "te" (docs/te_numerics.md,
+// section 3). Both are numerics.cuh's.
+struct IeeeScaleFromAmax {
+  __device__ static float scale(u32 amax) { return global_scale_from_amax(amax); }
+};
+struct TeScaleFromAmax {
+  __device__ static float scale(u32 amax) { return global_scale_from_amax_te(amax); }
+};
+
 // After this thread's atomicMax into accumulator[0]: count it in
 // accumulator[1]; the thread that counts `arrivals` finishes, writing the
 // scale and setting both words back to zero.
+template <typename FromAmax>
 __device__ __forceinline__ void arrive(u32* accumulator, u32 arrivals, float* out) {
   __threadfence();  // our atomicMax before our count
   if (atomicAdd(accumulator + 1, 1u) != arrivals - 1) return;
   __threadfence();  // every count (and so every atomicMax) before our read
   const u32 amax = atomicExch(accumulator, 0u);
   atomicExch(accumulator + 1, 0u);
-  *out = global_scale_from_amax(amax);
+  *out = FromAmax::scale(amax);
 }
 
-template <typename Input, bool kVectorLoads>
+template <typename Input, bool kVectorLoads, typename FromAmax = IeeeScaleFromAmax>
 __global__ void __launch_bounds__(kThreadsPerBlock, kBlocksPerSM)
 global_scale(const typename Input::raw_t* __restrict__ x, u32* __restrict__ workspace, float* __restrict__ result,
              long long row_stride, int rows, long long n, long long segment, int segments, int lanes_per_item,
@@ -177,11 +178,11 @@ global_scale(const typename Input::raw_t* __restrict__ x, u32* __restrict__ work
     item_amax = group_max(item_amax, lanes_per_item);
     if (rank != 0 || item >= items) continue;
     if (segments == 1) {
-      result[row] = global_scale_from_amax(item_amax);
+      result[row] = FromAmax::scale(item_amax);
     } else {
       u32* accumulator = workspace + 2 + 2 * row;
       if (item_amax) atomicMax(accumulator, item_amax);
-      arrive(accumulator, segments, result + row);
+      arrive<FromAmax>(accumulator, segments, result + row);
     }
   }
   if (per_row) return;
@@ -194,11 +195,11 @@ global_scale(const typename Input::raw_t* __restrict__ x, u32* __restrict__ work
 #pragma unroll
   for (int w = 1; w < kWarpsPerBlock; ++w) amax = max(amax, warp_amax[w]);
   if (gridDim.x == 1) {
-    result[0] = global_scale_from_amax(amax);
+    result[0] = FromAmax::scale(amax);
     return;
   }
   if (amax) atomicMax(workspace, amax);
-  arrive(workspace, gridDim.x, result);
+  arrive<FromAmax>(workspace, gridDim.x, result);
 }
 
 }  // namespace nvfp4

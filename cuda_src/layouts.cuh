@@ -39,4 +39,23 @@ struct Tiled8x4Scales {
   }
 };
 
+// The layout as a run-time argument, for kernels that store only a few scale
+// bytes a row (the fused ops): a switch per store costs less than a kernel
+// variant per layout. The ids are _runtime/compile.py's RUNTIME_LAYOUT_IDS.
+enum ScaleLayoutId : int { kSwizzledLayout = 0, kLinearLayout = 1, kTiled8x4Layout = 2 };
+
+struct RuntimeLayout {
+  int id;
+  __device__ long long row_offset(int row, int scale_cols) const {
+    return id == kSwizzledLayout   ? SwizzledScales::row_offset(row, scale_cols)
+           : id == kTiled8x4Layout ? Tiled8x4Scales::row_offset(row, scale_cols)
+                                   : LinearScales::row_offset(row, scale_cols);
+  }
+  __device__ int column_offset(int k) const {
+    return id == kSwizzledLayout   ? SwizzledScales::column_offset(k)
+           : id == kTiled8x4Layout ? Tiled8x4Scales::column_offset(k)
+                                   : LinearScales::column_offset(k);
+  }
+};
+
 }  // namespace nvfp4

@@ -83,6 +83,13 @@ __device__ __forceinline__ float add_rn(float a, float b) {
 // For the software E2M1 path each also gives the signs of values 8h..8h+7 at
 // bit 3 of their nibbles (`sign_nibbles`), so that the rounding works on
 // magnitudes only.
+//
+// For the casts whose zero products give code 0x0 whatever their sign
+// (TeCodes below), each also turns the -0.0 values of a word into +0.0 and
+// keeps every other value's bits (`positive_zeros`: x + (+0.0) in RN), and
+// gives kNonzeroProductsFrom, the bits of the least r for which RN(|v| * r)
+// is nonzero for every nonzero value v of the type: its least magnitude
+// times that r is 2^-149, above the 2^-150 that rounds to zero.
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ u32 raw_half(const u32* words, int j) {
   return (words[j >> 1] >> (16 * (j & 1))) & 0xffffu;
@@ -134,6 +141,11 @@ struct Float16Input {
   __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
   __device__ static u32 sign_nibbles(const u32* words, int h) { return sign_nibbles_16(words, h); }
   __device__ static u32 abs_max_bits(const u32 (&words)[8]) { return abs_max_bits_16x2<Float16Input>(words); }
+  __device__ static u32 positive_zeros(u32 word) {
+    asm("add.rn.f16x2 %0, %0, %1;" : "+r"(word) : "r"(0u));  // no .ftz: subnormals kept
+    return word;
+  }
+  static constexpr u32 kNonzeroProductsFrom = 2u << 23;  // 2^-125, least value 2^-24
 };
 
 struct BFloat16Input {
@@ -146,6 +158,12 @@ struct BFloat16Input {
   __device__ static float element(const u32* words, int j) { return to_f32(raw_half(words, j)); }
   __device__ static u32 sign_nibbles(const u32* words, int h) { return sign_nibbles_16(words, h); }
   __device__ static u32 abs_max_bits(const u32 (&words)[8]) { return abs_max_bits_16x2<BFloat16Input>(words); }
+  __device__ static u32 positive_zeros(u32 word) {
+    // x * 1 + (+0.0): sm_80 has bf16x2 fma but no bf16x2 add; subnormals kept.
+    asm("fma.rn.bf16x2 %0, %0, %1, %2;" : "+r"(word) : "r"(0x3f803f80u), "r"(0u));
+    return word;
+  }
+  static constexpr u32 kNonzeroProductsFrom = 111u << 23;  // 2^-16, least value 2^-133
 };
 
 struct Float32Input {
@@ -166,6 +184,8 @@ struct Float32Input {
     for (int j = 0; j < kBlockSize; ++j) amax = max(amax, words[j] & kF32AbsMask);
     return amax;
   }
+  __device__ static u32 positive_zeros(u32 word) { return __float_as_uint(add_rn(__uint_as_float(word), 0.0f)); }
+  static constexpr u32 kNonzeroProductsFrom = 127u << 23;  // 1.0, least value 2^-149
 };
 
 // ---------------------------------------------------------------------------
@@ -248,15 +268,20 @@ __device__ __forceinline__ u32 e2m1_biased_magnitude_code(float product) {
 
 // Values 8h..8h+7 of a block times r, as eight E2M1 codes (value 8h + i in
 // nibble i). The biases add up to kE2M1Bias * 0x11111111 (mod 2^32); the
-// nibble bits 3 are then free for the signs.
-template <typename Input>
+// nibble bits 3 are then free for the signs. kUnsignZeroProducts: a value
+// whose product is exactly zero gets code 0x0 whatever its sign (TeCodes).
+template <typename Input, bool kUnsignZeroProducts = false>
 __device__ __forceinline__ u32 e2m1x8_from_magnitudes(const u32* words, int h, float r) {
   u32 sum = 0;
+  u32 nonzero = 0;  // bit 3 of nibble i: value 8h + i has a nonzero product
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    sum += e2m1_biased_magnitude_code(mul_rn(abs_f32(Input::element(words, 8 * h + i)), r)) << (4 * i);
+    const float product = mul_rn(abs_f32(Input::element(words, 8 * h + i)), r);
+    sum += e2m1_biased_magnitude_code(product) << (4 * i);
+    if (kUnsignZeroProducts) nonzero |= min(__float_as_uint(product), 1u) << (4 * i + 3);
   }
-  return (sum - kE2M1Bias * 0x11111111u) | Input::sign_nibbles(words, h);
+  const u32 signs = Input::sign_nibbles(words, h);
+  return (sum - kE2M1Bias * 0x11111111u) | (kUnsignZeroProducts ? signs & nonzero : signs);
 }
 
 #if NVFP4_HW_E2M1
@@ -316,6 +341,18 @@ __device__ __forceinline__ GlobalScale global_scale(float gs) {
   return GlobalScale{gs, is_valid_global_scale(gs), in_fast_division_range(gs), divisor(gs)};
 }
 
+// amax bits -> the float32 global scale (compute_global_scale, and quantize()'s
+// one-launch kernel): 0 (all zeros, or no values) -> 1;
+// NaN -> NaN and inf -> 0, both invalid scales that make every block of the
+// quantized tensor NaN-scaled, so bad calibration data cannot pass unnoticed;
+// a tiny amax clamps the scale to FLT_MAX. The one place this is computed.
+__device__ __forceinline__ float global_scale_from_amax(u32 amax) {
+  if (amax == 0) return 1.0f;
+  if (amax > kF32InfBits) return __uint_as_float(kF32CanonicalNaN);
+  const float gs = div_rn(448.0f * 6.0f, __uint_as_float(amax));
+  return __float_as_uint(gs) > kF32MaxBits ? __uint_as_float(kF32MaxBits) : gs;
+}
+
 // Steps 3-5 with div.rn throughout, for the blocks block_scale's shortcuts do
 // not cover: a global scale outside the fast division range, or an amax that
 // is inf or below 2^-100. Out of line: it is rare, and long.
@@ -348,6 +385,84 @@ __device__ __forceinline__ BlockScale block_scale(u32 amax_bits, const GlobalSca
 }
 
 // ---------------------------------------------------------------------------
+// numerics="te": TransformerEngine's per-block arithmetic (docs/te_numerics.md,
+// sections 2 and 3; the argument for the shortcuts is its section 11):
+// s = RN(amax * p) with p = RN(S * RN(1/6)), sf = e4m3(s), and
+// r = min(RN(1 / RN(sf * d)), FLT_MAX) with d = RN(1 / S). The codes are
+// TeCodes'.
+// ---------------------------------------------------------------------------
+// RN(1 / q) is reciprocal_rn's for q in [2^-69, 2^69] (division.cuh).
+__device__ __forceinline__ bool in_reciprocal_range(float q) {
+  return __float_as_uint(q) - 0x1d000000u <= 0x62000000u - 0x1d000000u;
+}
+
+// What every block under one global encode scale S shares, once a thread.
+struct TeGlobalScale {
+  float multiplier;  // p = RN(S * RN(1/6)); RN(1/6) is division.cuh's kSixth
+  float decode;      // d = RN(1 / S), TE's global decode scale
+  bool valid;        // S finite and > 0
+  bool fast;         // d in [2^-60, 2^60]: every sf > 0 has RN(sf * d) in reciprocal_rn's range
+};
+
+__device__ __forceinline__ TeGlobalScale te_global_scale(float gs) {
+  const float decode = in_reciprocal_range(gs) ? reciprocal_rn(gs) : div_rn(1.0f, gs);
+  return TeGlobalScale{mul_rn(gs, kSixth), decode, is_valid_global_scale(gs), in_fast_division_range(decode)};
+}
+
+// Steps 3-5 for a global scale outside the fast range (S outside about
+// [2^-60, 2^60]: all-zero tensors get FLT_MAX), with div.rn. RN(sf * d) may
+// be 0 (sf = 0x00: r = 1 / 0 = inf, clamped), subnormal, or overflow: then
+// r = 0 and every product is +-0 or inf * 0 = NaN, all code 0x0. A
+// subnormal S below 2^-128 has d = inf: r is 0, or NaN (0 * inf) for
+// sf = 0x00, and every code is 0x0 too. S of 2^-149 or 2^-148 has p = 0:
+// an inf block then has s = inf * 0 = NaN, a NaN-scaled block.
+__device__ __noinline__ BlockScale te_block_scale_exact(u32 amax_bits, float multiplier, float decode) {
+  BlockScale out;
+  out.inf_times_zero = false;
+  const float s = mul_rn(__uint_as_float(amax_bits), multiplier);
+  if (__float_as_uint(s) > kF32InfBits) {
+    out.scale_byte = kE4M3NaN;
+    out.reciprocal = 0.0f;
+    out.zero_codes = true;
+    return out;
+  }
+  out.scale_byte = e4m3_from_f32(s);
+  const u32 r = __float_as_uint(div_rn(1.0f, mul_rn(e4m3_to_f32(out.scale_byte), decode)));  // +0 .. +inf, or NaN
+  out.reciprocal = __uint_as_float(min(r, kF32MaxBits));
+  out.zero_codes = r == 0u || r > kF32InfBits;
+  return out;
+}
+
+// amax_bits: float32 bits of max |v_i| over the block (NaN bit patterns above
+// inf). s's clamp to FLT_MAX is left out: e4m3_from_f32 saturates inf to 448.
+__device__ __forceinline__ BlockScale te_block_scale(u32 amax_bits, const TeGlobalScale& gs) {
+  BlockScale out;
+  out.inf_times_zero = false;
+  if (!gs.valid || amax_bits > kF32InfBits) {
+    out.scale_byte = kE4M3NaN;
+    out.reciprocal = 0.0f;
+    out.zero_codes = true;
+    return out;
+  }
+  if (!gs.fast) return te_block_scale_exact(amax_bits, gs.multiplier, gs.decode);
+  out.zero_codes = false;
+  out.scale_byte = e4m3_from_f32(mul_rn(__uint_as_float(amax_bits), gs.multiplier));
+  out.reciprocal = out.scale_byte ? reciprocal_rn(mul_rn(e4m3_to_f32(out.scale_byte), gs.decode))
+                                  : __uint_as_float(kF32MaxBits);
+  return out;
+}
+
+// amax bits -> TE's global encode scale (compute_global_scale_te):
+// min(RN(2688 / amax), FLT_MAX), so amax 0 gives FLT_MAX; 1 where that is 0
+// (amax inf); a NaN amax gives NaN (the canonical quiet NaN).
+__device__ __forceinline__ float global_scale_from_amax_te(u32 amax) {
+  if (amax > kF32InfBits) return __uint_as_float(kF32CanonicalNaN);
+  if (amax == kF32InfBits) return 1.0f;
+  const float gs = div_rn(448.0f * 6.0f, __uint_as_float(amax));
+  return __uint_as_float(min(__float_as_uint(gs), kF32MaxBits));
+}
+
+// ---------------------------------------------------------------------------
 // MXFP4 (OCP MX v1.0): 32-value blocks, E8M0 (power-of-two) scales, no global
 // scale. X = 2^(floor(log2(amax)) - 2) (2 = E2M1's largest exponent), clamped
 // to E8M0's 2^-127..2^127; a block of zeros gets 2^-127 (byte 0); a NaN or inf
@@ -374,6 +489,53 @@ __device__ __forceinline__ BlockScale mx_block_scale(u32 amax_bits) {
   return out;
 }
 
+// The scale rules "rceil" and "te_pow2" (docs/stochastic_rounding_and_mx_rules.md,
+// section 3): X = 2^clamp(ceil(log2(d)), -127, 127), d = RN(amax / 6), as an
+// E8M0 byte, exactly (cvt.rp.satfinite.ue8m0x2.f32's rule): the exponent of d,
+// plus one unless d is a power of two; a subnormal d is 2^-126 above 2^-127,
+// else 2^-127 (byte 0). inf gives 254 (0xFE). NaN is the caller's.
+__device__ __noinline__ float divide_by_six_exact(float amax) { return div_rn(amax, 6.0f); }
+
+__device__ __forceinline__ u32 mx_ceil_scale_byte(u32 amax_bits) {
+  const float amax = __uint_as_float(amax_bits);
+  const u32 d = __float_as_uint(sixth_is_fast(amax_bits) ? divide_by_six(amax) : divide_by_six_exact(amax));
+  const u32 exponent = d >> 23;
+  const u32 mantissa = d & 0x7fffffu;
+  const bool round_up = exponent ? mantissa != 0u : mantissa > 0x400000u;
+  return min(exponent + (round_up ? 1u : 0u), 254u);
+}
+
+// 2^(127 - byte), exact, for byte 1..254 (2^-127, subnormal, for 0xFE).
+__device__ __forceinline__ float mx_inverse_scale(u32 byte) {
+  return __uint_as_float(byte == 254u ? 0x00400000u : (254u - byte) << 23);
+}
+
+// "rceil" (torchao's RCEIL): r = 2^(127 - byte), but 1 for byte 0; a NaN
+// block is 0xFF with every code 0x3 (RceilCodes), an inf block 0xFE and
+// quantized.
+__device__ __forceinline__ BlockScale mx_block_scale_rceil(u32 amax_bits) {
+  BlockScale out;
+  out.inf_times_zero = false;
+  out.zero_codes = amax_bits > kF32InfBits;
+  if (out.zero_codes) {
+    out.scale_byte = kE8M0NaN;
+    out.reciprocal = 0.0f;
+    return out;
+  }
+  const u32 byte = mx_ceil_scale_byte(amax_bits);
+  out.scale_byte = (u8)byte;
+  out.reciprocal = byte ? mx_inverse_scale(byte) : 1.0f;
+  return out;
+}
+
+// "te_pow2" (TE's pow_2_scales reference, 1x32): r = 2^(127 - byte) always
+// (2^127 for byte 0), codes TeCodes'; a NaN block is 0xFF with codes 0x0.
+__device__ __forceinline__ BlockScale mx_block_scale_te_pow2(u32 amax_bits) {
+  BlockScale out = mx_block_scale_rceil(amax_bits);
+  if (!out.zero_codes) out.reciprocal = mx_inverse_scale(out.scale_byte);
+  return out;
+}
+
 // E8M0 byte -> float32: 2^(byte - 127), 0xff is NaN.
 __device__ __forceinline__ float e8m0_to_f32(u8 byte) {
   if (byte == kE8M0NaN) return __uint_as_float(kF32CanonicalNaN);
@@ -387,28 +549,82 @@ __device__ __forceinline__ u32 drop_nan_signs(u32 codes) {
   return codes & ~(((codes & (codes >> 1) & (codes >> 2)) & 0x11111111u) << 3);
 }
 
-// One block of 16 values -> 64 bits of packed codes (element 2j in the low
-// nibble of byte j).
-template <typename Input>
-__device__ __forceinline__ uint2 pack_block(const u32* words, const BlockScale& scale) {
-  if (scale.zero_codes) return make_uint2(0u, 0u);
+// How pack_block turns products into codes beyond the E2M1 rounding, a
+// policy per numerics (a template argument, so each kernel gets only its own):
+// - kZeroIsUnsigned: an exact zero product, +0.0 or -0.0, gives code 0x0
+//   (TransformerEngine's cast_to_fp4x2 tests y < -0.0 for the negative codes;
+//   a negative product that rounds to zero still gives 0x8). Its NaN
+//   products give 0x0 too, which the block scales of those numerics see to
+//   (no such cast ever meets a NaN product: te_block_scale).
+// - kSpecialBlock: the eight codes of a word of a block whose BlockScale has
+//   zero_codes (a NaN block, or an invalid global scale).
+struct IeeeCodes {  // docs/format.md; MXFP4 "floor"
+  static constexpr bool kZeroIsUnsigned = false;
+  static constexpr u32 kSpecialBlock = 0u;
+};
+struct TeCodes {  // numerics="te" (docs/te_numerics.md, section 2, step 6); MXFP4 "te_pow2"
+  static constexpr bool kZeroIsUnsigned = true;
+  static constexpr u32 kSpecialBlock = 0u;
+};
+struct RceilCodes {  // MXFP4 "rceil": torchao gives every value of a NaN block code 0x3
+  static constexpr bool kZeroIsUnsigned = false;
+  static constexpr u32 kSpecialBlock = 0x33333333u;
+};
+
+// The codes of one block of 16 values from its words (element 2j in the low
+// nibble of byte j). kUnsignZeroProducts: a zero product gives 0x0, tested
+// value by value.
+template <typename Input, bool kUnsignZeroProducts>
+__device__ __forceinline__ uint2 pack_products(const u32* words, const BlockScale& scale) {
 #if NVFP4_HW_E2M1
   // The hardware conversion, on the signed product (inf * 0 is NaN there,
-  // which satfinite makes +6).
+  // which satfinite makes +6). -0.0 + (+0.0) is +0.0, which it makes 0x0.
   u32 halves[2] = {0u, 0u};
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const float lo = mul_rn(Input::element(words, 2 * j), scale.reciprocal);
-    const float hi = mul_rn(Input::element(words, 2 * j + 1), scale.reciprocal);
+    float lo = mul_rn(Input::element(words, 2 * j), scale.reciprocal);
+    float hi = mul_rn(Input::element(words, 2 * j + 1), scale.reciprocal);
+    if (kUnsignZeroProducts) {
+      lo = add_rn(lo, 0.0f);
+      hi = add_rn(hi, 0.0f);
+    }
     halves[j >> 2] |= e2m1x2_from_f32(lo, hi) << (8 * (j & 3));
   }
   return make_uint2(halves[0], halves[1]);
 #else
-  uint2 codes = make_uint2(e2m1x8_from_magnitudes<Input>(words, 0, scale.reciprocal),
-                           e2m1x8_from_magnitudes<Input>(words, 1, scale.reciprocal));
+  uint2 codes = make_uint2(e2m1x8_from_magnitudes<Input, kUnsignZeroProducts>(words, 0, scale.reciprocal),
+                           e2m1x8_from_magnitudes<Input, kUnsignZeroProducts>(words, 1, scale.reciprocal));
   if (scale.inf_times_zero) codes = make_uint2(drop_nan_signs(codes.x), drop_nan_signs(codes.y));
   return codes;
 #endif
+}
+
+// One block of 16 values -> 64 bits of packed codes (element 2j in the low
+// nibble of byte j), the codes as Codes has them.
+template <typename Input, typename Codes = IeeeCodes>
+__device__ __forceinline__ uint2 pack_block(const u32* words, const BlockScale& scale) {
+  if (scale.zero_codes) return make_uint2(Codes::kSpecialBlock, Codes::kSpecialBlock);
+  if constexpr (Codes::kZeroIsUnsigned) {
+    // With -0.0 made +0.0 up front, a zero product keeps a sign only where a
+    // nonzero value underflows, which needs r below Input::kNonzeroProductsFrom:
+    // only those blocks test every product (docs/te_numerics.md, section 11).
+    constexpr int kWords = 4 * sizeof(typename Input::raw_t);
+    u32 values[kWords];
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) values[w] = Input::positive_zeros(words[w]);
+    if (__float_as_uint(scale.reciprocal) < Input::kNonzeroProductsFrom) return pack_products<Input, true>(values, scale);
+    return pack_products<Input, false>(values, scale);
+  } else {
+    return pack_products<Input, false>(words, scale);
+  }
+}
+
+// RN(sqrt(a)), correctly rounded, subnormals kept (no .ftz, not rsqrt or
+// sqrt.approx): RMSNorm's 1 / sqrt is div.rn of this (docs/fused_ops.md, 3.1).
+__device__ __forceinline__ float sqrt_rn(float a) {
+  float d;
+  asm("sqrt.rn.f32 %0, %1;" : "=f"(d) : "f"(a));
+  return d;
 }
 
 }  // namespace nvfp4

@@ -15,18 +15,45 @@
 
 namespace nvfp4 {
 
-// What differs between the two formats, for quantize_rows.
+// What differs between the formats and their numerics, for quantize_rows:
+// values a block, the block's scale (Blocks::scale) and how products become
+// codes (Blocks::Codes, numerics.cuh's policies of pack_block).
 // NVFP4: 16-value blocks, E4M3 scales under a global scale.
 struct Nvfp4Blocks {
   static constexpr int kValues = kBlockSize;
+  typedef IeeeCodes Codes;
   GlobalScale global;
+  __device__ static Nvfp4Blocks from_global_scale(float gs) { return Nvfp4Blocks{global_scale(gs)}; }
   __device__ BlockScale scale(u32 amax_bits) const { return block_scale(amax_bits, global); }
 };
 
-// MXFP4: 32-value blocks, E8M0 scales, no global scale.
+// NVFP4 with numerics="te": TransformerEngine's arithmetic (docs/te_numerics.md).
+struct Nvfp4TeBlocks {
+  static constexpr int kValues = kBlockSize;
+  typedef TeCodes Codes;
+  TeGlobalScale global;
+  __device__ static Nvfp4TeBlocks from_global_scale(float gs) { return Nvfp4TeBlocks{te_global_scale(gs)}; }
+  __device__ BlockScale scale(u32 amax_bits) const { return te_block_scale(amax_bits, global); }
+};
+
+// MXFP4: 32-value blocks, E8M0 scales, no global scale; the scale rule
+// "floor" (OCP), and "rceil" and "te_pow2" (docs/stochastic_rounding_and_mx_rules.md).
 struct Mxfp4Blocks {
   static constexpr int kValues = kMxBlockSize;
+  typedef IeeeCodes Codes;
   __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale(amax_bits); }
+};
+
+struct Mxfp4RceilBlocks {
+  static constexpr int kValues = kMxBlockSize;
+  typedef RceilCodes Codes;
+  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale_rceil(amax_bits); }
+};
+
+struct Mxfp4TePow2Blocks {
+  static constexpr int kValues = kMxBlockSize;
+  typedef TeCodes Codes;
+  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale_te_pow2(amax_bits); }
 };
 
 // kPerThread blocks of one row per thread, blockDim.x blocks apart (so each
@@ -88,11 +115,12 @@ __device__ __forceinline__ void quantize_rows(const typename Input::raw_t* __res
 #pragma unroll
       for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[b][h]));
       const BlockScale scale = blocks.scale(amax_bits);
+      typedef typename Blocks::Codes Codes;
       if constexpr (kHalves == 1) {
-        packed_row[k] = pack_block<Input>(words[b][0], scale);
+        packed_row[k] = pack_block<Input, Codes>(words[b][0], scale);
       } else {
-        const uint2 low = pack_block<Input>(words[b][0], scale);
-        const uint2 high = pack_block<Input>(words[b][1], scale);
+        const uint2 low = pack_block<Input, Codes>(words[b][0], scale);
+        const uint2 high = pack_block<Input, Codes>(words[b][1], scale);
         reinterpret_cast<uint4*>(packed_row)[k] = make_uint4(low.x, low.y, high.x, high.y);
       }
       scale_byte = scale.scale_byte;
@@ -107,8 +135,10 @@ __device__ __forceinline__ void quantize_rows(const typename Input::raw_t* __res
 // one scale, its expert's (blockIdx.z is the expert of a [E, m, n] batch,
 // with its own rows of x, packed rows and complete scale tensor), or its
 // row's. Template flags, not runtime branches: the one-scale kernel is
-// issue-bound on 16-bit input.
-template <typename Input, typename Layout, bool kVectorLoads, int kGlobalScales, int kPerThread>
+// issue-bound on 16-bit input. Blocks: Nvfp4Blocks (numerics "ieee") or
+// Nvfp4TeBlocks ("te").
+template <typename Input, typename Layout, bool kVectorLoads, int kGlobalScales, int kPerThread,
+          typename Blocks = Nvfp4Blocks>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_nvfp4(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
                float global_scale_value, uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride,
@@ -123,18 +153,66 @@ quantize_nvfp4(const typename Input::raw_t* __restrict__ x, const float* __restr
   quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
                                                          scale_cols, [&] {
     const int row = blockIdx.x * blockDim.y + threadIdx.y;
-    return Nvfp4Blocks{global_scale(global_scale_ptr
-                                        ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow ? row : 0))
-                                        : global_scale_value)};
+    return Blocks::from_global_scale(global_scale_ptr
+                                         ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow ? row : 0))
+                                         : global_scale_value);
   });
 }
 
+// The largest magnitude of all of x (m rows of n values), in every thread of
+// the thread block: NaN-propagating float32 bits, as compute_global_scale's.
+template <typename Input, bool kVectorLoads>
+__device__ __forceinline__ u32 tensor_abs_max_bits(const typename Input::raw_t* __restrict__ x, long long row_stride,
+                                                   int m, int n) {
+  const int blocks_per_row = (n + kBlockSize - 1) / kBlockSize;
+  const int blocks = m * blocks_per_row;  // the launcher keeps x small
+  const int threads = blockDim.x * blockDim.y;
+  u32 amax = 0;
+  // Four blocks' loads in flight a thread on the 16-byte path; one on the
+  // element path, whose 16 loads a block already fill the registers.
+#pragma unroll(kVectorLoads ? 4 : 1)
+  for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < blocks; i += threads) {
+    const int row = i / blocks_per_row;
+    u32 words[4 * sizeof(typename Input::raw_t)];
+    load_block<Input, kVectorLoads>(x + row * row_stride, (i - row * blocks_per_row) * kBlockSize, n, words);
+    amax = max(amax, Input::abs_max_bits(words));
+  }
+  // Thread blocks fit to short rows (launch_geometry's `dense`) can end in a
+  // partial warp: its mask names only the lanes that exist.
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+  const int lanes = min(32, threads - (thread & ~31));
+  amax = __reduce_max_sync(lanes == 32 ? 0xffffffffu : (1u << lanes) - 1u, amax);
+  __shared__ u32 warp_amax[kThreadsPerBlock / 32];
+  if ((thread & 31) == 0) warp_amax[thread >> 5] = amax;
+  __syncthreads();
+  for (int w = 0; w < (threads + 31) / 32; ++w) amax = max(amax, warp_amax[w]);
+  return amax;
+}
+
+// quantize() of a small x in one launch: every thread block reads all of x
+// (from L2, after the first) for its amax, so that no block waits for
+// another, and derives the global scale itself; the first one also writes it
+// out. A second launch, which is what the device-side global scale costs
+// otherwise, is most of a small call's time. The launcher uses this kernel
+// only while x is a few thread blocks' worth (ops/quantize.py).
 template <typename Input, typename Layout, bool kVectorLoads, int kPerThread>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+quantize_nvfp4_own_scale(const typename Input::raw_t* __restrict__ x, float* __restrict__ global_scale_out,
+                         uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride, int m, int n,
+                         int padded_n, int scale_rows, int scale_cols) {
+  const float gs = global_scale_from_amax(tensor_abs_max_bits<Input, kVectorLoads>(x, row_stride, m, n));
+  if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0) *global_scale_out = gs;
+  quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
+                                                         scale_cols, [&] { return Nvfp4Blocks{global_scale(gs)}; });
+}
+
+// Blocks: Mxfp4Blocks (scale rule "floor"), Mxfp4RceilBlocks or Mxfp4TePow2Blocks.
+template <typename Input, typename Layout, bool kVectorLoads, int kPerThread, typename Blocks = Mxfp4Blocks>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_mxfp4(const typename Input::raw_t* __restrict__ x, uint2* __restrict__ packed, u8* __restrict__ scales,
                long long row_stride, int m, int n, int padded_n, int scale_rows, int scale_cols) {
   quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
-                                                         scale_cols, [] { return Mxfp4Blocks{}; });
+                                                         scale_cols, [] { return Blocks{}; });
 }
 
 }  // namespace nvfp4

@@ -261,7 +261,8 @@ def cmd_convert(args) -> int:
         try:
             report = convert(args.input, args.output, args.format, exclude=exclude, cpu=args.cpu, resume=args.resume,
                              overwrite=args.overwrite, shard_index=args.shard_index, num_shards=args.num_shards,
-                             devices=_parse_devices(args.devices), progress=not args.no_progress)
+                             devices=_parse_devices(args.devices), progress=not args.no_progress,
+                             calibration_tokens=args.calibration_tokens, calibration_amax=args.calibration_amax)
         except CheckpointError as exc:
             raise UserError(str(exc)) from None
     for w in caught:
@@ -270,10 +271,19 @@ def cmd_convert(args) -> int:
     print(f"{args.input} -> {args.output} ({args.format}, {where}): {report.quantized} Linear weights to NVFP4, "
           f"{len(report.written)} shards written, {len(report.resumed)} already there (verified), "
           f"{report.seconds:.1f} s")
-    print("weight-only: no input_scale (no activation calibration); "
-          + ("hf_quant_config.json says quant_algo W4A16_NVFP4, which loaders run with unquantized activations"
-             if args.format == "modelopt" else
-             "quantization_config has input_activations null (W4A16), which loaders run with unquantized activations"))
+    calibration = report.calibration
+    if calibration is None:
+        print("weight-only: no input_scale (no activation calibration); "
+              + ("hf_quant_config.json says quant_algo W4A16_NVFP4, which loaders run with unquantized activations"
+                 if args.format == "modelopt" else
+                 "quantization_config has input_activations null (W4A16), which loaders run with unquantized "
+                 "activations"))
+    else:
+        how = "reused from the calibration file" if report.calibration_reused else "measured"
+        print(f"W4A4: input scales from the input amax of each Linear ({how}: {calibration.samples} samples, "
+              f"{calibration.tokens} tokens, on {calibration.device}); "
+              + ("hf_quant_config.json says quant_algo NVFP4" if args.format == "modelopt" else
+                 "quantization_config has NVFP4 input_activations (dynamic local, static global scale)"))
     return 0
 
 
@@ -300,6 +310,8 @@ def cmd_inspect(args) -> int:
         line = (f"  {t['module']}: [{t['shape'][0]}, {t['shape'][1]}] {t['packed']}, scales {t['scale_shape']} E4M3 "
                 f"({t['zero_scales']} zero, {t['nan_scales']} NaN), global scale {t['global_scale']:.6g} "
                 f"(decode {t['decode_scale']:.6g}; {t['stored_global']})")
+        if "input_scale" in t:
+            line += f", activations {t['input_scale']}"
         err = result["error"].get(t["module"])
         if err:
             line += f", SQNR {err['sqnr_db']:.2f} dB, max |err| {err['max_abs']:.3g}"
@@ -419,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--shard-index", type=int, default=0, help="this machine's part (0-based)")
     convert.add_argument("--num-shards", type=int, default=1, help="how many parts the shards are split into")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+    convert.add_argument("--calibration-tokens", metavar="FILE",
+                         help="token ids to calibrate the activations' input scales with (W4A4): one sample per "
+                              "line of whitespace-separated ids, or .json (list of lists), or .npy (2-D ints); the "
+                              "model runs once on the GPU (on the CPU with --cpu)")
+    convert.add_argument("--calibration-amax", metavar="FILE",
+                         help="input scales from a calibration file an earlier run wrote (nvfp4_cupy_calibration.json)")
     deq = sub.add_parser("dequantize-checkpoint", help="an NVFP4 checkpoint back to a bfloat16 safetensors model",
                          description="Dequantize every NVFP4 weight with its format's own arithmetic into bfloat16.")
     deq.add_argument("input", help="NVFP4 checkpoint directory (ModelOpt or compressed-tensors)")

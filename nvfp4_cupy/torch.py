@@ -12,7 +12,8 @@ Two ways in, the same bytes:
   traces, so one spelling works everywhere.
 
 The ops have no gradient: an input that requires grad (with grad mode on) is
-a TypeError that says so (see issue 16's fake quantization for QAT).
+a TypeError that says so; fake_quantize (issue 16, for QAT) is the exception,
+with its straight-through gradient.
 """
 
 from __future__ import annotations
@@ -32,15 +33,17 @@ _LIKE = "torch"
 
 
 def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, out=None,
-                     out_scale=None, fmt="nvfp4"):
+                     out_scale=None, fmt="nvfp4", numerics="ieee", mx_scale_rule=None, row_scaled=False):
     """nvfp4_cupy.scaled_fp4_quant for torch tensors: (packed, scales) as
     torch uint8 tensors. `global_scale`: a float or a float32 CUDA tensor."""
     if torch.compiler.is_compiling():
         layout_name = _layout_name(is_sf_swizzled_layout, layout)
         tensor, value = _split_scale(global_scale)
-        return torch.ops.nvfp4.scaled_fp4_quant(x, tensor, value, padded_n, layout_name, fmt)
+        return torch.ops.nvfp4.scaled_fp4_quant(x, tensor, value, padded_n, layout_name, fmt, numerics, mx_scale_rule,
+                                                row_scaled)
     return _quantize.scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout, out=out,
-                                      out_scale=out_scale, like=_LIKE, fmt=fmt)
+                                      out_scale=out_scale, like=_LIKE, fmt=fmt, numerics=numerics,
+                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled)
 
 
 def dequantize_fp4(packed, scales, global_scale, n=None, *, layout="swizzled", dtype=None, out=None, fmt="nvfp4"):
@@ -54,19 +57,20 @@ def dequantize_fp4(packed, scales, global_scale, n=None, *, layout="swizzled", d
                                       like=_LIKE, fmt=fmt)
 
 
-def compute_global_scale(x, per_row=False):
+def compute_global_scale(x, per_row=False, *, numerics="ieee"):
     """nvfp4_cupy.compute_global_scale for torch tensors: a float32 tensor."""
     if torch.compiler.is_compiling():
-        return torch.ops.nvfp4.compute_global_scale(x, per_row)
-    return _global_scale.compute_global_scale(x, per_row, like=_LIKE)
+        return torch.ops.nvfp4.compute_global_scale(x, per_row, numerics)
+    return _global_scale.compute_global_scale(x, per_row, like=_LIKE, numerics=numerics)
 
 
-def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_row=False, out=None, out_scale=None):
+def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_row=False, out=None, out_scale=None,
+             numerics="ieee"):
     """nvfp4_cupy.quantize for torch tensors: (packed, scales, global_scale)."""
     if torch.compiler.is_compiling():
-        return torch.ops.nvfp4.quantize(x, padded_n, _layout_name(is_sf_swizzled_layout, layout), per_row)
+        return torch.ops.nvfp4.quantize(x, padded_n, _layout_name(is_sf_swizzled_layout, layout), per_row, numerics)
     return _quantize.quantize(x, is_sf_swizzled_layout, padded_n, layout=layout, per_row=per_row, out=out,
-                              out_scale=out_scale, like=_LIKE)
+                              out_scale=out_scale, like=_LIKE, numerics=numerics)
 
 
 def _layout_name(is_sf_swizzled_layout, layout) -> str:
@@ -97,16 +101,20 @@ def _scale_kind(global_scale: Optional[torch.Tensor], x_shape) -> str:
 
 @torch.library.custom_op("nvfp4::scaled_fp4_quant", mutates_args=())
 def _scaled_fp4_quant_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
-                         padded_n: Optional[int], layout: str, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+                         padded_n: Optional[int], layout: str, fmt: str, numerics: str = "ieee",
+                         mx_scale_rule: Optional[str] = None,
+                         row_scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     scale = None if fmt == "mxfp4" else (global_scale if global_scale is not None else global_scale_value)
-    launch, outputs = _quantize.prepare_quantize(x, scale, True, padded_n, layout, None, None, None, _LIKE, fmt)
-    launch()
-    return outputs
+    # Through the public function: a repeated call takes its hot path.
+    return _quantize.scaled_fp4_quant(x, scale, True, padded_n, layout=layout, like=_LIKE, fmt=fmt, numerics=numerics,
+                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled)
 
 
 @_scaled_fp4_quant_op.register_fake
-def _(x, global_scale, global_scale_value, padded_n, layout, fmt):
-    kind = "one" if fmt == "mxfp4" else _scale_kind(global_scale, x.shape)
+def _(x, global_scale, global_scale_value, padded_n, layout, fmt, numerics="ieee", mx_scale_rule=None,
+      row_scaled=False):
+    # row_scaled: one scale per row of x flattened, even where the shape reads per expert ([E, 1, n]).
+    kind = "one" if fmt == "mxfp4" else "row" if row_scaled else _scale_kind(global_scale, x.shape)
     packed_shape, scale_shape = quantized_shapes(tuple(x.shape), padded_n, True, layout, kind, fmt)
     return x.new_empty(packed_shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.uint8)
 
@@ -128,28 +136,380 @@ def _(packed, scales, global_scale, global_scale_value, n, layout, dtype, fmt):
 
 
 @torch.library.custom_op("nvfp4::compute_global_scale", mutates_args=())
-def _compute_global_scale_op(x: torch.Tensor, per_row: bool) -> torch.Tensor:
-    return _global_scale.compute_global_scale(x, per_row, like=_LIKE)
+def _compute_global_scale_op(x: torch.Tensor, per_row: bool, numerics: str = "ieee") -> torch.Tensor:
+    return _global_scale.compute_global_scale(x, per_row, like=_LIKE, numerics=numerics)
 
 
 @_compute_global_scale_op.register_fake
-def _(x, per_row):
+def _(x, per_row, numerics="ieee"):
     from ._format import rows_and_n
 
     return x.new_empty((rows_and_n(tuple(x.shape))[0] if per_row else 1,), dtype=torch.float32)
 
 
 @torch.library.custom_op("nvfp4::quantize", mutates_args=())
-def _quantize_op(x: torch.Tensor, padded_n: Optional[int], layout: str,
-                 per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _quantize.quantize(x, True, padded_n, layout=layout, per_row=per_row, like=_LIKE)
+def _quantize_op(x: torch.Tensor, padded_n: Optional[int], layout: str, per_row: bool,
+                 numerics: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize.quantize(x, True, padded_n, layout=layout, per_row=per_row, like=_LIKE, numerics=numerics)
 
 
 @_quantize_op.register_fake
-def _(x, padded_n, layout, per_row):
+def _(x, padded_n, layout, per_row, numerics="ieee"):
     from ._format import rows_and_n
 
     packed_shape, scale_shape = quantized_shapes(tuple(x.shape), padded_n, True, layout, "one", "nvfp4")
     rows = rows_and_n(tuple(x.shape))[0] if per_row else 1
     return (x.new_empty(packed_shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.uint8),
             x.new_empty((rows,), dtype=torch.float32))
+
+
+# ---------------------------------------------------------------------------
+# SiLU-and-mul and expert quantization (issue 16, items 2 and 4; ops/experts.py):
+# eager functions and torch.ops.nvfp4.{silu_and_mul, silu_and_mul_quant,
+# scaled_fp4_experts_quant, scaled_fp4_masked_quant}
+# ---------------------------------------------------------------------------
+from .ops import experts as _experts  # noqa: E402  (kept with its block)
+
+__all__ += ["silu_and_mul", "silu_and_mul_quant", "scaled_fp4_experts_quant", "scaled_fp4_masked_quant"]
+
+
+def silu_and_mul(x):
+    """nvfp4_cupy.silu_and_mul for torch tensors: [..., 2n] -> [..., n]."""
+    if torch.compiler.is_compiling():
+        return torch.ops.nvfp4.silu_and_mul(x)
+    return _experts.silu_and_mul(x, like=_LIKE)
+
+
+def silu_and_mul_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, fmt="nvfp4",
+                       expert_offsets=None, expert_counts=None, validate=True):
+    """nvfp4_cupy.silu_and_mul_quant for torch tensors: (packed, scales), or
+    (packed, scales, blockscale_offsets) with expert_offsets."""
+    if torch.compiler.is_compiling():
+        if expert_offsets is not None and expert_counts is not None:
+            raise ValueError("pass expert_offsets or expert_counts, not both")
+        tensor, value = _split_scale(global_scale)
+        layout_name = _layout_name(is_sf_swizzled_layout, layout)
+        if expert_offsets is not None:
+            return torch.ops.nvfp4.scaled_fp4_experts_quant(x, tensor, value, expert_offsets, padded_n, layout_name,
+                                                            fmt, validate, True)
+        if expert_counts is not None:
+            return torch.ops.nvfp4.scaled_fp4_masked_quant(x, tensor, value, expert_counts, padded_n, layout_name,
+                                                           fmt, validate, True)
+        return torch.ops.nvfp4.silu_and_mul_quant(x, tensor, value, padded_n, layout_name, fmt)
+    return _experts.silu_and_mul_quant(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout, fmt=fmt,
+                                       expert_offsets=expert_offsets, expert_counts=expert_counts, validate=validate,
+                                       like=_LIKE)
+
+
+def scaled_fp4_experts_quant(x, global_scale, expert_offsets, is_sf_swizzled_layout=True, padded_n=None, *,
+                             layout=None, fmt="nvfp4", validate=True):
+    """nvfp4_cupy.scaled_fp4_experts_quant for torch tensors: (packed,
+    scales, blockscale_offsets int32 [E + 1])."""
+    if torch.compiler.is_compiling():
+        tensor, value = _split_scale(global_scale)
+        return torch.ops.nvfp4.scaled_fp4_experts_quant(x, tensor, value, expert_offsets, padded_n,
+                                                        _layout_name(is_sf_swizzled_layout, layout), fmt, validate,
+                                                        False)
+    return _experts.scaled_fp4_experts_quant(x, global_scale, expert_offsets, is_sf_swizzled_layout, padded_n,
+                                             layout=layout, fmt=fmt, validate=validate, like=_LIKE)
+
+
+def scaled_fp4_masked_quant(x, global_scale, expert_counts, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
+                            fmt="nvfp4", validate=True):
+    """nvfp4_cupy.scaled_fp4_masked_quant for torch tensors: (packed, scales)."""
+    if torch.compiler.is_compiling():
+        tensor, value = _split_scale(global_scale)
+        return torch.ops.nvfp4.scaled_fp4_masked_quant(x, tensor, value, expert_counts, padded_n,
+                                                       _layout_name(is_sf_swizzled_layout, layout), fmt, validate,
+                                                       False)
+    return _experts.scaled_fp4_masked_quant(x, global_scale, expert_counts, is_sf_swizzled_layout, padded_n,
+                                            layout=layout, fmt=fmt, validate=validate, like=_LIKE)
+
+
+def _op_scale(global_scale: Optional[torch.Tensor], global_scale_value: float, fmt: str):
+    return None if fmt == "mxfp4" else (global_scale if global_scale is not None else global_scale_value)
+
+
+def _gated_n(x, silu: bool) -> int:
+    return x.shape[-1] // 2 if silu else x.shape[-1]
+
+
+@torch.library.custom_op("nvfp4::silu_and_mul", mutates_args=())
+def _silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
+    return _experts.silu_and_mul(x, like=_LIKE)
+
+
+@_silu_and_mul_op.register_fake
+def _(x):
+    return x.new_empty((*x.shape[:-1], x.shape[-1] // 2))
+
+
+@torch.library.custom_op("nvfp4::silu_and_mul_quant", mutates_args=())
+def _silu_and_mul_quant_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
+                           padded_n: Optional[int], layout: str, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _experts.silu_and_mul_quant(x, _op_scale(global_scale, global_scale_value, fmt), True, padded_n,
+                                       layout=layout, fmt=fmt, like=_LIKE)
+
+
+@_silu_and_mul_quant_op.register_fake
+def _(x, global_scale, global_scale_value, padded_n, layout, fmt):
+    out_shape = (*x.shape[:-1], x.shape[-1] // 2)
+    kind = "one" if fmt == "mxfp4" else _scale_kind(global_scale, out_shape)
+    packed_shape, scale_shape = quantized_shapes(tuple(out_shape), padded_n, True, layout, kind, fmt)
+    return x.new_empty(packed_shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.uint8)
+
+
+@torch.library.custom_op("nvfp4::scaled_fp4_experts_quant", mutates_args=())
+def _scaled_fp4_experts_quant_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
+                                 expert_offsets: torch.Tensor, padded_n: Optional[int], layout: str, fmt: str,
+                                 validate: bool, silu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = _op_scale(global_scale, global_scale_value, fmt)
+    if silu:
+        return _experts.silu_and_mul_quant(x, scale, True, padded_n, layout=layout, fmt=fmt,
+                                           expert_offsets=expert_offsets, validate=validate, like=_LIKE)
+    return _experts.scaled_fp4_experts_quant(x, scale, expert_offsets, True, padded_n, layout=layout, fmt=fmt,
+                                             validate=validate, like=_LIKE)
+
+
+@_scaled_fp4_experts_quant_op.register_fake
+def _(x, global_scale, global_scale_value, expert_offsets, padded_n, layout, fmt, validate, silu):
+    from ._format import block_size_of, resolve_layout, resolve_padded_n
+
+    # The shapes follow from x's and the offsets' shapes (the host bound of
+    # experts_scale_rows), never from the offsets' values.
+    block_size = block_size_of(fmt)
+    tokens, experts = x.shape[0], expert_offsets.shape[0] - 1
+    k = resolve_padded_n(_gated_n(x, silu), padded_n, block_size)
+    scale_layout = resolve_layout(layout=layout)
+    cols = scale_layout.scale_shape(0, k, block_size)[1]
+    rows = _experts.experts_scale_rows(tokens, experts, scale_layout.name)
+    return (x.new_empty((tokens, k // 2), dtype=torch.uint8), x.new_empty((rows, cols), dtype=torch.uint8),
+            x.new_empty((experts + 1,), dtype=torch.int32))
+
+
+@torch.library.custom_op("nvfp4::scaled_fp4_masked_quant", mutates_args=())
+def _scaled_fp4_masked_quant_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
+                                expert_counts: torch.Tensor, padded_n: Optional[int], layout: str, fmt: str,
+                                validate: bool, silu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = _op_scale(global_scale, global_scale_value, fmt)
+    if silu:
+        return _experts.silu_and_mul_quant(x, scale, True, padded_n, layout=layout, fmt=fmt,
+                                           expert_counts=expert_counts, validate=validate, like=_LIKE)
+    return _experts.scaled_fp4_masked_quant(x, scale, expert_counts, True, padded_n, layout=layout, fmt=fmt,
+                                            validate=validate, like=_LIKE)
+
+
+@_scaled_fp4_masked_quant_op.register_fake
+def _(x, global_scale, global_scale_value, expert_counts, padded_n, layout, fmt, validate, silu):
+    shape = (x.shape[0], x.shape[1], _gated_n(x, silu))
+    packed_shape, scale_shape = quantized_shapes(shape, padded_n, True, layout, "expert", fmt)
+    return x.new_empty(packed_shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------------------
+# Fake quantization (issue 16, item 3; ops/fake_quantize.py): fake_quantize
+# with a straight-through gradient, torch.ops.nvfp4.{fake_quantize,
+# saturation_mask}
+# ---------------------------------------------------------------------------
+from ._format import check_bool  # noqa: E402  (kept with its block)
+from .ops import fake_quantize as _fake_quantize  # noqa: E402
+
+__all__ += ["fake_quantize", "saturation_mask"]
+
+
+def fake_quantize(x, global_scale=None, *, zero_saturated=False, **options):
+    """dequantize(quantize(x)) in x's dtype and shape, in one kernel
+    (nvfp4_cupy.fake_quantize, docs/fused_ops.md section 6), with the
+    straight-through gradient of section 6.3: grad_x = grad, or with
+    zero_saturated=True +0.0 where the quantizer clipped x (the saturation
+    mask, recomputed from x in the backward pass). No gradient flows to
+    `global_scale` (a float, a float32 CUDA tensor of one, per row or per
+    expert scales, or None for 448 * 6 / amax(|x|) computed on the device).
+    `options`: those of nvfp4_cupy.fake_quantize (fmt, ...); the ones with
+    no GPU kernel yet are a ValueError. Works under torch.compile (no graph
+    break) and in training steps."""
+    zero_saturated = check_bool(zero_saturated, "zero_saturated")
+    fmt = options.get("fmt", "nvfp4")
+    _fake_quantize.gpu_quantizer(global_scale, options)  # every option check, before anything runs
+    tensor, value = _optional_scale(global_scale)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                  for t in (x, global_scale))
+    if torch.compiler.is_compiling() or needs_grad:
+        return torch.ops.nvfp4.fake_quantize(x, tensor, value, fmt, zero_saturated)
+    return _fake_quantize.fake_quantize(x, global_scale, fmt=fmt, like=_LIKE)
+
+
+def saturation_mask(x, global_scale=None, **options):
+    """nvfp4_cupy.saturation_mask for torch tensors: a bool tensor of x's
+    shape (docs/fused_ops.md, section 6.3)."""
+    fmt = options.get("fmt", "nvfp4")
+    _fake_quantize.gpu_quantizer(global_scale, options, mask=True)
+    tensor, value = _optional_scale(global_scale)
+    if torch.compiler.is_compiling():
+        return torch.ops.nvfp4.saturation_mask(x, tensor, value, fmt)
+    return _fake_quantize.saturation_mask(x, global_scale, fmt=fmt, like=_LIKE)
+
+
+def _optional_scale(global_scale):
+    """(tensor or None, host value or None): both None when the scale is to
+    be computed from x."""
+    if global_scale is None:
+        return None, None
+    return _split_scale(global_scale)
+
+
+def _scale_of(global_scale: Optional[torch.Tensor], global_scale_value: Optional[float]):
+    """The launcher's global scale: a detached tensor (no gradient flows to
+    it), a host value, or None."""
+    return global_scale.detach() if global_scale is not None else global_scale_value
+
+
+@torch.library.custom_op("nvfp4::fake_quantize", mutates_args=())
+def _fake_quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
+                      fmt: str, zero_saturated: bool) -> torch.Tensor:
+    # detach: the backward may run with grad mode on (create_graph), and the
+    # launcher refuses tensors that require grad.
+    return _fake_quantize.fake_quantize(x.detach(), _scale_of(global_scale, global_scale_value), fmt=fmt, like=_LIKE)
+
+
+@_fake_quantize_op.register_fake
+def _(x, global_scale, global_scale_value, fmt, zero_saturated):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("nvfp4::saturation_mask", mutates_args=())
+def _saturation_mask_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
+                        fmt: str) -> torch.Tensor:
+    return _fake_quantize.saturation_mask(x.detach(), _scale_of(global_scale, global_scale_value), fmt=fmt,
+                                          like=_LIKE)
+
+
+@_saturation_mask_op.register_fake
+def _(x, global_scale, global_scale_value, fmt):
+    return torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format)
+
+
+def _fake_quantize_setup_context(ctx, inputs, output):
+    x, global_scale, global_scale_value, fmt, zero_saturated = inputs
+    ctx.zero_saturated = zero_saturated
+    if zero_saturated:  # the mask is recomputed from x: keep x only when it is needed
+        ctx.save_for_backward(x, global_scale)
+        ctx.global_scale_value, ctx.fmt = global_scale_value, fmt
+
+
+def _fake_quantize_backward(ctx, grad):
+    """The straight-through gradient (docs/fused_ops.md, section 6.3)."""
+    if not ctx.zero_saturated:
+        return grad, None, None, None, None
+    x, global_scale = ctx.saved_tensors
+    mask = torch.ops.nvfp4.saturation_mask(x, global_scale, ctx.global_scale_value, ctx.fmt)
+    return torch.where(mask, grad.new_zeros(()), grad), None, None, None, None
+
+
+_fake_quantize_op.register_autograd(_fake_quantize_backward, setup_context=_fake_quantize_setup_context)
+
+
+# ---------------------------------------------------------------------------
+# RMSNorm, alone and fused with quantization (issue 16, item 1;
+# ops/rms_norm.py): eager functions and torch.ops.nvfp4.{rms_norm,
+# rms_norm_quant} and, for the residual form, which writes x + residual back
+# into `residual`, torch.ops.nvfp4.{fused_add_rms_norm,
+# fused_add_rms_norm_quant} (declared as mutating it, so torch.compile and
+# CUDA graphs see the write; as in vLLM, a separate op, so that the plain
+# form stays a pure function that inductor lowers). The functions return
+# the residual; the registered ops do not (an op cannot return an alias of
+# its input).
+# ---------------------------------------------------------------------------
+from .ops import rms_norm as _rms_norm  # noqa: E402  (kept with its block)
+
+__all__ += ["rms_norm", "rms_norm_quant"]
+
+
+def rms_norm(x, weight, eps, residual=None, *, out=None):
+    """nvfp4_cupy.rms_norm for torch tensors: out, or (out, residual) with
+    `residual` updated in place."""
+    if torch.compiler.is_compiling():
+        if residual is None:
+            return torch.ops.nvfp4.rms_norm(x, weight, float(eps))
+        return torch.ops.nvfp4.fused_add_rms_norm(x, weight, float(eps), residual), residual
+    return _rms_norm.rms_norm(x, weight, eps, residual, out=out, like=_LIKE)
+
+
+def rms_norm_quant(x, weight, eps, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
+                   fmt="nvfp4", residual=None, out=None, out_scale=None):
+    """nvfp4_cupy.rms_norm_quant for torch tensors: (packed, scales), or
+    (packed, scales, residual) with `residual` updated in place.
+    `global_scale`: a float or a float32 CUDA tensor (None for MXFP4)."""
+    if torch.compiler.is_compiling():
+        tensor, value = _split_scale(global_scale)
+        arguments = (x, weight, float(eps), tensor, value, padded_n, _layout_name(is_sf_swizzled_layout, layout), fmt)
+        if residual is None:
+            return torch.ops.nvfp4.rms_norm_quant(*arguments)
+        packed, scales = torch.ops.nvfp4.fused_add_rms_norm_quant(*arguments, residual)
+        return packed, scales, residual
+    return _rms_norm.rms_norm_quant(x, weight, eps, global_scale, is_sf_swizzled_layout, padded_n, layout=layout,
+                                    fmt=fmt, residual=residual, out=out, out_scale=out_scale, like=_LIKE)
+
+
+def _rms_norm_op_body(x, weight, eps, residual):
+    result = _rms_norm.rms_norm(x, weight, eps, residual, like=_LIKE)
+    return result if residual is None else result[0]
+
+
+def _rms_norm_quant_op_body(x, weight, eps, global_scale, global_scale_value, padded_n, layout, fmt, residual):
+    scale = None if fmt == "mxfp4" else (global_scale if global_scale is not None else global_scale_value)
+    packed, scales, *_ = _rms_norm.rms_norm_quant(x, weight, eps, scale, True, padded_n, layout=layout, fmt=fmt,
+                                                  residual=residual, like=_LIKE)
+    return packed, scales
+
+
+def _rms_norm_quant_fake(x, global_scale, padded_n, layout, fmt):
+    kind = "one" if fmt == "mxfp4" else _scale_kind(global_scale, x.shape)
+    packed_shape, scale_shape = quantized_shapes(tuple(x.shape), padded_n, True, layout, kind, fmt)
+    return x.new_empty(packed_shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.uint8)
+
+
+@torch.library.custom_op("nvfp4::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    return _rms_norm_op_body(x, weight, eps, None)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("nvfp4::fused_add_rms_norm", mutates_args=("residual",))
+def _fused_add_rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                           residual: torch.Tensor) -> torch.Tensor:
+    return _rms_norm_op_body(x, weight, eps, residual)
+
+
+@_fused_add_rms_norm_op.register_fake
+def _(x, weight, eps, residual):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("nvfp4::rms_norm_quant", mutates_args=())
+def _rms_norm_quant_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                       global_scale: Optional[torch.Tensor], global_scale_value: float, padded_n: Optional[int],
+                       layout: str, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm_quant_op_body(x, weight, eps, global_scale, global_scale_value, padded_n, layout, fmt, None)
+
+
+@_rms_norm_quant_op.register_fake
+def _(x, weight, eps, global_scale, global_scale_value, padded_n, layout, fmt):
+    return _rms_norm_quant_fake(x, global_scale, padded_n, layout, fmt)
+
+
+@torch.library.custom_op("nvfp4::fused_add_rms_norm_quant", mutates_args=("residual",))
+def _fused_add_rms_norm_quant_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float,
+                                 global_scale: Optional[torch.Tensor], global_scale_value: float,
+                                 padded_n: Optional[int], layout: str, fmt: str,
+                                 residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm_quant_op_body(x, weight, eps, global_scale, global_scale_value, padded_n, layout, fmt, residual)
+
+
+@_fused_add_rms_norm_quant_op.register_fake
+def _(x, weight, eps, global_scale, global_scale_value, padded_n, layout, fmt, residual):
+    return _rms_norm_quant_fake(x, global_scale, padded_n, layout, fmt)

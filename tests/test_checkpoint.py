@@ -100,6 +100,10 @@ def _bits(t: torch.Tensor) -> np.ndarray:
     return t.contiguous().view(torch.uint16).numpy()
 
 
+def _raw(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
 # -- the bytes: golden model, and each library's own dequantization ----------
 
 def test_compressed_tensors_bytes_and_decompressor(model_dir, converted):
@@ -446,6 +450,275 @@ def test_dequantize_and_inspect_errors(capsys, tmp_path, model_dir):
     expect_error(capsys, tmp_path, "dequantize-checkpoint", model_dir, tmp_path / "o", names=["no NVFP4 checkpoint"])
 
 
+# -- activation calibration: input scales -----------------------------------
+
+CALIBRATION_SAMPLES = [[1, 5, 9, 42, 7, 300], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [511, 0, 17, 256], [99] * 5]
+
+
+@pytest.fixture(scope="module")
+def tokens_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tokens") / "tokens.txt"
+    path.write_text("# one sample per line\n" + "\n".join(" ".join(map(str, s)) for s in CALIBRATION_SAMPLES) + "\n\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def calibrated(model_dir, tokens_file, tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for fmt in ("modelopt", "compressed-tensors"):
+        out[fmt] = tmp_path_factory.mktemp("calibrated") / fmt
+        report = convert(model_dir, out[fmt], fmt, cpu=True, progress=False, calibration_tokens=tokens_file)
+        assert report.calibration is not None and report.calibration.samples == 4 and not report.calibration_reused
+    return out
+
+
+@pytest.fixture(scope="module")
+def hooked_amax(model_dir) -> dict[str, np.float32]:
+    """Each projection's input amax, measured here independently of the package:
+    forward hooks that keep every input, one max over all of them at the end."""
+    model = _load(model_dir)
+    inputs: dict[str, list] = {}
+    for name, module in model.named_modules():
+        if name.endswith(PROJ):
+            module.register_forward_hook(lambda m, args, out, name=name: inputs.setdefault(name, []).append(args[0]))
+    with torch.no_grad():
+        for sample in CALIBRATION_SAMPLES:
+            model(torch.tensor([sample]))
+    return {name: np.float32(torch.cat([x.flatten() for x in xs]).abs().max().float().item()) for name, xs in inputs.items()}
+
+
+def _group_amax(amax: dict[str, np.float32], module: str) -> np.float32:
+    parent, _, leaf = module.rpartition(".")
+    for members in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+        if leaf in members:
+            return max(amax[f"{parent}.{m}"] for m in members)
+    return amax[module]
+
+
+def _modelopt_input_scale(amax) -> torch.Tensor:
+    """ModelOpt's own export of an NVFP4 input quantizer (the W4A4 preset's
+    dynamic E2M1 block quantizer with E4M3 scales) whose calibrated amax is `amax`."""
+    from modelopt.torch.quantization.config import QuantizerAttributeConfig
+    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    quantizer = TensorQuantizer(QuantizerAttributeConfig(
+        num_bits=(2, 1), block_sizes={-1: 16, "type": "dynamic", "scale_bits": (4, 3)}))
+    quantizer.amax = torch.tensor(float(amax), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its warning about a zero amax
+        return NVFP4QTensor.get_activation_scaling_factor(quantizer)
+
+
+def _ct_input_global_scale(amax) -> torch.Tensor:
+    from compressed_tensors.quantization.utils.helpers import generate_gparam
+
+    a = torch.tensor([float(amax)], dtype=torch.float32)
+    return generate_gparam(-a, a)
+
+
+def test_input_scale_rules_equal_the_libraries():
+    """Our two formulas against each library's own function, bit for bit,
+    including a zero amax (ModelOpt: maxbound 6 instead; compressed-tensors: 1.0)."""
+    pytest.importorskip("modelopt")
+    random = (np.random.default_rng(5).random(200) * 2.0 ** np.arange(-100, 100)).astype(np.float32)
+    values = [float(v) for v in random] + [0.0, 1e-40, float(np.finfo(np.float32).tiny), 1e-30, 0.0078125, 1.0,
+                                           3.5, 3.609375, 6.0, 1e30, float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)]
+    for amax in values:
+        theirs = _modelopt_input_scale(amax)
+        assert theirs.dim() == 0 and theirs.dtype == torch.float32
+        assert mo_fmt.input_scale(amax).tobytes() == theirs.numpy().tobytes(), amax
+        theirs = _ct_input_global_scale(amax)
+        assert tuple(theirs.shape) == (1,) and theirs.dtype == torch.float32
+        assert ct_fmt.input_global_scale(amax).tobytes() == theirs.numpy()[0].tobytes(), amax
+
+
+def test_calibrated_input_scales_equal_independent_amax(calibrated, hooked_amax):
+    pytest.importorskip("modelopt")
+    assert len(hooked_amax) == 14
+    saved = json.loads((calibrated["modelopt"] / "nvfp4_cupy_calibration.json").read_text())
+    assert {m: np.float32(a) for m, a in saved["input_amax"].items()} == hooked_amax  # as measured, exactly
+    assert saved["device"].startswith("cpu") and saved["samples"] == 4 and saved["tokens"] == 25
+    mo, ct = _all_tensors(calibrated["modelopt"]), _all_tensors(calibrated["compressed-tensors"])
+    for module in hooked_amax:
+        amax = _group_amax(hooked_amax, module)  # fused projections share the largest
+        scale, global_scale = mo[f"{module}.input_scale"], ct[f"{module}.input_global_scale"]
+        assert scale.dtype == torch.float32 and scale.dim() == 0  # ModelOpt: 0-dim decode scale
+        assert global_scale.dtype == torch.float32 and tuple(global_scale.shape) == (1,)  # encode scale, [1]
+        assert torch.equal(scale, _modelopt_input_scale(amax)), module
+        assert torch.equal(global_scale, _ct_input_global_scale(amax)), module
+        assert scale.item() == np.float32(amax) / np.float32(6 * 448)
+        assert global_scale.item() == (np.float32(1) / np.float32(amax)) * np.float32(6 * 448)
+
+
+def test_calibrated_input_scales_shared_across_fused_projections(calibrated):
+    for fmt, key in (("modelopt", "input_scale"), ("compressed-tensors", "input_global_scale")):
+        tensors = _all_tensors(calibrated[fmt])
+        for layer in range(2):
+            qkv = {tensors[f"model.layers.{layer}.self_attn.{p}.{key}"].item() for p in ("q_proj", "k_proj", "v_proj")}
+            gate_up = {tensors[f"model.layers.{layer}.mlp.{p}.{key}"].item() for p in ("gate_proj", "up_proj")}
+            assert len(qkv) == 1 and len(gate_up) == 1, (fmt, layer, qkv, gate_up)
+
+
+def test_calibration_changes_only_the_input_scales(converted, calibrated):
+    for fmt in converted:
+        weight_only, w4a4 = _all_tensors(converted[fmt]), _all_tensors(calibrated[fmt])
+        extra = sorted(set(w4a4) - set(weight_only))
+        assert len(extra) == 14 and all(n.endswith((".input_scale", ".input_global_scale")) for n in extra)
+        for name, tensor in weight_only.items():
+            assert tensor.dtype == w4a4[name].dtype and _raw(tensor) == _raw(w4a4[name]), name
+        manifest = json.loads((calibrated[fmt] / MANIFEST_FILE).read_text())
+        assert manifest["weight_only"] is False and manifest["complete"]
+
+
+def test_calibrated_config_files(calibrated):
+    pytest.importorskip("modelopt")
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.quant_scheme import NVFP4
+    from modelopt.torch.export.convert_hf_config import convert_hf_quant_config_format
+
+    hf = json.loads((calibrated["modelopt"] / "hf_quant_config.json").read_text())
+    assert hf["quantization"]["quant_algo"] == "NVFP4" and hf["quantization"]["group_size"] == 16
+    config = json.loads((calibrated["modelopt"] / "config.json").read_text())["quantization_config"]
+    assert config == convert_hf_quant_config_format(hf)
+    assert config["config_groups"]["group_0"]["input_activations"]["num_bits"] == 4
+    config = json.loads((calibrated["compressed-tensors"] / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
+    assert scheme.input_activations == NVFP4["input_activations"]
+    # the weights' observer (a calibration-time setting) is the default that validation fills in
+    assert scheme.weights.model_dump(exclude={"observer"}) == NVFP4["weights"].model_dump(exclude={"observer"})
+
+
+def test_calibrated_compressed_tensors_loads_with_its_activation_scheme(calibrated):
+    """The default load (compressed; dequantize=True drops the activation
+    scheme and reports input_global_scale unexpected) builds each Linear with
+    the NVFP4 input_activations scheme and takes our input_global_scale into it.
+    Whether transformers' own forward then quantizes the activations depends on
+    its version (docs/checkpoints.md); the forward runs either way."""
+    path = calibrated["compressed-tensors"]
+    ours = _all_tensors(path)
+    model = _load(path)
+    for name, param in model.named_parameters():
+        if name.endswith(".input_global_scale"):
+            assert torch.equal(param.data, ours[name]), name
+    assert sum(name.endswith(".input_global_scale") for name, _ in model.named_parameters()) == 14
+    scheme = model.model.layers[0].self_attn.q_proj.quantization_scheme
+    assert scheme.input_activations is not None and scheme.input_activations.dynamic == "local"
+    _forward(model)
+
+
+def test_calibrated_modelopt_loads_through_compressed_tensors_convert_checkpoint(calibrated, tmp_path):
+    """With input_scale (W4A4) compressed-tensors' whole-directory ModelOpt
+    conversion accepts our checkpoint. It keeps ModelOpt's 0-dim scalars
+    (1 / weight_scale_2, 1 / input_scale), which the default transformers load
+    rejects ([1] expected): reshaped here, then loaded and run."""
+    from compressed_tensors.entrypoints.convert.convert_checkpoint import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter
+
+    hf = json.loads((calibrated["modelopt"] / "hf_quant_config.json").read_text())
+    converter = ModelOptNvfp4Converter(ignore=hf["quantization"]["exclude_modules"], targets=["re:.*_proj$"])
+    out = tmp_path / "ct"
+    convert_checkpoint(str(calibrated["modelopt"]), str(out), converter, device="cpu", max_workers=1)
+    for shard in out.glob("*.safetensors"):
+        tensors = {k: v.reshape(1) if k.endswith("_global_scale") and v.dim() == 0 else v
+                   for k, v in load_file(shard).items()}
+        save_file(tensors, shard, metadata={"format": "pt"})
+    ours = _all_tensors(calibrated["modelopt"])
+    model = _load(out)
+    params = dict(model.named_parameters())
+    for module in _modules(ours):
+        assert params[f"{module}.input_global_scale"].item() == (1 / ours[f"{module}.input_scale"]).item()
+    _forward(model)
+
+
+def test_read_tokens_formats(tmp_path):
+    from nvfp4_cupy.checkpoint.calibrate import read_tokens
+
+    samples = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    (tmp_path / "t.txt").write_text("1 2 3 4\n\n# comment\n5\t6 7  8\n")
+    (tmp_path / "t.json").write_text(json.dumps(samples))
+    (tmp_path / "one.json").write_text(json.dumps(samples[0]))
+    np.save(tmp_path / "t.npy", np.array(samples, np.int32))
+    np.save(tmp_path / "one.npy", np.array(samples[0], np.int64))
+    assert read_tokens(tmp_path / "t.txt") == read_tokens(tmp_path / "t.json") == read_tokens(tmp_path / "t.npy") == samples
+    assert read_tokens(tmp_path / "one.json") == read_tokens(tmp_path / "one.npy") == samples[:1]
+
+
+def test_calibration_resume_and_amax_file(model_dir, tokens_file, calibrated, tmp_path, monkeypatch):
+    calibrate_module = sys.modules["nvfp4_cupy.checkpoint.calibrate"]
+    out = tmp_path / "o"
+    convert(model_dir, out, "modelopt", cpu=True, progress=False, calibration_tokens=tokens_file)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model ran again")
+
+    monkeypatch.setattr(convert_module, "measure_input_amax", no_model)
+    report = convert(model_dir, out, "modelopt", cpu=True, resume=True, progress=False, calibration_tokens=tokens_file)
+    assert report.calibration_reused and report.written == [] and len(report.resumed) == 4
+    again = tmp_path / "from_file"
+    report = convert(model_dir, again, "modelopt", cpu=True, progress=False,
+                     calibration_amax=out / calibrate_module.CALIBRATION_FILE)
+    assert report.calibration_reused
+    assert _shard_bytes(again) == _shard_bytes(out) == _shard_bytes(calibrated["modelopt"])
+
+
+def test_calibration_cli(model_dir, tokens_file, tmp_path, capsys):
+    assert main(["convert", str(model_dir), str(tmp_path / "o"), "--format", "modelopt", "--cpu", "--no-progress",
+                 "--calibration-tokens", str(tokens_file)]) == 0
+    out = capsys.readouterr().out
+    assert "W4A4" in out and "4 samples, 25 tokens" in out and "quant_algo NVFP4" in out and "weight-only" not in out
+    assert main(["inspect", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().out.count("activations model.layers.") == 14
+
+
+@pytest.mark.parametrize("content, flags, names", [
+    (None, [], ["no such file"]),
+    ("1 2 x\n", [], ["line 1", "integer"]),
+    ("1 2 512\n", [], ["512", "vocabulary size 512"]),
+    ("1 -2\n", [], [">= 0"]),
+    ("\n", [], ["no token ids"]),
+    ("1 2\n", ["--calibration-amax", "{tokens}"], ["exclude each other"]),
+])
+def test_calibration_bad_tokens(capsys, tmp_path, model_dir, content, flags, names):
+    tokens = tmp_path / "tokens.txt"
+    if content is not None:
+        tokens.write_text(content)
+    flags = [f.format(tokens=tokens) for f in flags]
+    expect_error(capsys, tmp_path, "convert", model_dir, tmp_path / "o", "--format", "modelopt", "--cpu",
+                 "--calibration-tokens", tokens, *flags, names=names)
+
+
+def test_calibration_names_weights_the_model_does_not_run(tmp_path, model_dir, tokens_file):
+    """A quantized weight that is no Linear of the model transformers builds:
+    one error naming it, nothing written."""
+    import shutil
+
+    from nvfp4_cupy.checkpoint import CheckpointError
+
+    extra = tmp_path / "extra"
+    shutil.copytree(model_dir, extra)
+    save_file({"model.extra_proj.weight": torch.randn(32, 64, dtype=torch.bfloat16)},
+              extra / "model-extra.safetensors", metadata={"format": "pt"})
+    index = json.loads((extra / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.extra_proj.weight"] = "model-extra.safetensors"
+    (extra / "model.safetensors.index.json").write_text(json.dumps(index))
+    with warnings.catch_warnings(), pytest.raises(CheckpointError, match="model.extra_proj.*--exclude"):
+        warnings.simplefilter("ignore")
+        convert(extra, tmp_path / "o", "modelopt", cpu=True, progress=False, calibration_tokens=tokens_file)
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_amax_file_missing_modules(capsys, tmp_path, model_dir, calibrated):
+    saved = json.loads((calibrated["modelopt"] / "nvfp4_cupy_calibration.json").read_text())
+    del saved["input_amax"]["model.layers.1.mlp.down_proj"]
+    (tmp_path / "c.json").write_text(json.dumps(saved))
+    expect_error(capsys, tmp_path, "convert", model_dir, tmp_path / "o", "--format", "compressed-tensors", "--cpu",
+                 "--calibration-amax", tmp_path / "c.json", names=["no input amax", "model.layers.1.mlp.down_proj"])
+    (tmp_path / "c.json").write_text("[1, 2]")
+    expect_error(capsys, tmp_path, "convert", model_dir, tmp_path / "o", "--format", "compressed-tensors", "--cpu",
+                 "--calibration-amax", tmp_path / "c.json", names=["not a calibration file"])
+
+
 # -- the GPU path (public GPU API): same bytes as the golden model ----------
 
 @pytest.mark.gpu
@@ -464,3 +737,32 @@ def test_two_gpu_workers_equal_one(model_dir, converted, tmp_path):
     convert(model_dir, tmp_path / "two", "compressed-tensors", devices=[0, 1], progress=False)
     convert(model_dir, tmp_path / "one", "compressed-tensors", devices=[0], progress=False)
     assert _shard_bytes(tmp_path / "two") == _shard_bytes(tmp_path / "one") == _shard_bytes(converted["compressed-tensors"])
+
+
+# The same bf16 forward on the GPU and on the CPU: matmuls and attention run other kernels (other
+# summation orders, fused attention), so an activation can round to a neighbouring bfloat16
+# (2^-8 relative) at each op; over the tiny model's two layers that stays within a few ulps.
+# docs/checkpoints.md ("GPU and CPU calibration") explains it; weights are compared exactly.
+GPU_AMAX_RTOL = 2.0 ** -4
+
+
+@pytest.mark.gpu
+def test_gpu_calibration_matches_cpu(model_dir, tokens_file, calibrated, tmp_path, torch_cuda):
+    cpu_amax = {m: np.float32(a) for m, a in json.loads(
+        (calibrated["modelopt"] / "nvfp4_cupy_calibration.json").read_text())["input_amax"].items()}
+    for fmt, key, devices in (("modelopt", "input_scale", None), ("compressed-tensors", "input_global_scale", [0])):
+        report = convert(model_dir, tmp_path / fmt, fmt, progress=False, devices=devices, calibration_tokens=tokens_file)
+        assert report.calibration.device.startswith("cuda:0")
+        gpu_amax = report.calibration.input_amax
+        assert set(gpu_amax) == set(cpu_amax)
+        worst = max(abs(float(gpu_amax[m]) - float(a)) / float(a) for m, a in cpu_amax.items())
+        assert worst <= GPU_AMAX_RTOL, (fmt, worst, {m: (float(gpu_amax[m]), float(a)) for m, a in cpu_amax.items()})
+        gpu, cpu = _all_tensors(tmp_path / fmt), _all_tensors(calibrated[fmt])
+        assert set(gpu) == set(cpu)
+        for name in cpu:
+            if not name.endswith(f".{key}"):  # every weight byte and carried tensor: exactly the CPU's
+                assert cpu[name].dtype == gpu[name].dtype and _raw(gpu[name]) == _raw(cpu[name]), name
+        rule = mo_fmt.input_scale if fmt == "modelopt" else ct_fmt.input_global_scale
+        for module in cpu_amax:  # and the input scales follow from the GPU's amax exactly
+            stored = gpu[f"{module}.{key}"]
+            assert _raw(stored) == np.float32(rule(_group_amax(gpu_amax, module))).tobytes(), module

@@ -239,9 +239,9 @@ def test_quantize_matches_golden_with_poisoned_outputs(nv):
             assert_bytes_equal(cp.asnumpy(scales), want[1], f"quantize scales per_row={per_row}")
 
 
-def test_quantize_is_two_launches(nv, monkeypatch):
-    """quantize() launches the global-scale kernel and the quantizer, and
-    nothing else: no memset, no second global-scale kernel."""
+def count_launches(monkeypatch) -> list:
+    """The cuda_src file of every kernel launched from here on, in order
+    (and a failure for any memset)."""
     from nvfp4_cupy._runtime import launch
 
     launched = []
@@ -251,13 +251,90 @@ def test_quantize_is_two_launches(nv, monkeypatch):
         launched.append(self.variant.source)
         return original(self, *args)
 
-    x = device_input(make_input("normal", 64, 4096, seed=11).astype(np.float16))
-    nv.quantize(x)  # may create the stream's workspace, zeroed once (on a stream of its own)
     monkeypatch.setattr(launch.BoundKernel, "__call__", counting)
     monkeypatch.setattr(cp.cuda.runtime, "memsetAsync", lambda *a: pytest.fail("a memset was launched"))
-    for per_row in (False, True):
-        nv.quantize(x, per_row=per_row)
-    assert launched == ["global_scale.cu", "quantize.cu"] * 2
+    return launched
+
+
+# (m, n, padded_n, kind): one thread block with a partial last warp (7
+# blocks a row: 7 x 36 threads), rows shorter than a block, padding, and the
+# one-launch limit (2048 blocks) from both sides.
+SMALL_QUANTIZE_CASES = ((1, 4096, 4096, "normal"), (3, 112, 128, "specials"), (2, 50, 64, "outliers"),
+                        (5, 16, 16, "zero_rows"), (8, 4096, 4096, "specials"), (8, 4112, 4160, "outliers"),
+                        (1, 7152, 7168, "outliers"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("m, n, padded_n, kind", SMALL_QUANTIZE_CASES)
+def test_small_quantize_is_one_launch_and_exact(nv, monkeypatch, m, n, padded_n, kind, dtype):
+    """quantize() of at most ONE_LAUNCH_MAX_BLOCKS blocks: one kernel, which
+    computes the global scale itself; the same bytes as the golden model,
+    through the full path (poisoned outputs) and the repeated-call path, in
+    every layout. Larger inputs: the two launches."""
+    from nvfp4_cupy.ops.quantize import ONE_LAUNCH_MAX_BLOCKS
+
+    host = make_input(kind, m, n, seed=m * n).astype(HOST_DTYPES[dtype])
+    x = device_input(host)
+    one_launch = m * -(-n // 16) <= ONE_LAUNCH_MAX_BLOCKS
+    want_gs = ref.compute_global_scale(host)
+    nv.quantize(x, padded_n=padded_n, per_row=True)  # may create the stream's global-scale workspace (a memset, once)
+    launched = count_launches(monkeypatch)
+    for layout in ("swizzled", "linear", "8x4"):
+        want = ref.scaled_fp4_quant(host, want_gs, padded_n=padded_n, layout=layout)
+        for poison in POISONS:
+            with poisoned_allocations(poison):
+                # The first call of a signature takes the full path, and records it; the second repeats it.
+                results = [nv.quantize(x, padded_n=padded_n, layout=layout) for _ in range(2)]
+            for call, (packed, scales, gs) in enumerate(results):
+                what = f"{dtype} {m}x{n} {layout} call {call}"
+                assert_bytes_equal(scale_bits(gs), want_gs.view(np.uint32), f"{what}: global scale")
+                assert_bytes_equal(cp.asnumpy(packed), want[0], f"{what}: packed")
+                assert_bytes_equal(cp.asnumpy(scales), want[1], f"{what}: scales")
+    assert launched == (["quantize.cu"] if one_launch else ["global_scale.cu", "quantize.cu"]) * 12
+
+
+def test_small_quantize_torch_and_graph_replays(nv, torch_cuda):
+    """The one-launch quantize() through torch (eager and torch.ops) and
+    captured in a CUDA graph, replayed on new data: right every replay."""
+    torch = torch_cuda
+    import nvfp4_cupy.torch as nvt
+
+    m, n = 4, 4096
+    x = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
+    nvt.quantize(x)  # compile and load outside the capture
+    torch.ops.nvfp4.quantize(x, None, "swizzled", False)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = nvt.quantize(x)
+    for seed in (60, 61, 62):
+        host = make_input("specials" if seed == 62 else "outliers", m, n, seed=seed)
+        x.copy_(torch.from_numpy(host).to("cuda", torch.bfloat16))
+        graph.replay()
+        eager = nvt.quantize(x)
+        registered = torch.ops.nvfp4.quantize(x, None, "swizzled", False)
+        torch.cuda.synchronize()
+        host_bf16 = x.float().cpu().numpy().astype(HOST_DTYPES["bfloat16"])
+        want_gs = ref.compute_global_scale(host_bf16)
+        want = ref.scaled_fp4_quant(host_bf16, want_gs)
+        for label, (packed, scales, gs) in (("graph", captured), ("eager", eager), ("torch.ops", registered)):
+            assert_bytes_equal(gs.cpu().numpy().view(np.uint32), want_gs.view(np.uint32), f"{label} {seed}: gs")
+            assert_bytes_equal(packed.cpu().numpy(), want[0], f"{label} {seed}: packed")
+            assert_bytes_equal(scales.cpu().numpy(), want[1], f"{label} {seed}: scales")
+
+
+def test_quantize_is_two_launches(nv, monkeypatch):
+    """quantize() of more than ONE_LAUNCH_MAX_BLOCKS blocks, or per row,
+    launches the global-scale kernel and the quantizer, and nothing else: no
+    memset, no second global-scale kernel."""
+    x = device_input(make_input("normal", 64, 4096, seed=11).astype(np.float16))
+    small = device_input(make_input("normal", 2, 4096, seed=11).astype(np.float16))
+    for array in (x, small):
+        nv.quantize(array, per_row=True)  # may create the stream's workspace, zeroed once (on a stream of its own)
+    launched = count_launches(monkeypatch)
+    for array, per_row in ((x, False), (x, True), (small, True)):
+        nv.quantize(array, per_row=per_row)
+    assert launched == ["global_scale.cu", "quantize.cu"] * 3
     launched.clear()
     nv.compute_global_scale(x)
     assert launched == ["global_scale.cu"]

@@ -192,8 +192,9 @@ def test_torch_outputs_are_fresh_c_contiguous_tensors(monkeypatch):
     frontend = arrays.TorchFrontend()
     frontend._devices[0] = torch.device("cpu")
     for _ in range(2):
-        packed, scales = frontend.uint8_outputs(0, 0, ((3, 8), (128, 4)))
+        packed, scales, scale = frontend.outputs(0, 0, (((3, 8), "uint8"), ((128, 4), "uint8"), ((1,), "float32")))
         assert packed.shape == (3, 8) and scales.shape == (128, 4) and packed.dtype == scales.dtype == torch.uint8
         assert packed.is_contiguous() and scales.is_contiguous() and packed.data_ptr() != scales.data_ptr()
+        assert scale.shape == (1,) and scale.dtype == torch.float32
         values = frontend.allocator(0, 0)((2, 5, 7), "bfloat16")
         assert values.shape == (2, 5, 7) and values.dtype == torch.bfloat16 and values.stride() == (35, 7, 1)

@@ -25,8 +25,9 @@ from .._format import (
     is_host_scalar,
 )
 
-# dtype names of every array this package reads or writes
-_ALL_DTYPES = SUPPORTED_DTYPES + ("uint8",)
+# dtype names of every array this package reads or writes, with NumPy's dtypes
+_ALL_DTYPES = SUPPORTED_DTYPES + ("uint8", "int32")
+_NUMPY_DTYPES = {**NUMPY_DTYPES, "uint8": UINT8, "int32": np.dtype(np.int32)}
 
 
 class Array:
@@ -86,21 +87,18 @@ class CupyFrontend:
         return empty
 
     @staticmethod
-    def uint8_outputs(device_id: int, stream: int, shapes: tuple) -> list:
-        """Uninitialized uint8 arrays of these shapes, a call's outputs, carved
-        (each 256-byte aligned) from one allocation of the memory pool with
-        `stream` current: one pool call instead of one an output, which is
-        most of what a small call costs beyond its launch."""
-        offsets, total = [], 0
-        for shape in shapes:
-            offsets.append(total)
-            total += -(-math.prod(shape) // 256) * 256
+    def outputs(device_id: int, stream: int, specs: tuple) -> list:
+        """Uninitialized arrays of these (shape, dtype name) specs, a call's
+        outputs, carved (each 256-byte aligned) from one allocation of the
+        memory pool with `stream` current: one pool call instead of one an
+        output, which is most of what a small call costs beyond its launch."""
+        carve = _carves.get(specs) or _carve(specs)
         if runtime.getDevice() == device_id and cp.cuda.get_current_stream().ptr == stream:
-            memory = cp.cuda.alloc(total)
+            memory = cp.cuda.alloc(carve[0])
         else:
             with cp.cuda.Device(device_id), cp.cuda.ExternalStream(stream, device_id):
-                memory = cp.cuda.alloc(total)
-        return [cp.ndarray(shape, UINT8, memory + offset if offset else memory) for shape, offset in zip(shapes, offsets)]
+                memory = cp.cuda.alloc(carve[0])
+        return [cp.ndarray(shape, dtype, memory + offset if offset else memory) for shape, dtype, offset in carve[1]]
 
     @staticmethod
     def pointer(array) -> int:
@@ -109,6 +107,23 @@ class CupyFrontend:
     @staticmethod
     def as_frontend(arrays: tuple) -> tuple:
         return tuple(a if isinstance(a, cp.ndarray) else cp.from_dlpack(a) for a in arrays)
+
+
+# specs -> (bytes, [(shape, NumPy dtype, offset)]): CupyFrontend.outputs'
+# carving, worked out once per set of output shapes.
+_carves: dict = {}
+
+
+def _carve(specs: tuple) -> tuple:
+    pieces, total = [], 0
+    for shape, dtype_name in specs:
+        dtype = _NUMPY_DTYPES[dtype_name]
+        pieces.append((shape, dtype, total))
+        total += -(-math.prod(shape) * dtype.itemsize // 256) * 256
+    carve = (total, pieces)
+    if len(_carves) < 4096:
+        _carves[specs] = carve
+    return carve
 
 
 class TorchFrontend:
@@ -120,7 +135,6 @@ class TorchFrontend:
         self.torch_dtypes = {name: dtype for dtype, name in self.dtypes.items()}
         self._raw_stream = torch._C._cuda_getCurrentRawStream  # an int, not a Stream object
         self._devices: dict[int, object] = {}
-        self._uint8 = torch.uint8
         self._strides: dict[tuple, tuple] = {}  # C-contiguous strides in elements, by shape
 
     def array(self, obj, name: str) -> Array:
@@ -144,7 +158,7 @@ class TorchFrontend:
 
     def dtype_name(self, dtype) -> str:
         name = self.dtypes.get(dtype)
-        if name is None or name == "uint8":
+        if name not in SUPPORTED_DTYPES:
             raise TypeError(f"x must be float16, bfloat16 or float32, got dtype {str(dtype).replace('torch.', '')}")
         return name
 
@@ -165,12 +179,14 @@ class TorchFrontend:
 
         return empty
 
-    def uint8_outputs(self, device_id: int, stream: int, shapes: tuple) -> list:
-        """Uninitialized uint8 tensors of these shapes, a call's outputs."""
+    def outputs(self, device_id: int, stream: int, specs: tuple) -> list:
+        """Uninitialized tensors of these (shape, dtype name) specs, a call's
+        outputs."""
         device = self._devices.get(device_id) or self._device(device_id)
-        known, empty_strided, uint8 = self._strides, self.torch.empty_strided, self._uint8
-        return [empty_strided(shape, known.get(shape) or self._strides_of(shape), dtype=uint8, device=device)
-                for shape in shapes]
+        known, empty_strided, dtypes = self._strides, self.torch.empty_strided, self.torch_dtypes
+        return [empty_strided(shape, known.get(shape) or self._strides_of(shape), dtype=dtypes[dtype_name],
+                              device=device)
+                for shape, dtype_name in specs]
 
     def _device(self, device_id: int):
         device = self._devices.get(device_id)
@@ -197,7 +213,7 @@ class TorchFrontend:
 
 
 def _cupy_empty(shape: tuple, dtype_name: str):
-    return cp.empty(shape, dtype=NUMPY_DTYPES.get(dtype_name, UINT8))
+    return cp.empty(shape, dtype=_NUMPY_DTYPES[dtype_name])
 
 
 CUPY = CupyFrontend()
@@ -316,6 +332,6 @@ def global_scale_argument(global_scale, device_id: int, x_shape: tuple, source: 
     if array.device_id != device_id:
         raise ValueError(f"global_scale is on device {array.device_id} but {source} is on device {device_id}")
     kind = global_scale_kind(tuple(array.shape), tuple(x_shape))
-    if kind != "one" and array.strides != c_strides(array.shape, 4):
+    if kind != "one" and math.prod(array.shape) > 1 and array.strides != c_strides(array.shape, 4):
         raise ValueError(f"global_scale must be contiguous, got strides {array.strides}")
     return GlobalScale(array, array.pointer, 0.0, kind)

@@ -121,11 +121,22 @@ def compile_options(target: Target, arch: str) -> tuple[str, ...]:
     )
 
 
+# Scale layouts as a kernel's run-time argument (layouts.cuh's ScaleLayoutId),
+# for the fused ops, which store only a few scale bytes a row.
+RUNTIME_LAYOUT_IDS = {"swizzled": 0, "linear": 1, "8x4": 2}
+
+
 def _flag(value: bool) -> str:
     return "true" if value else "false"
 
 
 GLOBAL_SCALES = {"one": "nvfp4::kOneScale", "expert": "nvfp4::kScalePerExpert", "row": "nvfp4::kScalePerRow"}
+# The quantize kernels' last template argument (quantize.cu's Blocks), after
+# a comma; the default ("ieee", "floor") is the kernel's default argument.
+NUMERICS_BLOCKS = {"ieee": "", "te": ", nvfp4::Nvfp4TeBlocks"}
+MX_SCALE_RULE_BLOCKS = {"floor": "", "rceil": ", nvfp4::Mxfp4RceilBlocks", "te_pow2": ", nvfp4::Mxfp4TePow2Blocks"}
+# The global scales numerics="te" has (TE defines no expert batch).
+TE_GLOBAL_SCALES = ("one", "row")
 
 
 @dataclass(frozen=True)
@@ -135,9 +146,13 @@ class QuantizeVariant:
     dtype_name: str
     layout: ScaleLayout
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
-    global_scales: str = "one"  # "one", "expert" ([E, m, n] batch) or "row"
+    # "one", "expert" ([E, m, n] batch), "row", or "own": computed by the
+    # kernel itself from x's amax (quantize() of a small x, one launch)
+    global_scales: str = "one"
     fmt: str = "nvfp4"  # or "mxfp4" (no global scale)
     blocks_per_thread: int = 1  # 1, or wide_blocks_per_thread(): see ops/quantize.py
+    numerics: str = "ieee"  # NVFP4: or "te" (TransformerEngine's arithmetic, docs/te_numerics.md)
+    mx_scale_rule: str = "floor"  # MXFP4: or "rceil", "te_pow2" (docs/stochastic_rounding_and_mx_rules.md)
 
     source = "quantize.cu"
 
@@ -145,8 +160,12 @@ class QuantizeVariant:
     def names(self) -> tuple[str, ...]:
         types = f"{ELEMENT_STRUCTS[self.dtype_name].input}, {self.layout.cuda_struct}, {_flag(self.vector_loads)}"
         if self.fmt == "mxfp4":
-            return (f"nvfp4::quantize_mxfp4<{types}, {self.blocks_per_thread}>",)
-        return (f"nvfp4::quantize_nvfp4<{types}, {GLOBAL_SCALES[self.global_scales]}, {self.blocks_per_thread}>",)
+            rule = MX_SCALE_RULE_BLOCKS[self.mx_scale_rule]
+            return (f"nvfp4::quantize_mxfp4<{types}, {self.blocks_per_thread}{rule}>",)
+        if self.global_scales == "own":
+            return (f"nvfp4::quantize_nvfp4_own_scale<{types}, {self.blocks_per_thread}>",)
+        return (f"nvfp4::quantize_nvfp4<{types}, {GLOBAL_SCALES[self.global_scales]}, {self.blocks_per_thread}"
+                f"{NUMERICS_BLOCKS[self.numerics]}>",)
 
 
 def wide_blocks_per_thread(dtype_name: str, fmt: str) -> int:
@@ -179,16 +198,154 @@ class DequantizeVariant:
 @dataclass(frozen=True)
 class GlobalScaleVariant:
     """The global scale of one input dtype: the amax reduction and the amax
-    -> scale step in one kernel (whole tensor or per row)."""
+    -> scale step in one kernel (whole tensor or per row), the step of
+    numerics "ieee" or "te"."""
 
     dtype_name: str
     vector_loads: bool
+    numerics: str = "ieee"
 
     source = "global_scale.cu"
 
     @property
     def names(self) -> tuple[str, ...]:
-        return (f"nvfp4::global_scale<{ELEMENT_STRUCTS[self.dtype_name].input}, {_flag(self.vector_loads)}>",)
+        step = ", nvfp4::TeScaleFromAmax" if self.numerics == "te" else ""
+        return (f"nvfp4::global_scale<{ELEMENT_STRUCTS[self.dtype_name].input}, {_flag(self.vector_loads)}{step}>",)
+
+
+# --- RMSNorm, alone and fused with quantization (cuda_src/rms_norm.cu; issue 16, item 1) ---
+RMS_NORM_OPS = ("norm", "nvfp4", "mxfp4")  # rms_norm (T output), rms_norm_quant in each format
+
+
+@dataclass(frozen=True)
+class RmsNormVariant:
+    """One kernel of rms_norm.cu: `op` "norm" (rms_norm) or a format
+    (rms_norm_quant). Layout, weight, residual and the global scale's kind
+    are run-time arguments there."""
+
+    dtype_name: str
+    vector_loads: bool  # 16-byte accesses: aligned rows and n % 8 == 0
+    op: str = "norm"
+
+    source = "rms_norm.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        types = f"{ELEMENT_STRUCTS[self.dtype_name].input}, {_flag(self.vector_loads)}"
+        if self.op == "norm":
+            return (f"nvfp4::rms_norm<{types}>",)
+        return (f"nvfp4::rms_norm_quant<{types}, {_flag(self.op == 'mxfp4')}>",)
+
+
+# --- SiLU-and-mul and expert quantization (cuda_src/experts.cu; issue 16, items 2 and 4) ---
+# The kernels of ExpertsVariant.names, by what a launcher asks for.
+EXPERT_KERNELS = ("batch", "batch_silu", "grouped", "grouped_silu")
+
+
+def experts_blocks_per_thread(dtype_name: str, fmt: str, silu: bool) -> int:
+    """Blocks an experts.cu thread quantizes: the wide quantizer's count, half
+    of it when each block reads gate and up (the same bytes of x a thread)."""
+    wide = wide_blocks_per_thread(dtype_name, fmt)
+    return max(1, wide // 2) if silu else wide
+
+
+@dataclass(frozen=True)
+class ExpertsVariant:
+    """The quantizing kernels of experts.cu for one input dtype and format:
+    the dense and masked batch, the grouped experts, each plain or with
+    SiLU-and-mul (EXPERT_KERNELS order). Layout and 16-byte loads are
+    run-time arguments there."""
+
+    dtype_name: str
+    fmt: str = "nvfp4"
+
+    source = "experts.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        element = ELEMENT_STRUCTS[self.dtype_name].input
+        mx = _flag(self.fmt == "mxfp4")
+        names = []
+        for kernel in EXPERT_KERNELS:
+            silu = kernel.endswith("_silu")
+            per_thread = experts_blocks_per_thread(self.dtype_name, self.fmt, silu)
+            function = "quantize_grouped" if kernel.startswith("grouped") else "quantize_batch"
+            names.append(f"nvfp4::{function}<{element}, {mx}, {_flag(silu)}, {per_thread}>")
+        return tuple(names)
+
+
+@dataclass(frozen=True)
+class SiluAndMulVariant:
+    """silu_and_mul of one dtype (experts.cu), T output."""
+
+    dtype_name: str
+
+    source = "experts.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (f"nvfp4::silu_and_mul<{ELEMENT_STRUCTS[self.dtype_name].input}>",)
+
+
+# --- Fake quantization (cuda_src/fake_quantize.cu; issue 16, item 3) ---
+@dataclass(frozen=True)
+class FakeQuantizer:
+    """A quantizer struct of fake_quantize.cu and the format it writes."""
+
+    cuda_struct: str
+    fmt: str
+
+
+# Which quantizer runs, by name (ops/fake_quantize.py picks one from the
+# options of docs/fused_ops.md, section 6.1).
+FAKE_QUANTIZERS = {
+    "nvfp4_ieee": FakeQuantizer("nvfp4::IeeeNvfp4Quantizer", "nvfp4"),
+    "mxfp4_floor": FakeQuantizer("nvfp4::FloorMxfp4Quantizer", "mxfp4"),
+}
+
+
+@dataclass(frozen=True)
+class FakeQuantizeVariant:
+    """fake_quantize (x's dtype out) or, with `mask`, saturation_mask (one
+    byte a value) of fake_quantize.cu, for one input dtype and quantizer.
+    The global scale's kind and the blocks a thread are run-time arguments."""
+
+    dtype_name: str
+    quantizer: str  # a key of FAKE_QUANTIZERS
+    vector: bool  # 16-byte loads and stores: aligned rows and n % 8 == 0
+    mask: bool = False
+
+    source = "fake_quantize.cu"
+
+    @property
+    def max_blocks_per_thread(self) -> int:
+        """The kernel's kMaxSteps: the wide quantizer's 128 bytes of x a thread."""
+        return wide_blocks_per_thread(self.dtype_name, FAKE_QUANTIZERS[self.quantizer].fmt)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        structs = ELEMENT_STRUCTS[self.dtype_name]
+        tail = f"{FAKE_QUANTIZERS[self.quantizer].cuda_struct}, {_flag(self.vector)}, {self.max_blocks_per_thread}"
+        if self.mask:
+            return (f"nvfp4::saturation_mask<{structs.input}, {tail}>",)
+        return (f"nvfp4::fake_quantize<{structs.input}, {structs.output}, {tail}>",)
+
+
+def numerics_variants() -> list:
+    """The quantize kernels of numerics="te" (one scale or one per row) and
+    of the MXFP4 scale rules "rceil" and "te_pow2": the default kernels'
+    shapes, with other Blocks."""
+    options = (("nvfp4", TE_GLOBAL_SCALES, {"numerics": "te"}), ("mxfp4", ("one",), {"mx_scale_rule": "rceil"}),
+               ("mxfp4", ("one",), {"mx_scale_rule": "te_pow2"}))
+    return [
+        QuantizeVariant(dtype_name, layout, vector, scales, fmt, per_thread, **option)
+        for dtype_name in ELEMENT_STRUCTS
+        for layout in LAYOUTS.values()
+        for vector in (False, True)
+        for fmt, all_scales, option in options
+        for scales in all_scales
+        for per_thread in sorted({1, wide_blocks_per_thread(dtype_name, fmt)})
+    ]
 
 
 def all_variants() -> list:
@@ -204,6 +361,10 @@ def all_variants() -> list:
             for scales in all_scales
             for per_thread in sorted({1, wide_blocks_per_thread(dtype_name, fmt)})
         ]
+        # quantize()'s one-launch kernel: small inputs only, one block a thread
+        + [QuantizeVariant(d, layout, vector, "own") for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
+           for vector in flags]
+        + numerics_variants()
         + [
             DequantizeVariant(d, layout, vector, fmt)
             for d in ELEMENT_STRUCTS
@@ -211,7 +372,13 @@ def all_variants() -> list:
             for vector in flags
             for fmt in ("nvfp4", "mxfp4")
         ]
-        + [GlobalScaleVariant(d, vector) for d in ELEMENT_STRUCTS for vector in flags]
+        + [GlobalScaleVariant(d, vector, numerics) for d in ELEMENT_STRUCTS for vector in flags
+           for numerics in ("ieee", "te")]
+        + [RmsNormVariant(d, vector, op) for d in ELEMENT_STRUCTS for vector in flags for op in RMS_NORM_OPS]
+        + [ExpertsVariant(d, fmt) for d in ELEMENT_STRUCTS for fmt in ("nvfp4", "mxfp4")]
+        + [SiluAndMulVariant(d) for d in ELEMENT_STRUCTS]
+        + [FakeQuantizeVariant(d, q, vector, mask) for d in ELEMENT_STRUCTS for q in FAKE_QUANTIZERS
+           for vector in flags for mask in flags]
     )
 
 

@@ -15,7 +15,14 @@ share one: the smallest of their scales, which is 448 * 6 / the largest amax
 fused weight would be. ModelOpt's exporter does the same
 (modelopt/torch/export/quant_utils.py preprocess_linear_fusion, called by
 unified_export_hf.py _fuse_shared_input_modules: the largest weight
-amax and input amax of the fused layers is given to all of them)."""
+amax and input amax of the fused layers is given to all of them).
+
+Input scales (optional activation calibration, calibrate.py): the model runs
+once over the user's tokens before any shard is written, each quantized
+Linear's input amax is recorded, fusion groups take the largest, and each
+format writes its scale from that amax (ModelOpt's `input_scale`, the decode
+direction; compressed-tensors' `input_global_scale`, the encode direction).
+Conversion then streams as above."""
 
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import reference as ref
+from .calibrate import (CALIBRATION_FILE, Calibration, as_samples, measure_input_amax, read_calibration_file,
+                        read_tokens, tokens_digest)
 from .formats import FORMATS
 from .safetensors_io import DTYPES, FLOAT_DTYPES, Planned, read_tensor, sha256_file, write_streaming
 from .source import INDEX_FILE, CheckpointError, Source, open_source
@@ -60,6 +69,9 @@ class Plan:
     skipped_k: list[str] = field(default_factory=list)  # weights whose K is not a multiple of 16
     excluded: list[str] = field(default_factory=list)  # 2-D weights left as they are
     groups: dict[str, str] = field(default_factory=dict)  # module -> fusion group key
+    # module -> the input amax its input scale is written from (shared across its fusion
+    # group); empty for a weight-only checkpoint
+    input_amax: dict[str, np.float32] = field(default_factory=dict)
 
     def ignore_modules(self) -> list[str]:
         return sorted(self.excluded + self.skipped_k)
@@ -71,7 +83,8 @@ class Report:
     resumed: list[str] = field(default_factory=list)
     skipped_k: list[str] = field(default_factory=list)
     quantized: int = 0
-    weight_only: bool = True
+    calibration: Calibration | None = None  # None: weight-only
+    calibration_reused: bool = False
     seconds: float = 0.0
     bytes_read: int = 0
 
@@ -148,18 +161,26 @@ class Quantizer:
         with self._ctx():
             return np.float32(cp.asnumpy(nvfp4_cupy.compute_global_scale(cp.asarray(w)))[0])
 
-    def quantize(self, w: np.ndarray, gs: np.float32) -> tuple[np.ndarray, np.ndarray]:
-        """(packed uint8 [N, K/2], scales uint8 [N, K/16] linear)."""
-        gs_array = np.array([gs], np.float32)  # a float32 array: the value as is, no host check
+    def quantize(self, w: np.ndarray, gs: np.float32 | None) -> tuple[np.ndarray, np.ndarray, np.float32]:
+        """(packed uint8 [N, K/2], scales uint8 [N, K/16] linear, the global
+        scale used): `gs`, or the weight's own when `gs` is None (computed
+        from the same upload, so a weight crosses to the GPU once)."""
         if self.cpu:
-            return ref.scaled_fp4_quant(w, gs_array, layout="linear")
+            gs = self.global_scale(w) if gs is None else gs
+            packed, scales = ref.scaled_fp4_quant(w, np.array([gs], np.float32), layout="linear")
+            return packed, scales, gs
         import cupy as cp
 
         import nvfp4_cupy
 
         with self._ctx():
-            packed, scales = nvfp4_cupy.scaled_fp4_quant(cp.asarray(w), cp.asarray(gs_array), layout="linear")
-            return cp.asnumpy(packed), cp.asnumpy(scales)
+            x = cp.asarray(w)
+            if gs is None:
+                gs = np.float32(cp.asnumpy(nvfp4_cupy.compute_global_scale(x))[0])
+            # a float32 array: the value as is, no host check
+            packed, scales = nvfp4_cupy.scaled_fp4_quant(x, cp.asarray(np.array([gs], np.float32)), layout="linear")
+            del x
+            return cp.asnumpy(packed), cp.asnumpy(scales), gs
 
 
 def _locations(source: Source) -> dict[str, tuple[str, object]]:
@@ -186,7 +207,7 @@ def _output_plan(source: Source, plan: Plan, shard: str) -> list[Planned]:
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         if module in plan.quantize:
             n, k = plan.quantize[module]
-            out += fmt.planned(module, n, k)
+            out += fmt.planned(module, n, k, with_input_scale=module in plan.input_amax)
         else:
             out.append(Planned(name, info.dtype, info.shape))
     return out
@@ -203,6 +224,8 @@ def plan_digest(source: Source, plan: Plan, shard: str) -> str:
                  "tensors": [[n, i.dtype, list(i.shape), i.begin] for n, i in infos.items()],
                  "quantize": sorted(m for m in plan.quantize if f"{m}.weight" in infos),
                  "groups": sorted({plan.groups[m] for m in plan.groups if f"{m}.weight" in infos})}
+    if plan.input_amax:
+        described["input_amax"] = {m: float(a) for m, a in sorted(plan.input_amax.items()) if f"{m}.weight" in infos}
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
@@ -256,7 +279,8 @@ def convert_shard(source: Source, plan: Plan, shard: str, out: Path, quantizer: 
             return pending.pop(p.name)
         info = infos[p.name] if p.name in infos else None
         module = None
-        for suffix in (".weight", ".weight_packed", ".weight_scale", ".weight_scale_2", ".weight_global_scale"):
+        for suffix in (".weight", ".weight_packed", ".weight_scale", ".weight_scale_2", ".weight_global_scale",
+                       ".input_scale", ".input_global_scale"):
             if p.name.endswith(suffix) and p.name[: -len(suffix)] in plan.quantize:
                 module = p.name[: -len(suffix)]
                 break
@@ -268,10 +292,9 @@ def convert_shard(source: Source, plan: Plan, shard: str, out: Path, quantizer: 
             w = read_tensor(path, winfo)
             counters["bytes"] += winfo.nbytes
             key = plan.groups.get(module)
-            gs = shared[key] if key else quantizer.global_scale(w)
-            packed, scales = quantizer.quantize(w, gs)
+            packed, scales, gs = quantizer.quantize(w, shared[key] if key else None)
             del w
-            pending.update(fmt.arrays(module, packed, scales, gs))
+            pending.update(fmt.arrays(module, packed, scales, gs, input_amax=plan.input_amax.get(module)))
             value = pending.pop(p.name)
         if bar is not None and (module is None or p.name == fmt.planned(module, 16, 16)[0].name):
             bar.update(1)
@@ -303,7 +326,8 @@ def _write_index_and_configs(source: Source, plan: Plan, out: Path) -> None:
         index = {"metadata": {**((source.index or {}).get("metadata") or {}), "total_size": total},
                  "weight_map": dict(sorted(weight_map.items()))}
         _write_text(out / INDEX_FILE, json.dumps(index, indent=2))
-    for name, content in fmt.config_files(source.config, plan.ignore_modules(), activations=False).items():
+    files = fmt.config_files(source.config, plan.ignore_modules(), activations=bool(plan.input_amax))
+    for name, content in files.items():
         _write_text(out / name, json.dumps(content, indent=2))
     for extra in source.extra_files():
         temp = out / f".{extra.name}.{os.getpid()}.tmp"
@@ -322,29 +346,75 @@ def _write_manifest(source: Source, plan: Plan, out: Path) -> dict:
             entries[shard] = json.loads(_entry_path(out, shard).read_text())
     manifest = {"format": plan.fmt, "complete": len(entries) == len(source.shards), "shards": entries,
                 "quantized_modules": len(plan.quantize), "ignored_modules": plan.ignore_modules(),
-                "skipped_k_not_multiple_of_16": sorted(plan.skipped_k), "weight_only": True}
+                "skipped_k_not_multiple_of_16": sorted(plan.skipped_k), "weight_only": not plan.input_amax}
     _write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=1))
     return manifest
 
 
 def _device_worker(args) -> list[str]:
-    in_dir, out, fmt, exclude, device, shards, shared = args
+    in_dir, out, fmt, exclude, device, shards, shared, input_amax = args
     source = open_source(in_dir)
     plan = make_plan(source, fmt, exclude)
+    plan.input_amax = input_amax
     quantizer = Quantizer(cpu=False, device=device)
     for shard in shards:
         convert_shard(source, plan, shard, Path(out), quantizer, shared)
     return shards
 
 
+def _calibrate(source: Source, plan: Plan, out: Path, tokens, amax_file, resume: bool, cpu: bool,
+               devices) -> tuple[Calibration | None, bool]:
+    """(the calibration, whether it was reused rather than measured now)."""
+    if tokens is not None and amax_file is not None:
+        raise CheckpointError("--calibration-tokens and --calibration-amax exclude each other")
+    if amax_file is not None:
+        return read_calibration_file(amax_file), True
+    if tokens is None:
+        return None, False
+    if isinstance(tokens, (str, os.PathLike)):
+        samples = read_tokens(tokens)
+    else:
+        samples = as_samples([list(t) for t in tokens], "calibration tokens")
+    saved = out / CALIBRATION_FILE
+    if resume and saved.is_file():
+        with contextlib.suppress(OSError, ValueError, CheckpointError):
+            previous = Calibration.from_json(json.loads(saved.read_text()), saved)
+            if previous.tokens_sha256 == tokens_digest(samples) and set(plan.quantize) <= set(previous.input_amax):
+                return previous, True  # the scales the shards already written were made with
+    device = devices[0] if devices else None
+    return measure_input_amax(source.path, samples, list(plan.quantize), cpu=cpu, device=device,
+                              config=source.config), False
+
+
+def shared_input_amax(plan: Plan, calibration: Calibration) -> dict[str, np.float32]:
+    """Each quantized module's input amax, the largest of its fusion group's
+    (ModelOpt's preprocess_linear_fusion: `input_amax = max(...)` for every
+    fused layer; q/k/v and gate/up read the same input, so the measured amaxes
+    are equal anyway, and the max keeps them one scale whatever the model)."""
+    missing = sorted(m for m in plan.quantize if m not in calibration.input_amax)
+    if missing:
+        raise CheckpointError(f"the calibration has no input amax for {len(missing)} quantized weights "
+                              f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})")
+    amax = {m: np.float32(calibration.input_amax[m]) for m in plan.quantize}
+    largest: dict[str, np.float32] = {}
+    for module, key in plan.groups.items():
+        largest[key] = max(largest.get(key, np.float32(0)), amax[module])
+    return {m: largest[plan.groups[m]] if m in plan.groups else a for m, a in amax.items()}
+
+
 def convert(in_dir, out_dir, fmt: str, *, exclude=DEFAULT_EXCLUDE, cpu: bool = False, resume: bool = False,
             overwrite: bool = False, shard_index: int = 0, num_shards: int = 1, devices=None,
-            progress: bool = True) -> Report:
+            progress: bool = True, calibration_tokens=None, calibration_amax=None) -> Report:
     """Converts in_dir into out_dir (see the module docstring). `devices`: GPU
     ids, one worker process each, shards spread round-robin over them;
     `shard_index`/`num_shards`: this run writes only the input shards i with
     i % num_shards == shard_index (the configs and index are written by every
-    run, identically). The bytes written do not depend on either."""
+    run, identically). The bytes written do not depend on either.
+
+    `calibration_tokens` (a token file, or a list of lists of token ids): run
+    the model over them first (on GPU `devices[0]`, or the CPU with `cpu`) and
+    write input scales (calibrate.py); `calibration_amax`: a calibration file
+    saved by an earlier run instead. Without either the checkpoint is weight-only."""
     if fmt not in FORMATS:
         raise CheckpointError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if not (num_shards >= 1 and 0 <= shard_index < num_shards):
@@ -367,7 +437,12 @@ def convert(in_dir, out_dir, fmt: str, *, exclude=DEFAULT_EXCLUDE, cpu: bool = F
     if plan.skipped_k:
         warnings.warn(f"left unquantized, K not a multiple of 16: {', '.join(sorted(plan.skipped_k))}", stacklevel=2)
     quantizer = Quantizer(cpu=cpu, device=None)  # checks there is a GPU before anything is written
-    report = Report(skipped_k=sorted(plan.skipped_k), quantized=len(plan.quantize))
+    # calibration loads the whole model once (and frees it) before anything is written
+    calibration, reused = _calibrate(source, plan, out, calibration_tokens, calibration_amax, resume, cpu, devices)
+    if calibration is not None:
+        plan.input_amax = shared_input_amax(plan, calibration)
+    report = Report(skipped_k=sorted(plan.skipped_k), quantized=len(plan.quantize), calibration=calibration,
+                    calibration_reused=reused)
     started = time.perf_counter()
     mine = [s for i, s in enumerate(source.shards) if i % num_shards == shard_index]
     todo = []
@@ -377,6 +452,8 @@ def convert(in_dir, out_dir, fmt: str, *, exclude=DEFAULT_EXCLUDE, cpu: bool = F
     except OSError as exc:
         raise CheckpointError(f"cannot create {out}: {exc.strerror or exc}") from None
     try:
+        if calibration is not None:
+            _write_text(out / CALIBRATION_FILE, json.dumps(calibration.to_json(), indent=1))
         for shard in mine:
             if resume and verified(out, shard, plan_digest(source, plan, shard)):
                 report.resumed.append(shard)
@@ -387,8 +464,8 @@ def convert(in_dir, out_dir, fmt: str, *, exclude=DEFAULT_EXCLUDE, cpu: bool = F
         if devices and len(devices) > 1:
             import multiprocessing
 
-            work = [(str(source.path), str(out), fmt, tuple(exclude), d, todo[i :: len(devices)], shared)
-                    for i, d in enumerate(devices)]
+            work = [(str(source.path), str(out), fmt, tuple(exclude), d, todo[i :: len(devices)], shared,
+                     plan.input_amax) for i, d in enumerate(devices)]
             with multiprocessing.get_context("spawn").Pool(len(devices)) as pool:
                 for shards in pool.imap_unordered(_device_worker, work):
                     report.written += shards

@@ -5,15 +5,13 @@ what that format's library gives, bit for bit."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import ml_dtypes
-import numpy as np
 
+from .calibrate import CALIBRATION_FILE
 from .formats import FORMATS, compressed_tensors, modelopt
 from .safetensors_io import Planned, read_tensor, write_streaming
 from .source import INDEX_FILE, CheckpointError, Source, open_source
@@ -91,7 +89,7 @@ def dequantize_checkpoint(in_dir, out_dir, *, overwrite: bool = False) -> list[s
             config["torch_dtype" if "torch_dtype" in config else "dtype"] = "bfloat16"
             (out / "config.json").write_text(json.dumps(config, indent=2))
         for extra in source.extra_files():
-            if extra.name not in (modelopt.QUANT_CONFIG_FILE, "nvfp4_cupy_manifest.json"):
+            if extra.name not in (modelopt.QUANT_CONFIG_FILE, "nvfp4_cupy_manifest.json", CALIBRATION_FILE):
                 shutil.copyfile(extra, out / extra.name)
     except OSError as exc:
         if created:

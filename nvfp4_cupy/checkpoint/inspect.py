@@ -22,7 +22,7 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
 
 def inspect_checkpoint(path, reference=None) -> dict:
     """{"format", "tensors": [{module, shape, scale_shape, global_scale (encode),
-    decode_scale, zero_scales, ...}], "groups": {key: [global scales]},
+    decode_scale, zero_scales, input_scale (with calibration), ...}], "groups": {key: [global scales]},
     "error": {module: {"sqnr_db", "max_abs"}} (with `reference`), "other": count}."""
     source = open_source(path)
     fmt_name = detect_format(source)
@@ -34,7 +34,7 @@ def inspect_checkpoint(path, reference=None) -> dict:
         infos = source.headers[shard]
         mods = fmt.quantized_modules(infos)
         owned = {v for names in mods.values() for v in names.values()}
-        result["other"] += sum(1 for n in infos if n not in owned)
+        result["other"] += sum(1 for n in infos if n not in owned and not n.endswith(f".{fmt.INPUT_SCALE}"))
         for module, names in mods.items():
             packed_info = infos[names["packed"]]
             scale = read_tensor(source.shard_path(shard), infos[names["scale"]]).view(np.uint8)
@@ -47,6 +47,10 @@ def inspect_checkpoint(path, reference=None) -> dict:
                 "stored_global": f"{names['global']} {list(glob.shape)} = {float(glob.reshape(-1)[0])!r}",
                 "zero_scales": int(np.count_nonzero(scale == 0)), "nan_scales": int(np.count_nonzero((scale & 0x7F) == 0x7F)),
             })
+            input_name = f"{module}.{fmt.INPUT_SCALE}"
+            if input_name in infos:
+                value = read_tensor(source.shard_path(shard), infos[input_name])
+                result["tensors"][-1]["input_scale"] = f"{input_name} {list(value.shape)} = {float(value.reshape(-1)[0])!r}"
             key = _fusion_key(module)
             if key:
                 result["groups"].setdefault(key, []).append(gs)

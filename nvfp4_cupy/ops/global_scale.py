@@ -1,5 +1,6 @@
 """The global scale computed on the GPU (no host sync): 448 * 6 / amax, over
-the whole tensor or per row (docs/format.md, section 7), in one launch.
+the whole tensor or per row (docs/format.md, section 7; with numerics="te",
+TransformerEngine's, docs/te_numerics.md, section 3), in one launch.
 
 One kernel (cuda_src/global_scale.cu) reads x, reduces it and writes the
 scales: thread blocks fold their amax into a small workspace with atomics,
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from cupy.cuda import runtime
 
 from .._format import check_bool, round_up, row_view
+from ..reference.te import check_numerics
 from .._runtime.arrays import frontend_of, output_frontend, resolve_stream
 from .._runtime.compile import THREADS_PER_BLOCK, GlobalScaleVariant, kernel_source
 from .._runtime.launch import MAX_INDEX, VECTOR_BYTES, BoundKernel
@@ -41,7 +43,7 @@ LOADS_PER_STEP = _kernel_constant("kLoadsPerStep")  # 16-byte loads a lane issue
 BLOCKS_PER_SM = _kernel_constant("kBlocksPerSM")  # thread blocks of the kernel an SM holds at once
 
 
-def compute_global_scale(x, per_row=False, *, stream=None, like=None):
+def compute_global_scale(x, per_row=False, *, stream=None, like=None, numerics="ieee"):
     """448 * 6 / amax(|x|) as a float32 device array [1] (or [m], one per row
     of x [..., n]), computed on the device in one launch: scaled_fp4_quant
     takes it without a host sync. 1.0 where amax is 0 or x is empty; a NaN in
@@ -50,6 +52,12 @@ def compute_global_scale(x, per_row=False, *, stream=None, like=None):
     unnoticed; a tiny amax clamps to FLT_MAX. Bit-exact to
     nvfp4_cupy.reference.compute_global_scale.
 
+    numerics="te": TransformerEngine's global encode scale instead
+    (docs/te_numerics.md, section 3): FLT_MAX where amax is 0 or x is empty,
+    1.0 where x holds an inf, NaN (0x7FC00000) where it holds a NaN; with
+    per_row, the scales of row-scaled NVFP4. Bit-exact to
+    nvfp4_cupy.reference.compute_global_scale_te (a NaN is always 0x7FC00000).
+
     Streams and CUDA graphs: the kernel finishes through a small workspace
     the library keeps per (device, stream), zero between calls. Calls on
     different streams may run concurrently. A call captured in a CUDA graph
@@ -57,7 +65,7 @@ def compute_global_scale(x, per_row=False, *, stream=None, like=None):
     graphs captured on the same stream must not overlap in time (for
     example, replayed on two streams at once), nor overlap calls made on
     that stream itself; replays in stream order are fine."""
-    launch, result = prepare_global_scale(x, per_row, stream, like)
+    launch, result = prepare_global_scale(x, per_row, stream, like, numerics)
     launch()
     return result
 
@@ -129,7 +137,7 @@ _plans: dict = {}
 _MAX_PLANS = 4096
 
 
-def _make_plan(frontend, x, per_row: bool, warps: int) -> _Plan:
+def _make_plan(frontend, x, per_row: bool, warps: int, numerics: str = "ieee") -> _Plan:
     dtype_name = frontend.dtype_name(x.dtype)
     view = row_view(x.shape, x.strides, x.itemsize, per_expert=False)
     rows, n, row_stride = view.m, view.n, view.row_stride
@@ -148,7 +156,8 @@ def _make_plan(frontend, x, per_row: bool, warps: int) -> _Plan:
     # kernel reads a row's tail past its last whole piece value by value).
     vectors = rows == 1 or (row_stride * x.itemsize) % VECTOR_BYTES == 0
     kernels = tuple(
-        BoundKernel(GlobalScaleVariant(dtype_name, vector), (work.blocks, 1, 1), (THREADS_PER_BLOCK, 1, 1), static,
+        BoundKernel(GlobalScaleVariant(dtype_name, vector, numerics), (work.blocks, 1, 1), (THREADS_PER_BLOCK, 1, 1),
+                    static,
                     ("x", "workspace", "result"))
         if (vectors or not vector) else None
         for vector in (False, True)
@@ -222,17 +231,18 @@ def _zeroed_buffer(device_id: int, nbytes: int) -> int:
 # ---------------------------------------------------------------------------
 # A call
 # ---------------------------------------------------------------------------
-def prepare_global_scale(x, per_row, stream, like):
+def prepare_global_scale(x, per_row, stream, like, numerics="ieee"):
     """Checks, the result buffer and the workspace, nothing launched:
     (launch, float32 result). The launch is one kernel."""
     per_row = check_bool(per_row, "per_row")
+    numerics = check_numerics(numerics)
     frontend = frontend_of(x)
     array = frontend.array(x, "x")
     device_id = array.device_id
-    key = (array.dtype, array.shape, array.strides, per_row, device_id)
+    key = (array.dtype, array.shape, array.strides, per_row, device_id, numerics)
     plan = _plans.get(key)
     if plan is None:
-        plan = _make_plan(frontend, array, per_row, resident_warps(device_id))
+        plan = _make_plan(frontend, array, per_row, resident_warps(device_id), numerics)
         if len(_plans) < _MAX_PLANS:
             _plans[key] = plan
     handle = resolve_stream(stream, device_id, frontend)

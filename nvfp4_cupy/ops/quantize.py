@@ -10,7 +10,10 @@ costs reading pointers, allocating outputs and one launch."""
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from .._format import (
     check_fmt_global_scale,
@@ -31,6 +34,8 @@ from .._runtime.arrays import (
     resolve_stream,
 )
 from .._runtime.compile import QuantizeVariant, Target, wide_blocks_per_thread
+from ..reference import te as _te
+from ..reference.mx_rules import check_mx_scale_rule
 from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
 from .global_scale import prepare_global_scale
 
@@ -47,6 +52,9 @@ def scaled_fp4_quant(
     stream=None,
     like=None,
     fmt="nvfp4",
+    numerics="ieee",
+    mx_scale_rule=None,
+    row_scaled=False,
 ):
     """Quantize x [..., n] (float16, bfloat16 or float32 on the GPU) to NVFP4
     (or, with fmt="mxfp4" and global_scale None, to OCP MXFP4).
@@ -62,83 +70,182 @@ def scaled_fp4_quant(
     pool (one pool call, not two). `stream`: CuPy or torch stream; default
     CuPy's current stream, or torch's for a torch tensor. `like="torch"`
     returns torch tensors.
+
+    `numerics="te"` (NVFP4): TransformerEngine's arithmetic, the bytes of
+    nvfp4_cupy.reference.scaled_fp4_quant_te (docs/te_numerics.md): one
+    global scale (host float or one-element array), or with row_scaled=True
+    one per row, [m] (row-scaled NVFP4); no per-expert scales.
+    `mx_scale_rule` (MXFP4 only): None or "floor" (OCP, the default),
+    "rceil" or "te_pow2", the bytes of
+    nvfp4_cupy.reference.mx_rules.scaled_mxfp4_quant
+    (docs/stochastic_rounding_and_mx_rules.md, section 3).
     """
+    options = (numerics, mx_scale_rule, row_scaled)
     if out is None and out_scale is None and stream is None:
-        outputs = _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt)
+        outputs = _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
         if outputs is not None:
             return outputs
-    return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt=fmt)
+    return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt=fmt,
+                     options=options)
 
 
 def _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like=None,
-              target: Target | None = None, fmt="nvfp4"):
+              target: Target | None = None, fmt="nvfp4", options=None):
     """scaled_fp4_quant with the conversion target forced when given (tests
     run the sm_80 software path on newer GPUs this way)."""
     launch, outputs = prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale,
-                                       stream, like, fmt, target)
+                                       stream, like, fmt, target, options)
     launch()
     return outputs
 
 
 def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_row=False, out=None, out_scale=None,
-             stream=None, like=None):
-    """compute_global_scale then scaled_fp4_quant, all on the device, in two
-    launches: returns (packed, scales, global_scale). Both steps are checked
-    before either runs. Streams and CUDA graphs: as compute_global_scale."""
-    scale_launch, global_scale = prepare_global_scale(x, per_row, stream, like)
+             stream=None, like=None, numerics="ieee"):
+    """compute_global_scale then scaled_fp4_quant, all on the device:
+    returns (packed, scales, global_scale), the bytes of those two calls.
+    A small x (at most ONE_LAUNCH_MAX_BLOCKS blocks, one global scale) takes
+    one launch, whose kernel derives the global scale itself; otherwise two
+    launches, both checked before either runs. Streams and CUDA graphs: as
+    compute_global_scale.
+
+    numerics="te": TransformerEngine's global scale and arithmetic, always
+    two launches: the bytes of nvfp4_cupy.reference.quantize_te, and with
+    per_row=True those of quantize_te(x, row_scaled=True) (row-scaled NVFP4)."""
+    if per_row is False and numerics == "ieee":
+        if out is None and out_scale is None and stream is None:
+            outputs = _repeat(x, OWN_SCALE, is_sf_swizzled_layout, padded_n, layout, like, "nvfp4")
+            if outputs is not None:
+                return outputs
+        if _fits_one_launch(x):
+            launch, outputs = prepare_quantize(x, OWN_SCALE, is_sf_swizzled_layout, padded_n, layout, out, out_scale,
+                                               stream, like, "nvfp4")
+            launch()
+            return outputs
+    scale_launch, global_scale = prepare_global_scale(x, per_row, stream, like, numerics)
+    options = (numerics, None, per_row if numerics == "te" else False)  # a per-row "te" scale is row-scaled NVFP4
     quantize_launch, (packed, scales) = prepare_quantize(
-        x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, "nvfp4"
+        x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, "nvfp4",
+        options=options
     )
     scale_launch()
     quantize_launch()
     return packed, scales, global_scale
 
 
+class _OwnScale:
+    """The global scale argument of quantize()'s one-launch path: the kernel
+    computes it (compute_global_scale's value) and writes it out."""
+
+    def __repr__(self) -> str:
+        return "OWN_SCALE"
+
+
+OWN_SCALE = _OwnScale()
+
+# quantize() makes one launch while x holds at most this many 16-value
+# blocks: every thread block of that kernel reads all of x for its amax,
+# which costs little from L2 for a few thread blocks, and saves the second
+# launch, most of a small call's time. Measured on the H200: BENCHMARKS.md.
+ONE_LAUNCH_MAX_BLOCKS = 2048
+
+
+def _fits_one_launch(x) -> bool:
+    """A non-empty x small enough for quantize()'s one-launch kernel. Any
+    input it cannot read goes to the full checks, which say what is wrong."""
+    try:
+        shape = frontend_of(x).array(x, "x").shape
+    except (TypeError, ValueError):
+        return False
+    if not shape:
+        return False
+    blocks = math.prod(shape[:-1]) * -(-shape[-1] // 16)
+    return 0 < blocks <= ONE_LAUNCH_MAX_BLOCKS
+
+
 @dataclass(frozen=True)
 class _Plan:
     kernels: tuple  # BoundKernel with element loads, with 16-byte loads (None where impossible)
-    outputs: tuple  # the shapes of packed and scales
+    outputs: tuple  # (shape, dtype name) of packed and scales, and of the global scale on the OWN_SCALE path
     empty: bool  # nothing to launch
     row_span: tuple  # (experts, expert stride, rows, row stride, n) in elements: what the kernel reads
 
     @property
     def packed_shape(self) -> tuple:
-        return self.outputs[0]
+        return self.outputs[0][0]
 
     @property
     def scale_shape(self) -> tuple:
-        return self.outputs[1]
+        return self.outputs[1][0]
 
 
 _plans: dict = {}
 _MAX_PLANS = 4096
 
+# (numerics, mx_scale_rule) of a kernel: QuantizeVariant's last two fields.
+DEFAULT_ARITHMETIC = ("ieee", "floor")
+# scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled) as given.
+DEFAULT_OPTIONS = ("ieee", None, False)
 
-def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target) -> _Plan:
+
+def check_options(fmt: str, options) -> tuple[tuple[str, str], bool]:
+    """((numerics, mx_scale_rule), row_scaled) of a call, after the golden
+    model's checks (reference.te.check_numerics, mx_rules.check_mx_scale_rule):
+    numerics="te" is NVFP4 only and row_scaled needs it; mx_scale_rule is
+    MXFP4 only."""
+    numerics, mx_scale_rule, row_scaled = DEFAULT_OPTIONS if options is None else options
+    numerics = _te.check_numerics(numerics, fmt=fmt, row_scaled=row_scaled)
+    if mx_scale_rule is None:
+        return (numerics, "floor"), bool(row_scaled)
+    if fmt != "mxfp4":
+        raise ValueError(f"mx_scale_rule is the scale rule of fmt='mxfp4', got mx_scale_rule={mx_scale_rule!r} with "
+                         f"fmt={fmt!r}")
+    return (numerics, check_mx_scale_rule(mx_scale_rule)), False
+
+
+def te_scale_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
+    """The kind of global scale ("one" or "row") of a numerics="te" call, by
+    the golden model's rules (reference.te, docs/te_numerics.md section 7),
+    read on a stand-in of the device array's shape. TransformerEngine defines
+    no expert batch: per-expert scales are refused here."""
+    stand_in = scale.value if scale.array is None else np.broadcast_to(np.float32(0), tuple(scale.array.shape))
+    kind = _te._resolve_scales(tuple(x_shape), stand_in, None, False, row_scaled)[0]
+    if kind not in ("one", "row"):
+        raise ValueError("numerics='te' on the GPU takes one global scale, or one per row with row_scaled=True; "
+                         f"got one per expert (shape {tuple(scale.array.shape)} for x of shape {tuple(x_shape)}): "
+                         "TransformerEngine defines no expert batch, quantize each expert as its own tensor")
+    return kind
+
+
+def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target,
+               arithmetic=DEFAULT_ARITHMETIC) -> _Plan:
     dtype_name = frontend.dtype_name(x.dtype)
     block_size = check_fmt_global_scale(fmt, None)
     view = row_view(x.shape, x.strides, x.itemsize, scale_kind == "expert")
     padded_n = resolve_padded_n(view.n, padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     scale_rows, scale_cols = scale_layout.scale_shape(view.m, padded_n, block_size)
-    per_thread = blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt)
+    per_thread = 1 if scale_kind == "own" else blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt)
     grid, block = _geometry(scale_rows, scale_cols, view.experts, padded_n, per_thread,
                             f"x: shape {x.shape} with padded_n={padded_n}")
     static = dict(m=view.m, n=view.n, padded_n=padded_n, scale_rows=scale_rows, scale_cols=scale_cols,
                   row_stride=view.row_stride)
     if fmt == "mxfp4":
         dynamic = ("x", "packed", "scales")
+    elif scale_kind == "own":
+        dynamic = ("x", "global_scale_out", "packed", "scales")
     else:
         static["expert_stride"] = view.expert_stride
         dynamic = ("x", "global_scale_ptr", "global_scale_value", "packed", "scales")
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(
-        BoundKernel(QuantizeVariant(dtype_name, scale_layout, vector, scale_kind, fmt, per_thread), grid, block, static,
-                    dynamic, target=target) if (vectors or not vector) else None
+        BoundKernel(QuantizeVariant(dtype_name, scale_layout, vector, scale_kind, fmt, per_thread, *arithmetic), grid,
+                    block, static, dynamic, target=target) if (vectors or not vector) else None
         for vector in (False, True)
     )
-    packed_shape, scale_shape = quantized_shapes(x.shape, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt)
-    return _Plan(kernels, (packed_shape, scale_shape), view.m == 0 or view.experts == 0,
+    packed_shape, scale_shape = quantized_shapes(x.shape, padded_n, is_sf_swizzled_layout, layout,
+                                                 "one" if scale_kind == "own" else scale_kind, fmt)
+    outputs = ((packed_shape, "uint8"), (scale_shape, "uint8")) + (((1,), "float32"),) * (scale_kind == "own")
+    return _Plan(kernels, outputs, view.m == 0 or view.experts == 0,
                  (view.experts, view.expert_stride, view.m, view.row_stride, view.n))
 
 
@@ -162,16 +269,17 @@ def _geometry(scale_rows: int, scale_cols: int, experts: int, padded_n: int, per
                            dense=True)
 
 
-def _plan_for(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target) -> _Plan:
+def _plan_for(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target,
+              arithmetic=DEFAULT_ARITHMETIC) -> _Plan:
     # Types are part of the key: padded_n=True must fail like padded_n=1 cannot.
     key = (x.dtype, x.shape, x.strides, padded_n, type(padded_n), is_sf_swizzled_layout,
-           type(is_sf_swizzled_layout), layout, scale_kind, fmt, target)
+           type(is_sf_swizzled_layout), layout, scale_kind, fmt, target, arithmetic)
     try:
         plan = _plans.get(key)
     except TypeError:  # an unhashable argument: _make_plan says what is wrong with it
-        return _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target)
+        return _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target, arithmetic)
     if plan is None:
-        plan = _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target)
+        plan = _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target, arithmetic)
         if len(_plans) < _MAX_PLANS:
             _plans[key] = plan
     return plan
@@ -193,14 +301,14 @@ class _Repeat:
     results: object  # where outputs are allocated
 
 
-def _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt):
+def _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options=DEFAULT_OPTIONS):
     """(signature, x pointer, scale pointer) of a call, or None where only
     the full checks can tell."""
     frontend = frontend_of(x)
     read = frontend.signature(x)
     if read is None:
         return None
-    if type(global_scale) is float or global_scale is None:
+    if type(global_scale) is float or global_scale is None or global_scale is OWN_SCALE:
         scale_key, scale_pointer = type(global_scale), 0
     else:
         scale_read = frontend_of(global_scale).signature(global_scale)
@@ -208,14 +316,14 @@ def _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, 
             return None
         scale_key, scale_pointer = scale_read
     key = (read[0], scale_key, padded_n, type(padded_n), is_sf_swizzled_layout, type(is_sf_swizzled_layout), layout,
-           like, fmt)
+           like, fmt, options, type(options[2]))
     return key, frontend, read[1], scale_pointer
 
 
-def _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt):
+def _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options=DEFAULT_OPTIONS):
     """The outputs of a repeated call, launched; None if this call is not a
     repeat (the caller then takes the full path, which records it)."""
-    found = _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt)
+    found = _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
     if found is None:
         return None
     key, _, x_pointer, scale_pointer = found
@@ -229,18 +337,21 @@ def _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt)
     scale_value = float(host_global_scale(global_scale)) if type(global_scale) is float else 0.0
     device_id, plan = repeat.device_id, repeat.plan
     handle = repeat.frontend.stream(device_id)
-    packed, scales = repeat.results.uint8_outputs(device_id, handle, plan.outputs)
+    outputs = repeat.results.outputs(device_id, handle, plan.outputs)
     kernel = plan.kernels[plan.kernels[1] is not None and x_pointer % VECTOR_BYTES == 0]
-    pointers = (repeat.results.pointer(packed), repeat.results.pointer(scales))
+    pointer = repeat.results.pointer
     if fmt == "mxfp4":
-        kernel(device_id, handle, x_pointer, *pointers)
+        kernel(device_id, handle, x_pointer, pointer(outputs[0]), pointer(outputs[1]))
+    elif global_scale is OWN_SCALE:
+        kernel(device_id, handle, x_pointer, pointer(outputs[2]), pointer(outputs[0]), pointer(outputs[1]))
     else:
-        kernel(device_id, handle, x_pointer, scale_pointer, scale_value, *pointers)
-    return packed, scales
+        kernel(device_id, handle, x_pointer, scale_pointer, scale_value, pointer(outputs[0]), pointer(outputs[1]))
+    return tuple(outputs)
 
 
-def _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id) -> None:
-    found = _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt)
+def _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id,
+                   options=DEFAULT_OPTIONS) -> None:
+    found = _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
     if found is None or plan.empty or len(_repeats) >= _MAX_PLANS:
         return
     key, frontend = found[0], found[1]
@@ -251,17 +362,28 @@ def _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, lik
 
 
 def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt,
-                     target: Target | None = None):
+                     target: Target | None = None, options=None):
     """Every check and allocation of a quantize call, nothing launched:
-    returns (launch, (packed, scales)). `target` forces the conversion
-    target (tests run the sm_80 software path on newer GPUs this way)."""
+    returns (launch, (packed, scales)), or (launch, (packed, scales,
+    global_scale)) for global_scale=OWN_SCALE. `target` forces the conversion
+    target (tests run the sm_80 software path on newer GPUs this way).
+    `options`: scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled)."""
+    options = DEFAULT_OPTIONS if options is None else options
     frontend = frontend_of(x)
     array = frontend.array(x, "x")
     device_id = array.device_id
-    check_fmt_global_scale(fmt, global_scale)
-    scale = None if fmt == "mxfp4" else global_scale_argument(global_scale, device_id, array.shape)
-    plan = _plan_for(frontend, array, padded_n, is_sf_swizzled_layout, layout,
-                     "one" if scale is None else scale.kind, fmt, target)
+    own = global_scale is OWN_SCALE
+    arithmetic = DEFAULT_ARITHMETIC
+    if own:
+        scale, scale_kind = None, "own"
+    else:
+        check_fmt_global_scale(fmt, global_scale)
+        arithmetic, row_scaled = check_options(fmt, options)
+        scale = None if fmt == "mxfp4" else global_scale_argument(global_scale, device_id, array.shape)
+        scale_kind = "one" if scale is None else scale.kind
+        if arithmetic[0] == "te":
+            scale_kind = te_scale_kind(scale, array.shape, row_scaled)
+    plan = _plan_for(frontend, array, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target, arithmetic)
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
     given = {name: check_output(buffer, name, shape, "uint8", device_id, "x")
@@ -272,22 +394,22 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
         if scale is not None and scale.array is not None:
             reads.append(("global_scale", scale.array.byte_range()))
         check_disjoint(reads, [(name, buffer.byte_range()) for name, buffer in given.items()])
-    if out is None and out_scale is None:
-        packed, scales = results.uint8_outputs(device_id, handle, plan.outputs)
-    elif out is None or out_scale is None:
-        empty = results.allocator(device_id, handle)
-        packed = out if out is not None else empty(plan.packed_shape, "uint8")
-        scales = out_scale if out_scale is not None else empty(plan.scale_shape, "uint8")
-    else:
-        packed, scales = out, out_scale
-    outputs = results.as_frontend((packed, scales)) if given else (packed, scales)
+    # The outputs the caller did not give, in one allocation.
+    wanted = (out, out_scale, None)[:len(plan.outputs)]
+    fresh = iter(results.outputs(device_id, handle, tuple(spec for spec, buffer in zip(plan.outputs, wanted)
+                                                          if buffer is None)))
+    allocated = [buffer if buffer is not None else next(fresh) for buffer in wanted]
+    outputs = tuple(results.as_frontend(allocated[:2])) + tuple(allocated[2:]) if given else tuple(allocated)
     if plan.empty:
         return _nothing, outputs
-    pointers = (given["out"].pointer if "out" in given else results.pointer(packed),
-                given["out_scale"].pointer if "out_scale" in given else results.pointer(scales))
+    pointers = (given["out"].pointer if "out" in given else results.pointer(allocated[0]),
+                given["out_scale"].pointer if "out_scale" in given else results.pointer(allocated[1]))
     kernel = plan.kernels[plan.kernels[1] is not None and array.pointer % VECTOR_BYTES == 0]
     if not given and stream is None and target is None:
-        _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id)
+        _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id, options)
+    if own:
+        return functools.partial(kernel, device_id, handle, array.pointer, results.pointer(allocated[2]),
+                                 *pointers), outputs
     if scale is None:
         return functools.partial(kernel, device_id, handle, array.pointer, *pointers), outputs
     return functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, *pointers), outputs

@@ -8,15 +8,20 @@
   float32 [1], the ENCODE scale 448 * 6 / amax
   (quantization/utils/helpers.py generate_gparam: `scale_data.max *
   quant_data.max / max_val_pos`, `.reshape([1])`); the names are
-  NVFP4PackedCompressor.compression_param_names. `input_global_scale` [1]
-  only with static activation scales.
+  NVFP4PackedCompressor.compression_param_names. With calibrated activations
+  also `M.input_global_scale` float32 [1], the activations' ENCODE scale
+  (generate_gparam of the input amax): the NVFP4 preset's input_activations
+  are dynamic "local" (block scales computed at run time from one static
+  global scale), for which quantization/lifecycle/initialize.py registers
+  `input_global_scale` torch.empty(1) and the load fills it.
 - dequantization (NVFP4PackedCompressor.decompress -> forward_helpers._dequantize):
   unpack to bfloat16, scale to bfloat16, then scale / global_scale (float32:
   a bf16 tensor over a float32 [1] tensor), codes * that, to bfloat16.
 - config.json "quantization_config": quant_method "compressed-tensors",
   format "nvfp4-pack-quantized", quantization_status "compressed", one
   config group with the NVFP4A16 preset's weights (quantization/quant_scheme.py)
-  targeting Linear, "ignore": the Linear modules left unquantized."""
+  targeting Linear (the NVFP4 preset's weights and input_activations with
+  calibration), "ignore": the Linear modules left unquantized."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from ..safetensors_io import Planned
 
 NAME = "compressed-tensors"
 GROUP_SIZE = 16
+INPUT_SCALE = "input_global_scale"  # M.input_global_scale: present only with activation calibration
 FORMAT = "nvfp4-pack-quantized"
 
 
@@ -45,8 +51,21 @@ def arrays(module: str, packed, scales, global_scale: np.float32, input_amax=Non
            f"{module}.weight_scale": scales.view(ml_dtypes.float8_e4m3fn),
            f"{module}.weight_global_scale": np.array([global_scale], np.float32)}
     if input_amax is not None:
-        out[f"{module}.input_global_scale"] = np.array([np.float32(6 * 448) / np.float32(input_amax)], np.float32)
+        out[f"{module}.input_global_scale"] = np.array([input_global_scale(input_amax)], np.float32)
     return out
+
+
+def input_global_scale(amax) -> np.float32:
+    """The ENCODE scale of the activations, generate_gparam(-amax, amax):
+    `448.0 * 6.0 / max_val_pos` with max_val_pos = max(amax, float32 tiny), a
+    Python number over a float32 tensor, which torch computes as
+    reciprocal(max_val_pos) * 2688 (Tensor.__rtruediv__), two float32
+    roundings (it can differ from a correctly rounded 2688 / amax in the last
+    bit); 1.0 where that overflows (a zero amax: `nan_to_num(..., posinf=1.0)`)."""
+    reciprocal = np.float32(1) / max(np.float32(amax), np.finfo(np.float32).tiny)
+    with np.errstate(over="ignore"):
+        scale = np.float32(reciprocal * np.float32(6 * 448))
+    return scale if np.isfinite(scale) else np.float32(1)
 
 
 def quantized_modules(infos) -> dict[str, dict[str, str]]:

@@ -36,6 +36,7 @@ from ..safetensors_io import Planned
 NAME = "modelopt"
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 GROUP_SIZE = 16
+INPUT_SCALE = "input_scale"  # M.input_scale: present only with activation calibration
 PRODUCER = "nvfp4_cupy"
 
 
@@ -55,8 +56,17 @@ def arrays(module: str, packed, scales, global_scale: np.float32, input_amax=Non
            f"{module}.weight_scale": scales.view(ml_dtypes.float8_e4m3fn),
            f"{module}.weight_scale_2": np.array(np.float32(1) / np.float32(global_scale), np.float32)}
     if input_amax is not None:
-        out[f"{module}.input_scale"] = np.array(np.float32(input_amax) / np.float32(6 * 448), np.float32)
+        out[f"{module}.input_scale"] = np.array(input_scale(input_amax), np.float32)
     return out
+
+
+def input_scale(amax) -> np.float32:
+    """The DECODE scale of the activations, NVFP4QTensor.get_activation_scaling_factor:
+    amax / (maxbound 6 * 448) in float32, where the input quantizer's
+    export_amax (a dynamic block quantizer: no clamp) first replaces a zero
+    amax by maxbound (TensorQuantizer._sanitize_export_amax)."""
+    amax = np.float32(amax)
+    return np.float32(np.float32(6) if amax == 0 else amax) / np.float32(6 * 448)
 
 
 def quantized_modules(infos) -> dict[str, dict[str, str]]:

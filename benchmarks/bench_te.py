@@ -1,0 +1,94 @@
+"""numerics="te" against numerics="ieee", and the MXFP4 scale rules "rceil"
+and "te_pow2" against "floor", in one run on one card: the quantize kernel
+alone (bf16 input, swizzled scales, a host global scale), device time from
+CUDA-graph replays with inputs rotated over 256 MiB (nvfp4_cupy._bench), the
+copy ceiling measured in the same run. Each row is checked against the golden
+model once on a slice before it is timed. Target: te within a few % of ieee.
+
+    python benchmarks/bench_te.py [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cupy as cp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import nvfp4_cupy as nv  # noqa: E402
+from nvfp4_cupy import _bench  # noqa: E402
+from nvfp4_cupy.reference import mx_rules, te  # noqa: E402
+
+SHAPES = ((16384, 16384), (16384, 7168), (4096, 7168))
+DTYPE = "bfloat16"
+GLOBAL_SCALE = 10.0
+# name -> (fmt, scaled_fp4_quant options); the first of each format is the baseline.
+VARIANTS = {
+    "nvfp4 ieee": ("nvfp4", {}),
+    "nvfp4 te": ("nvfp4", {"numerics": "te"}),
+    "mxfp4 floor": ("mxfp4", {}),
+    "mxfp4 rceil": ("mxfp4", {"mx_scale_rule": "rceil"}),
+    "mxfp4 te_pow2": ("mxfp4", {"mx_scale_rule": "te_pow2"}),
+}
+
+
+def check_against_golden(x, fmt: str, options: dict) -> None:
+    """The first 64 rows, on the GPU and in the golden model, byte for byte."""
+    rows = x[:64]
+    scale = GLOBAL_SCALE if fmt == "nvfp4" else None
+    packed, scales = nv.scaled_fp4_quant(rows, scale, layout="linear", fmt=fmt, **options)
+    host = cp.asnumpy(rows)
+    if fmt == "nvfp4":
+        want = (te.scaled_fp4_quant_te(host, GLOBAL_SCALE, layout="linear") if options else
+                nv.reference.scaled_fp4_quant(host, GLOBAL_SCALE, layout="linear"))
+    else:
+        want = mx_rules.scaled_mxfp4_quant(host, options.get("mx_scale_rule", "floor"), layout="linear")
+    if not (np.array_equal(cp.asnumpy(packed), want[0]) and np.array_equal(cp.asnumpy(scales), want[1])):
+        raise SystemExit(f"bench_te: {fmt} {options} differs from the golden model; not timing it")
+
+
+def time_variant(inputs, m: int, n: int, fmt: str, options: dict) -> float:
+    out, out_scale = nv.create_fp4_output_tensors(m, n, fmt=fmt)
+    scale = GLOBAL_SCALE if fmt == "nvfp4" else None
+    return _bench.graph_time_us(
+        lambda i: nv.scaled_fp4_quant(inputs[i], scale, out=out, out_scale=out_scale, fmt=fmt, **options),
+        len(inputs),
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args(argv)
+
+    ceiling = _bench.copy_ceiling_gbps()["copy_kernel_gbps"]
+    card = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+    print(f"{card}: copy ceiling {ceiling:.0f} GB/s; {DTYPE} input, swizzled scales")
+    print(f"{'shape':>14}  {'variant':<14} {'us':>8} {'% copy':>7} {'vs baseline':>12}")
+    rows = []
+    for m, n in SHAPES:
+        inputs = _bench._inputs(m, n, DTYPE)
+        baseline = {}
+        for name, (fmt, options) in VARIANTS.items():
+            check_against_golden(inputs[0], fmt, options)
+            us = time_variant(inputs, m, n, fmt, options)
+            baseline.setdefault(fmt, us)
+            moved = _bench.fp4_bytes(m, n, n, DTYPE, "swizzled", fmt)
+            row = {"m": m, "n": n, "dtype": DTYPE, "variant": name, "us": us, "bytes": moved,
+                   "pct_copy": 100 * moved / us / 1e3 / ceiling, "vs_baseline": us / baseline[fmt]}
+            rows.append(row)
+            print(f"{m:>6} x {n:<6}  {name:<14} {us:8.1f} {row['pct_copy']:6.1f}% {row['vs_baseline']:11.3f}x")
+        del inputs
+        cp.get_default_memory_pool().free_all_blocks()
+    if args.json:
+        args.json.write_text(json.dumps({"card": card, "copy_ceiling_gbps": ceiling, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+// Fake quantization (docs/fused_ops.md, section 6): x -> dequantize(quantize(x))
+// in x's dtype, with one read of x and one write of the result; and the
+// saturation mask of section 6.3, which the straight-through gradient uses.
+//
+// A block of x is quantized exactly as quantize.cu quantizes it (numerics.cuh:
+// the block scale, then pack_block's codes) and decoded in registers exactly
+// as dequantize.cu decodes it (decode.cuh): codes and scale bytes never leave
+// the thread. Which quantizer runs is a template argument (the *Quantizer
+// structs below); a new variant (TE numerics, stochastic rounding, another MX
+// scale rule) is a new struct, not a new kernel.
+//
+// Thread mapping, as dequantize.cu's: threadIdx.y / blockIdx.x walk rows,
+// threadIdx.x / blockIdx.y a row's blocks (16 values for NVFP4, 32 for MXFP4),
+// `steps` (at most kMaxSteps) blocks a thread. The threads x of a row form
+// segments of span = min(blockDim.x, 32) threads; a segment covers
+// span * steps consecutive blocks, block j of each step going to thread j.
+// All loads are issued before the first block is worked on. On the vector
+// path each step's output goes through shared memory (thread j writes its
+// block's 16-byte pieces, then reads back piece i * span + j of the step's
+// run), so that every store instruction of a warp writes whole 32-byte
+// sectors. blockIdx.z is the expert of an [E, m, n] batch; the global scale
+// of (expert, row) is global_scale_ptr[expert * expert_step + row * row_step]
+// (0 and 0 for one scale, 1 and 0 for one per expert, m and 1 for one per
+// row), or global_scale_value where the pointer is null.
+#include "decode.cuh"
+#include "load.cuh"
+
+namespace nvfp4 {
+
+// ---------------------------------------------------------------------------
+// The quantizers. Each is made once a thread from its row's global scale and
+// gives, for the thread's blocks:
+//   kValues      values a block (one scale byte);
+//   kMx          whether its scale bytes are E8M0 (how they are decoded);
+//   kScaleBytes  scale bytes 0 .. kScaleBytes - 1 are all it can write (the
+//                decode tables cover these);
+//   scale(amax_bits), codes<Input>(words, scale)  a block's scale, and the
+//                packed codes of each of its 16-value pieces;
+//   saturates(scale_byte), largest()  section 6.3's mask: a value of a block
+//                whose scale byte saturates() is saturated where its
+//                magnitude lies beyond largest() (infinities included).
+// ---------------------------------------------------------------------------
+
+// NVFP4, numerics "ieee", round to nearest (docs/format.md, sections 2 and 3).
+struct IeeeNvfp4Quantizer {
+  static constexpr int kValues = kBlockSize;
+  static constexpr bool kMx = false;
+  static constexpr int kScaleBytes = 128;  // 0x00 .. 0x7e, and 0x7f for NaN blocks
+  GlobalScale global;
+
+  __device__ explicit IeeeNvfp4Quantizer(float gs) : global(global_scale(gs)) {}
+  __device__ BlockScale scale(u32 amax_bits) const { return block_scale(amax_bits, global); }
+  template <typename Input>
+  __device__ uint2 codes(const u32* words, const BlockScale& scale) const {
+    return pack_block<Input>(words, scale);
+  }
+  // Only a block at E4M3's largest scale (448) clips; an invalid global
+  // scale makes every block NaN-scaled (0x7f), with nothing saturated.
+  __device__ static bool saturates(u32 scale_byte) { return scale_byte == kE4M3Max; }
+  // RN(2688 / S): the largest magnitude a block at scale 448 decodes to
+  // (2688 = 6 * 448, exact).
+  __device__ float largest() const { return div_rn(2688.0f, global.value); }
+};
+
+// MXFP4 with the floor scale rule (docs/format.md, section 9).
+struct FloorMxfp4Quantizer {
+  static constexpr int kValues = kMxBlockSize;
+  static constexpr bool kMx = true;
+  static constexpr int kScaleBytes = 256;  // 0x00 .. 0xfe, and 0xff for NaN
+  __device__ explicit FloorMxfp4Quantizer(float) {}
+  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale(amax_bits); }
+  template <typename Input>
+  __device__ uint2 codes(const u32* words, const BlockScale& scale) const {
+    return pack_block<Input>(words, scale);
+  }
+  // E8M0 reaches 2^127: no finite value is beyond MXFP4's range, only +-inf.
+  __device__ static bool saturates(u32) { return true; }
+  __device__ float largest() const { return __uint_as_float(kF32MaxBits); }
+};
+
+// ---------------------------------------------------------------------------
+// The kernels.
+// ---------------------------------------------------------------------------
+
+// Plain st.global for the mask (see decode.cuh's store_global).
+__device__ __forceinline__ void store_global(u8* p, u32 v) {
+  asm volatile("st.global.u8 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void store_global(uint2* p, uint2 v) {
+  asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(v.x), "r"(v.y) : "memory");
+}
+
+// Section 6.3's mask of 16 values: byte v of word v / 4 is 1 where value v
+// is saturated (largest_bits < |v| <= inf, on the float32 bits).
+template <typename Input>
+__device__ __forceinline__ void saturated_bytes(const u32* words, u32 largest_bits, u32 (&mask)[4]) {
+#pragma unroll
+  for (int v = 0; v < kBlockSize; ++v) {
+    const u32 bits = __float_as_uint(Input::element(words, v)) & kF32AbsMask;
+    const u32 saturated = (bits > largest_bits && bits <= kF32InfBits) ? 1u : 0u;
+    if (v & 3) {
+      mask[v >> 2] |= saturated << (8 * (v & 3));
+    } else {
+      mask[v >> 2] = saturated;
+    }
+  }
+}
+
+// The body of both kernels. kMask: write section 6.3's mask (one byte a
+// value, 0 or 1) instead of the fake-quantized values; Output is then unused.
+template <typename Input, typename Output, typename Quantizer, bool kVector, bool kMask, int kMaxSteps, typename Out>
+__device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* __restrict__ x,
+                                                   const float* __restrict__ global_scale_ptr,
+                                                   float global_scale_value, Out* __restrict__ out,
+                                                   long long row_stride, long long expert_stride, int m, int n,
+                                                   int blocks_per_row, int steps, long long global_scale_expert_step,
+                                                   int global_scale_row_step) {
+  typedef typename Input::raw_t raw_t;
+  constexpr int kHalves = Quantizer::kValues / kBlockSize;  // 16-value pieces of a block
+  constexpr int kWords = 4 * (int)sizeof(raw_t);            // 32-bit words of 16 values
+  const int row = blockIdx.x * blockDim.y + threadIdx.y;
+  const bool in_rows = row < m;
+  const int span = min((int)blockDim.x, 32);
+  const int j = threadIdx.x & (span - 1);
+  const int first = (blockIdx.y * blockDim.x + (threadIdx.x & ~(span - 1))) * steps;  // the segment's first block
+  const int k = first + j;  // this thread's block of step 0
+  const long long expert = blockIdx.z;
+  // This thread's steps that hold a block of the data (none for rows past m;
+  // span is a power of two).
+  const int loaded = in_rows ? min(steps, (blocks_per_row - k + span - 1) >> (__ffs(span) - 1)) : 0;
+
+  // Blocks past the row (and rows past m) are zeros: worked on like any
+  // block, and nothing of them is stored.
+  const raw_t* x_row = x + (expert * expert_stride + (long long)(in_rows ? row : 0) * row_stride);
+  u32 words[kMaxSteps][kHalves][kWords];
+#pragma unroll
+  for (int s = 0; s < kMaxSteps; ++s) {
+    // steps is a power of two: a test at each power of two, not at every step.
+    if ((s & (s - 1)) == 0 && s >= steps) break;
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      if (s < loaded) {
+        load_block<Input, kVector>(x_row, (k + s * span) * Quantizer::kValues + h * kBlockSize, n, words[s][h]);
+      } else {
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) words[s][h][w] = 0u;
+      }
+    }
+  }
+
+  // Rows past m take row 0's global scale: the shared tables below need every
+  // thread's to be the thread block's one scale, and nothing of theirs is stored.
+  const float gs = Quantizer::kMx ? 1.0f
+                 : global_scale_ptr
+                     ? __ldg(global_scale_ptr + (expert * global_scale_expert_step +
+                                                 (in_rows ? row : 0) * global_scale_row_step))
+                     : global_scale_value;
+  const Quantizer quantizer(gs);
+
+  const int step_values = span * Quantizer::kValues;
+  int limit = in_rows ? n - first * Quantizer::kValues : 0;  // values of the row from the step's first on
+  Out* out_step = out + ((expert * m + row) * (long long)n + (long long)first * Quantizer::kValues);
+  asm("cvta.to.global.u64 %0, %0;" : "+l"(out_step));  // opaque: kept in a register, stored with st.global
+
+  if constexpr (kMask) {
+    const u32 largest_bits = __float_as_uint(quantizer.largest());
+#pragma unroll
+    for (int s = 0; s < kMaxSteps; ++s) {
+      if (s >= steps || first + s * span >= blocks_per_row) break;
+      u32 amax_bits = Input::abs_max_bits(words[s][0]);
+#pragma unroll
+      for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[s][h]));
+      const bool saturating = Quantizer::saturates(quantizer.scale(amax_bits).scale_byte);
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) {
+        u32 mask[4] = {0u, 0u, 0u, 0u};
+        if (saturating) saturated_bytes<Input>(words[s][h], largest_bits, mask);
+        const int value = j * Quantizer::kValues + h * kBlockSize;  // from out_step
+        if constexpr (kVector) {
+          // n % 8 == 0 and an 8-byte aligned mask on this path: each 8-value
+          // piece lies wholly inside or outside [0, n).
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            if (value + 8 * q < limit) {
+              store_global(reinterpret_cast<uint2*>(out_step + value + 8 * q), make_uint2(mask[2 * q], mask[2 * q + 1]));
+            }
+          }
+        } else {
+#pragma unroll
+          for (int v = 0; v < kBlockSize; ++v) {
+            if (value + v < limit) store_global(out_step + value + v, (mask[v >> 2] >> (8 * (v & 3))) & 0xffu);
+          }
+        }
+      }
+      out_step += step_values;
+      asm("" : "+l"(out_step));
+      limit -= step_values;
+    }
+  } else {
+    constexpr int kHalfPieces = kWords / 4;           // 16-byte pieces of 16 output values
+    constexpr int kPieces = kHalves * kHalfPieces;     // of a block's output
+    constexpr int kPieceValues = kBlockSize / kHalfPieces;
+    const BlockDecoder<Output, Quantizer::kMx> decoder(gs);
+    __shared__ uint4 staging[kVector ? kThreadsPerBlock * kPieces : 1];
+    const int flat = threadIdx.y * blockDim.x + threadIdx.x;
+    const int lane = flat & 31;
+    uint4* warp_staging = staging + (flat - lane) * kPieces;
+    const int first_piece = (lane & ~(span - 1)) * kPieces + j;  // this thread's first read-back piece
+
+    // With one global scale for the whole thread block, the tables of every
+    // scale byte the quantizer writes are made once, one a thread, while the
+    // loads are in flight; a block then looks its table up. Otherwise (a
+    // global scale per row and several rows a thread block) each block makes
+    // its own.
+    constexpr int kTableWords = sizeof(MagnitudeTable<Output>) / 4;
+    __shared__ uint4 tables[Quantizer::kScaleBytes * kTableWords / 4];
+    const bool shared_tables = Quantizer::kMx || global_scale_row_step == 0 || blockDim.y == 1;
+    if (shared_tables) {
+#pragma unroll
+      for (int i = 0; i < (Quantizer::kScaleBytes + kThreadsPerBlock - 1) / kThreadsPerBlock; ++i) {
+        const int byte = flat + i * kThreadsPerBlock;
+        if (byte < Quantizer::kScaleBytes) {
+          const MagnitudeTable<Output> t = decoder.table(byte);
+#pragma unroll
+          for (int q = 0; q < kTableWords / 4; ++q) {
+            tables[byte * (kTableWords / 4) + q] =
+                make_uint4(t.plane[4 * q], t.plane[4 * q + 1], t.plane[4 * q + 2], t.plane[4 * q + 3]);
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    // First every block is quantized, as quantize.cu does it: the codes and
+    // scale byte of a step are all that stay of it (its words are dead), so
+    // that the out-of-line exact paths of both halves are called with few
+    // registers live.
+    uint2 codes[kMaxSteps][kHalves];
+    u32 scale_bytes[kMaxSteps];
+#pragma unroll
+    for (int s = 0; s < kMaxSteps; ++s) {
+      if ((s & (s - 1)) == 0 && s >= steps) break;
+      u32 amax_bits = Input::abs_max_bits(words[s][0]);
+#pragma unroll
+      for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[s][h]));
+      const BlockScale scale = quantizer.scale(amax_bits);
+#pragma unroll
+      for (int h = 0; h < kHalves; ++h) codes[s][h] = quantizer.template codes<Input>(words[s][h], scale);
+      scale_bytes[s] = scale.scale_byte;
+    }
+
+    // Then decoded, as dequantize.cu does it; the step loop is inlined once
+    // for each way of getting a block's table (from_tables is a constant in
+    // each copy).
+    const auto run_steps = [&](bool from_tables) {
+#pragma unroll
+      for (int s = 0; s < kMaxSteps; ++s) {
+        if (s >= steps || first + s * span >= blocks_per_row) break;  // the same for the whole warp
+        const u32 byte = scale_bytes[s];
+        MagnitudeTable<Output> t;
+        if (from_tables) {
+#pragma unroll
+          for (int q = 0; q < kTableWords / 4; ++q) {
+            const uint4 v = tables[byte * (kTableWords / 4) + q];
+            t.plane[4 * q] = v.x;
+            t.plane[4 * q + 1] = v.y;
+            t.plane[4 * q + 2] = v.z;
+            t.plane[4 * q + 3] = v.w;
+          }
+        } else {
+          t = decoder.table(byte);
+        }
+#pragma unroll
+        for (int h = 0; h < kHalves; ++h) {
+          const auto emit = [&](const BlockWords<Output>& block) {
+            if constexpr (kVector) {
+#pragma unroll
+              for (int q = 0; q < kHalfPieces; ++q) {
+                warp_staging[staging_slot<kPieces>(lane * kPieces + h * kHalfPieces + q)] =
+                    make_uint4(block.w[4 * q], block.w[4 * q + 1], block.w[4 * q + 2], block.w[4 * q + 3]);
+              }
+            } else {
+#pragma unroll
+              for (int v = 0; v < kBlockSize; ++v) {
+                const int value = j * Quantizer::kValues + h * kBlockSize + v;
+                if (value < limit) {
+                  store_global(out_step + value, sizeof(raw_t) == 4 ? block.w[v] : block.w[v >> 1] >> (16 * (v & 1)));
+                }
+              }
+            }
+          };
+          // Each path hands its words on by itself (as in dequantize.cu).
+          if (t.plane[0] != kSlow) {
+            emit(decode_block<Output>(codes[s][h], t));
+          } else {
+            emit(decoder.exact(codes[s][h], byte));
+          }
+        }
+        if constexpr (kVector) {
+          // n % 8 == 0 and 16-byte aligned rows on this path: each 16-byte
+          // piece lies wholly inside or outside [0, n).
+          __syncwarp();
+#pragma unroll
+          for (int i = 0; i < kPieces; ++i) {
+            const int value = (i * span + j) * kPieceValues;
+            const uint4 v = warp_staging[staging_slot<kPieces>(first_piece + i * span)];
+            if (value < limit) store_global(reinterpret_cast<uint4*>(out_step + value), v);
+          }
+          __syncwarp();  // before the next step's writes
+        }
+        out_step += step_values;
+        asm("" : "+l"(out_step));  // one 64-bit add a step
+        limit -= step_values;
+      }
+    };
+    if (shared_tables) {
+      run_steps(true);
+    } else {
+      run_steps(false);
+    }
+  }
+}
+
+// The per-call arguments come first (the launcher packs only those), then
+// the ones fixed by the call's shape.
+template <typename Input, typename Output, typename Quantizer, bool kVector, int kMaxSteps>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+fake_quantize(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
+              float global_scale_value, typename Output::raw_t* __restrict__ out, long long row_stride,
+              long long expert_stride, int m, int n, int blocks_per_row, int steps, long long global_scale_expert_step,
+              int global_scale_row_step) {
+  fake_quantize_rows<Input, Output, Quantizer, kVector, false, kMaxSteps>(
+      x, global_scale_ptr, global_scale_value, out, row_stride, expert_stride, m, n, blocks_per_row, steps,
+      global_scale_expert_step, global_scale_row_step);
+}
+
+// out: one byte a value of x, 1 where saturated (docs/fused_ops.md, section 6.3).
+template <typename Input, typename Quantizer, bool kVector, int kMaxSteps>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+saturation_mask(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
+                float global_scale_value, u8* __restrict__ out, long long row_stride, long long expert_stride, int m,
+                int n, int blocks_per_row, int steps, long long global_scale_expert_step, int global_scale_row_step) {
+  fake_quantize_rows<Input, Float32Output, Quantizer, kVector, true, kMaxSteps>(
+      x, global_scale_ptr, global_scale_value, out, row_stride, expert_stride, m, n, blocks_per_row, steps,
+      global_scale_expert_step, global_scale_row_step);
+}
+
+}  // namespace nvfp4

@@ -1,0 +1,202 @@
+"""Fake quantization on the GPU (docs/fused_ops.md, section 6): x ->
+dequantize(quantize(x)) in x's dtype in one kernel (cuda_src/fake_quantize.cu),
+one read of x and one write, bit-exact to
+nvfp4_cupy.reference.fused.fake_quantize; and the saturation mask the
+straight-through gradient uses (section 6.3).
+
+The options are those of the golden model and are checked by its own checks
+(reference.fused); the variants whose quantizer has no GPU kernel yet are
+refused with a ValueError that says so. As in ops/quantize.py, everything a
+caller can get wrong is checked before anything is allocated or launched,
+and what follows from the call's form is worked out once into a cached plan.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._format import resolve_padded_n, round_up, row_view, rows_and_n
+from .._runtime.arrays import (
+    CUPY,
+    check_disjoint,
+    check_output,
+    frontend_of,
+    global_scale_argument,
+    output_frontend,
+    resolve_stream,
+)
+from .._runtime.compile import FAKE_QUANTIZERS, FakeQuantizeVariant, Target
+from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
+from ..reference.fused import _FAKE_DEFAULTS, _check_fake_options, _fake_options
+from .dequantize import blocks_per_thread
+from .global_scale import prepare_global_scale
+from .quantize import _read_range
+
+# The mask's vector path stores 8 bytes (8 values) at a time.
+MASK_VECTOR_BYTES = 8
+# (expert step, row step) into the global-scale array, by kind
+_GLOBAL_SCALE_STEPS = {"one": lambda m: (0, 0), "expert": lambda m: (1, 0), "row": lambda m: (m, 1)}
+
+
+def fake_quantize(x, global_scale=None, *, fmt="nvfp4", numerics="ieee", tile="1x16", row_scaled=False,
+                  rounding="nearest", seed=None, offset=0, mx_scale_rule="floor", four_over_six=False, e4m3_max=None,
+                  err_mode=None, err_use_fast_math=None, rht=False, global_amax=None, transform_dtype="input",
+                  out=None, stream=None, like=None):
+    """dequantize(quantize(x)) for x [..., n] (float16, bfloat16 or float32 on
+    the GPU), in x's dtype and shape, in one kernel: the bytes of
+    nvfp4_cupy.reference.fused.fake_quantize (docs/fused_ops.md, section 6.1),
+    which are also those of dequantize_fp4(*scaled_fp4_quant(x, gs,
+    layout="linear"), gs, n, layout="linear", dtype=x.dtype).
+
+    On the GPU now: NVFP4 with numerics="ieee" and round to nearest, and
+    MXFP4 with mx_scale_rule="floor". The other options of the golden model
+    are checked as it checks them, then refused with a ValueError (not on
+    the GPU yet). `global_scale`: a host float, or a float32 device array of
+    one element, one per row, or one per expert for x [E, m, n]; None computes
+    448 * 6 / amax(|x|) on the device first (one more read of x). `out`: a
+    C-contiguous buffer of x's dtype and shape (every element is written).
+    `stream` and `like` as for scaled_fp4_quant."""
+    options = dict(fmt=fmt, numerics=numerics, tile=tile, row_scaled=row_scaled, rounding=rounding, seed=seed,
+                   offset=offset, mx_scale_rule=mx_scale_rule, four_over_six=four_over_six, e4m3_max=e4m3_max,
+                   err_mode=err_mode, err_use_fast_math=err_use_fast_math, rht=rht, global_amax=global_amax,
+                   transform_dtype=transform_dtype)
+    launch, result = prepare_fake_quantize(x, global_scale, options, out, stream, like, mask=False)
+    launch()
+    return result
+
+
+def saturation_mask(x, global_scale=None, *, out=None, stream=None, like=None, **options):
+    """bool, x's shape: where the quantizer clips x beyond the largest
+    magnitude its block can hold (docs/fused_ops.md, section 6.3), the bytes
+    of nvfp4_cupy.reference.fused.saturation_mask. Options as
+    fake_quantize (unknown ones are a TypeError; rht=True is refused: the
+    mask is not defined there). `out`: a C-contiguous bool buffer of x's
+    shape."""
+    launch, result = prepare_fake_quantize(x, global_scale, options, out, stream, like, mask=True)
+    launch()
+    return result
+
+
+def gpu_quantizer(global_scale, options: dict, *, mask: bool = False) -> str:
+    """The fake_quantize.cu quantizer (a key of FAKE_QUANTIZERS) for these
+    options, after the golden model's checks of section 6.4 (`options`: any
+    of fake_quantize's keyword options; unknown ones are a TypeError).
+    A ValueError for the options whose quantizer has no GPU kernel yet, and
+    for the mask with rht=True (not defined, section 6.3)."""
+    args = _fake_options(global_scale, options)
+    resolved = _check_fake_options(**args)
+    variant = resolved["variant"]
+    if mask and variant == "rht":
+        raise ValueError("the saturation mask is not defined with rht=True (it would live in the transformed "
+                         "domain, docs/fused_ops.md section 6.3); use the plain straight-through gradient")
+    if variant == "ieee" and resolved["seed"] is None and resolved["rule"] == "floor":
+        return "nvfp4_ieee" if args["fmt"] == "nvfp4" else "mxfp4_floor"
+    chosen = [f"{name}={args[name]!r}" for name in _FAKE_DEFAULTS
+              if name not in ("fmt", "global_amax") and args[name] != _FAKE_DEFAULTS[name]]
+    raise ValueError(f"fake quantization with {', '.join(chosen)} is not available on the GPU yet (GPU: fmt='nvfp4' "
+                     "with numerics='ieee' and rounding='nearest', fmt='mxfp4' with mx_scale_rule='floor'); "
+                     "nvfp4_cupy.reference.fused computes it on the CPU")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    kernels: tuple  # BoundKernel with element accesses, with 16-byte ones (None where impossible)
+    empty: bool  # nothing to launch
+    row_span: tuple  # (experts, expert stride, rows, row stride, n) in elements: what the kernel reads
+
+
+_plans: dict = {}
+_MAX_PLANS = 4096
+
+
+def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, target) -> _Plan:
+    view = row_view(x.shape, x.strides, x.itemsize, scale_kind == "expert")
+    block = 32 if FAKE_QUANTIZERS[quantizer].fmt == "mxfp4" else 16
+    blocks_per_row = -(-view.n // block)
+    variants = [FakeQuantizeVariant(dtype_name, quantizer, vector, mask) for vector in (False, True)]
+    steps = blocks_per_thread(view.m * view.experts, blocks_per_row, variants[0].max_blocks_per_thread)
+    # launch_geometry maps one thread per unit of a row; here a unit is a thread's `steps` blocks.
+    grid, block_shape = launch_geometry(view.m, -(-blocks_per_row // steps), batch=view.experts,
+                                        columns=round_up(view.n, block), what=f"x: shape {x.shape}")
+    expert_step, row_step = _GLOBAL_SCALE_STEPS[scale_kind](view.m)
+    static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n,
+                  blocks_per_row=blocks_per_row, steps=steps, global_scale_expert_step=expert_step,
+                  global_scale_row_step=row_step)
+    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out")
+    vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
+    kernels = tuple(BoundKernel(variant, grid, block_shape, static, dynamic, target=target)
+                    if (vectors or not variant.vector) else None for variant in variants)
+    return _Plan(kernels, view.m == 0 or view.experts == 0,
+                 (view.experts, view.expert_stride, view.m, view.row_stride, view.n))
+
+
+def _plan_for(x, dtype_name, scale_kind, quantizer, mask, target) -> _Plan:
+    key = (x.dtype, x.shape, x.strides, scale_kind, quantizer, mask, target)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _make_plan(x, dtype_name, scale_kind, quantizer, mask, target)
+        if len(_plans) < _MAX_PLANS:
+            _plans[key] = plan
+    return plan
+
+
+def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, mask: bool,
+                          target: Target | None = None):
+    """Every check and allocation of a fake_quantize (or, with `mask`,
+    saturation_mask) call, nothing launched: returns (launch, result).
+    `target` forces the conversion target (tests run the sm_80 software
+    path on newer GPUs this way)."""
+    frontend = frontend_of(x)
+    array = frontend.array(x, "x")
+    device_id = array.device_id
+    dtype_name = frontend.dtype_name(array.dtype)
+    resolve_padded_n(rows_and_n(array.shape)[1], None)  # n >= 1
+    quantizer = gpu_quantizer(global_scale, options, mask=mask)
+    fmt = FAKE_QUANTIZERS[quantizer].fmt
+    computed_scale = fmt == "nvfp4" and global_scale is None
+    scale = None
+    if fmt == "nvfp4" and not computed_scale:
+        scale = global_scale_argument(global_scale, device_id, array.shape)
+    plan = _plan_for(array, dtype_name, "one" if scale is None else scale.kind, quantizer, mask, target)
+    handle = resolve_stream(stream, device_id, frontend)
+    results = output_frontend(like, frontend)
+    out_dtype = "bool" if mask else dtype_name
+    given = None
+    if out is not None:
+        given = check_output(out, "out", array.shape, out_dtype, device_id, "x")
+        if not plan.empty:
+            reads = [("x", _read_range(array, plan.row_span))]
+            if scale is not None and scale.array is not None:
+                reads.append(("global_scale", scale.array.byte_range()))
+            check_disjoint(reads, [("out", given.byte_range())])
+        result = results.as_frontend((out,))[0]
+    else:
+        result = results.allocator(device_id, handle)(array.shape, "uint8" if mask else dtype_name)
+        if mask:
+            result = result.view(np.bool_ if results is CUPY else results.torch.bool)
+    if plan.empty:
+        return _nothing, result
+    out_pointer = given.pointer if given is not None else results.pointer(result)
+    alignment = MASK_VECTOR_BYTES if mask else VECTOR_BYTES
+    kernel = plan.kernels[plan.kernels[1] is not None and array.pointer % VECTOR_BYTES == 0
+                          and out_pointer % alignment == 0]
+    if computed_scale:
+        scale_launch, computed = prepare_global_scale(x, False, stream, like)
+        scale = global_scale_argument(computed, device_id, array.shape)
+        fake_launch = functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, 0.0, out_pointer)
+
+        def launch(computed=computed) -> None:  # holds the computed scale until both are launched
+            scale_launch()
+            fake_launch()
+
+        return launch, result
+    if scale is None:  # MXFP4: no global scale
+        return functools.partial(kernel, device_id, handle, array.pointer, 0, 0.0, out_pointer), result
+    return functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, out_pointer), result
+
+
+def _nothing() -> None:
+    """The launch of an empty call."""
