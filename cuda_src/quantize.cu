@@ -189,18 +189,23 @@ __device__ __forceinline__ u32 tensor_abs_max_bits(const typename Input::raw_t* 
   return amax;
 }
 
-// quantize() of a small x in one launch: every thread block reads all of x
-// (from L2, after the first) for its amax, so that no block waits for
-// another, and derives the global scale itself; the first one also writes it
-// out. A second launch, which is what the device-side global scale costs
-// otherwise, is most of a small call's time. The launcher uses this kernel
-// only while x is a few thread blocks' worth (ops/quantize.py).
+// quantize() of a small x in one launch: every thread block with rows of x
+// reads all of x (from L2, after the first) for its amax, so that no block
+// waits for another, and derives the global scale itself; the first one also
+// writes it out. Thread blocks of the scale layout's padding rows only (the
+// swizzled layout's 128-row tiles) skip it: they need no scale. A second
+// launch, which is what the device-side global scale costs otherwise, is
+// most of a small call's time. The launcher uses this kernel only while x is
+// small (ops/quantize.py, ONE_LAUNCH_MAX_BLOCKS).
 template <typename Input, typename Layout, bool kVectorLoads, int kPerThread>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_nvfp4_own_scale(const typename Input::raw_t* __restrict__ x, float* __restrict__ global_scale_out,
                          uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride, int m, int n,
                          int padded_n, int scale_rows, int scale_cols) {
-  const float gs = global_scale_from_amax(tensor_abs_max_bits<Input, kVectorLoads>(x, row_stride, m, n));
+  // Uniform across the thread block: tensor_abs_max_bits' barrier is reached by all of it or none.
+  const bool has_rows = blockIdx.x * blockDim.y < m;
+  const float gs = has_rows ? global_scale_from_amax(tensor_abs_max_bits<Input, kVectorLoads>(x, row_stride, m, n))
+                            : 1.0f;  // unused: quantize_rows reads no block of a padding row
   if (blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0 && threadIdx.y == 0) *global_scale_out = gs;
   quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
                                                          scale_cols, [&] { return Nvfp4Blocks{global_scale(gs)}; });

@@ -29,6 +29,7 @@
 #include "numerics.cuh"
 #include "load.cuh"
 #include "layouts.cuh"
+#include "output.cuh"
 
 namespace nvfp4 {
 
@@ -59,7 +60,6 @@ struct RowArithmetic;
 template <>
 struct RowArithmetic<Float16Input> {
   static constexpr u32 kInfBits = 0x7c00u;
-  static constexpr u32 kCanonicalNaN = 0x7e00u;
   __device__ static u32 add(u32 a, u32 b) {
     u32 d;
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x3c003c00u), "r"(b));
@@ -70,18 +70,11 @@ struct RowArithmetic<Float16Input> {
     asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
     return d;
   }
-  // Two float32 values rounded to T, lo in the low half.
-  __device__ static u32 from_f32x2(float lo, float hi) {
-    u32 pair;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(hi), "f"(lo));
-    return pair;
-  }
 };
 
 template <>
 struct RowArithmetic<BFloat16Input> {
   static constexpr u32 kInfBits = 0x7f80u;
-  static constexpr u32 kCanonicalNaN = 0x7fc0u;
   __device__ static u32 add(u32 a, u32 b) {
     u32 d;
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x3f803f80u), "r"(b));
@@ -92,17 +85,11 @@ struct RowArithmetic<BFloat16Input> {
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
     return d;
   }
-  __device__ static u32 from_f32x2(float lo, float hi) {
-    u32 pair;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(hi), "f"(lo));
-    return pair;
-  }
 };
 
 template <>
 struct RowArithmetic<Float32Input> {
   static constexpr u32 kInfBits = kF32InfBits;
-  static constexpr u32 kCanonicalNaN = kF32CanonicalNaN;
   __device__ static u32 add(u32 a, u32 b) { return __float_as_uint(add_rn(__uint_as_float(a), __uint_as_float(b))); }
   __device__ static u32 mul(u32 a, u32 b) { return __float_as_uint(mul_rn(__uint_as_float(a), __uint_as_float(b))); }
 };
@@ -119,14 +106,17 @@ struct Piece {
 template <typename Input>
 __device__ __forceinline__ void canonical_nans(Piece<Input>& piece) {
   typedef RowArithmetic<Input> A;
+  typedef typename OutputOf<Input>::type Output;
   if (Input::abs_max_bits(piece.w) <= kF32InfBits) return;
 #pragma unroll
   for (int w = 0; w < Piece<Input>::kWords; ++w) {
     if constexpr (Piece<Input>::kValuesPerWord == 1) {
-      if ((piece.w[w] & kF32AbsMask) > A::kInfBits) piece.w[w] = A::kCanonicalNaN;
+      if ((piece.w[w] & kF32AbsMask) > A::kInfBits) piece.w[w] = Output::kCanonicalNaN;
     } else {
-      if ((piece.w[w] & 0x7fffu) > A::kInfBits) piece.w[w] = (piece.w[w] & 0xffff0000u) | A::kCanonicalNaN;
-      if (((piece.w[w] >> 16) & 0x7fffu) > A::kInfBits) piece.w[w] = (piece.w[w] & 0xffffu) | (A::kCanonicalNaN << 16);
+      if ((piece.w[w] & 0x7fffu) > A::kInfBits) piece.w[w] = (piece.w[w] & 0xffff0000u) | Output::kCanonicalNaN;
+      if (((piece.w[w] >> 16) & 0x7fffu) > A::kInfBits) {
+        piece.w[w] = (piece.w[w] & 0xffffu) | (Output::kCanonicalNaN << 16);
+      }
     }
   }
 }
@@ -228,11 +218,13 @@ template <typename Input, bool kVectorLoads>
 __device__ __forceinline__ Piece<Input> normalize(const Piece<Input>& z, float inv,
                                                   const typename Input::raw_t* __restrict__ weight, int col, int n) {
   typedef RowArithmetic<Input> A;
+  typedef typename OutputOf<Input>::type Output;
   Piece<Input> out;
   if constexpr (Piece<Input>::kValuesPerWord == 2) {
 #pragma unroll
     for (int w = 0; w < Piece<Input>::kWords; ++w) {
-      out.w[w] = A::from_f32x2(mul_rn(Input::element(z.w, 2 * w), inv), mul_rn(Input::element(z.w, 2 * w + 1), inv));
+      out.w[w] = Output::from_f32x2(mul_rn(Input::element(z.w, 2 * w), inv),
+                                    mul_rn(Input::element(z.w, 2 * w + 1), inv));
     }
   } else {
 #pragma unroll

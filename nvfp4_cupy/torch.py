@@ -37,6 +37,7 @@ def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None,
     """nvfp4_cupy.scaled_fp4_quant for torch tensors: (packed, scales) as
     torch uint8 tensors. `global_scale`: a float or a float32 CUDA tensor."""
     if torch.compiler.is_compiling():
+        _no_outputs_while_compiling(out=out, out_scale=out_scale)
         layout_name = _layout_name(is_sf_swizzled_layout, layout)
         tensor, value = _split_scale(global_scale)
         return torch.ops.nvfp4.scaled_fp4_quant(x, tensor, value, padded_n, layout_name, fmt, numerics, mx_scale_rule,
@@ -51,6 +52,7 @@ def dequantize_fp4(packed, scales, global_scale, n=None, *, layout="swizzled", d
     a name (default float32)."""
     dtype_name = _dtype_name(dtype)
     if torch.compiler.is_compiling():
+        _no_outputs_while_compiling(out=out)
         tensor, value = _split_scale(global_scale)
         return torch.ops.nvfp4.dequantize_fp4(packed, scales, tensor, value, n, layout, dtype_name, fmt)
     return _dequantize.dequantize_fp4(packed, scales, global_scale, n, layout=layout, dtype=dtype_name, out=out,
@@ -68,6 +70,7 @@ def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_r
              numerics="ieee"):
     """nvfp4_cupy.quantize for torch tensors: (packed, scales, global_scale)."""
     if torch.compiler.is_compiling():
+        _no_outputs_while_compiling(out=out, out_scale=out_scale)
         return torch.ops.nvfp4.quantize(x, padded_n, _layout_name(is_sf_swizzled_layout, layout), per_row, numerics)
     return _quantize.quantize(x, is_sf_swizzled_layout, padded_n, layout=layout, per_row=per_row, out=out,
                               out_scale=out_scale, like=_LIKE, numerics=numerics)
@@ -84,6 +87,16 @@ def _split_scale(global_scale):
     if is_host_scalar(global_scale):
         return None, float(global_scale)
     return global_scale, 0.0
+
+
+def _no_outputs_while_compiling(**buffers) -> None:
+    """The registered ops allocate their outputs (a traced graph cannot
+    write into a caller's buffer through them): refuse out= buffers rather
+    than ignore them."""
+    given = [name for name, buffer in buffers.items() if buffer is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: output buffers are not supported under torch.compile; "
+                         "use the returned tensors")
 
 
 def _dtype_name(dtype) -> str:
@@ -347,7 +360,8 @@ def saturation_mask(x, global_scale=None, **options):
     tensor, value = _optional_scale(global_scale)
     if torch.compiler.is_compiling():
         return torch.ops.nvfp4.saturation_mask(x, tensor, value, fmt)
-    return _fake_quantize.saturation_mask(x, global_scale, fmt=fmt, like=_LIKE)
+    # A mask is never differentiated: x's autograd history does not matter here.
+    return _fake_quantize.saturation_mask(x.detach(), global_scale, fmt=fmt, like=_LIKE)
 
 
 def _optional_scale(global_scale):
@@ -429,6 +443,7 @@ def rms_norm(x, weight, eps, residual=None, *, out=None):
     """nvfp4_cupy.rms_norm for torch tensors: out, or (out, residual) with
     `residual` updated in place."""
     if torch.compiler.is_compiling():
+        _no_outputs_while_compiling(out=out)
         if residual is None:
             return torch.ops.nvfp4.rms_norm(x, weight, float(eps))
         return torch.ops.nvfp4.fused_add_rms_norm(x, weight, float(eps), residual), residual
@@ -441,6 +456,7 @@ def rms_norm_quant(x, weight, eps, global_scale, is_sf_swizzled_layout=True, pad
     (packed, scales, residual) with `residual` updated in place.
     `global_scale`: a float or a float32 CUDA tensor (None for MXFP4)."""
     if torch.compiler.is_compiling():
+        _no_outputs_while_compiling(out=out, out_scale=out_scale)
         tensor, value = _split_scale(global_scale)
         arguments = (x, weight, float(eps), tensor, value, padded_n, _layout_name(is_sf_swizzled_layout, layout), fmt)
         if residual is None:

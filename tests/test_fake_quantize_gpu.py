@@ -22,7 +22,6 @@ import pytest
 from bytes_check import POISONS, assert_bytes_equal
 from conftest import gpu_unavailable_reason
 from gpu_inputs import HOST_DTYPES, boundary_cases, global_scale_for, make_input
-from nvfp4_cupy import reference as ref
 from nvfp4_cupy.reference import fused
 
 BITS = {2: np.uint16, 4: np.uint32}

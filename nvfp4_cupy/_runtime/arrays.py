@@ -319,6 +319,14 @@ class GlobalScale:
         self.array, self.pointer, self.value, self.kind = array, pointer, value, kind
 
 
+def global_scale_steps(kind: str, m: int) -> tuple[int, int]:
+    """(expert step, row step) of a device global-scale array of this kind:
+    row r of expert e (m rows an expert) reads element e * expert step +
+    r * row step. The kernels take these, so that one indexing serves one
+    scale, one per expert and one per row."""
+    return {"one": (0, 0), "expert": (1, 0), "row": (m, 1)}[kind]
+
+
 def global_scale_argument(global_scale, device_id: int, x_shape: tuple, source: str = "x") -> GlobalScale:
     """A host scalar is checked here (finite, > 0); a float32 device array is
     read by the kernel (no host sync, capturable in CUDA graphs), its shape

@@ -67,6 +67,16 @@ def kernel_source(filename: str) -> str:
     return expand(filename)
 
 
+def kernel_constant(filename: str, name: str) -> int:
+    """An integer constant of a cuda_src file (`constexpr int kX = N;` or an
+    enumerator `kX = N`): the launchers read the kernels' own numbers, so
+    that the kernel is the one source."""
+    found = re.search(rf"\b{name} = (\d+)[;,\s}}]", kernel_source(filename))
+    if found is None:
+        raise LookupError(f"{filename} defines no integer constant {name}")
+    return int(found.group(1))
+
+
 @dataclass(frozen=True)
 class Target:
     """Which conversions run in hardware. Part of every cache key: it changes

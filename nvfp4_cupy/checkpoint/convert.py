@@ -5,8 +5,9 @@ Per output shard (same file names as the input's): the header is planned
 from the input header alone, then each tensor is read, quantized (or copied)
 and written in order, into a temporary file renamed when complete; its
 sha256 goes into a per-shard manifest entry (.nvfp4_cupy/SHARD.json), which
---resume checks before skipping a shard. Host memory: one input tensor and
-its outputs at a time (about 1.6x the largest tensor for bfloat16 weights).
+--resume checks before skipping a shard. The next tensor is produced while
+this one is written (OneAhead). Host memory: the tensor being written and
+the one being produced (about 1.6x the largest tensor for bfloat16 weights).
 
 Global scales: one per weight, 448 * 6 / amax (nvfp4_cupy.compute_global_scale),
 except that fused projections (q/k/v, gate/up, w1/w3 of one parent module)
@@ -35,6 +36,7 @@ import shutil
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,6 +265,36 @@ def _progress(total_tensors: int, enabled: bool):
     return tqdm(total=total_tensors, unit="tensor", file=sys.stderr, dynamic_ncols=True, disable=False)
 
 
+class OneAhead:
+    """produce(p) for the planned tensors in their order, one tensor ahead on
+    a worker thread: reading and quantizing the next tensor overlaps writing
+    (and hashing) this one, the three stages a conversion is made of. Host
+    memory holds the tensor being written and the one being produced, no
+    more. Called with the planned tensors in order; an exception in produce
+    comes out of the call for that tensor."""
+
+    def __init__(self, planned: list[Planned], produce) -> None:
+        self._planned, self._produce = list(planned), produce
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4-convert")
+        self._taken = 0
+        self._future = self._submit(0)
+
+    def _submit(self, index: int):
+        return self._worker.submit(self._produce, self._planned[index]) if index < len(self._planned) else None
+
+    def __call__(self, p: Planned) -> np.ndarray:
+        if self._future is None or p is not self._planned[self._taken]:
+            raise AssertionError(f"{p.name}: produced out of the planned order")
+        value = self._future.result()
+        self._taken += 1
+        self._future = self._submit(self._taken)
+        return value
+
+    def close(self) -> None:
+        """Waits for the tensor in flight (if any), then stops the worker."""
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+
 def convert_shard(source: Source, plan: Plan, shard: str, out: Path, quantizer: Quantizer,
                   shared: dict[str, np.float32], bar=None, started: float | None = None,
                   counters: dict | None = None) -> str:
@@ -304,10 +336,13 @@ def convert_shard(source: Source, plan: Plan, shard: str, out: Path, quantizer: 
     meta = dict(source.metadata.get(shard) or {})
     meta.setdefault("format", "pt")
     planned = _output_plan(source, plan, shard)
+    ahead = OneAhead(planned, produce)
     try:
-        digest = write_streaming(out / shard, planned, produce, meta)
+        digest = write_streaming(out / shard, planned, ahead, meta)
     except OSError as exc:
         raise CheckpointError(f"cannot write {out / shard}: {exc.strerror or exc}") from None
+    finally:
+        ahead.close()
     entry = {"shard": shard, "plan": plan_digest(source, plan, shard), "sha256": digest,
              "size": (out / shard).stat().st_size, "format": plan.fmt}
     (out / MANIFEST_DIR).mkdir(exist_ok=True)

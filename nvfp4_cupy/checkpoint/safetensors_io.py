@@ -140,7 +140,8 @@ def write_streaming(path: Path, planned: list[Planned], produce, metadata: dict 
                 array = np.asarray(produce(p))
                 if dtype_name(array) != p.dtype or tuple(array.shape) != tuple(p.shape):
                     raise AssertionError(f"{p.name}: produced {array.dtype}{array.shape}, planned {p.dtype}{p.shape}")
-                data = array.tobytes(order="C")
+                # The array's own bytes (a C-contiguous uint8 view), not a copy.
+                data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
                 f.write(data)
                 digest.update(data)
             f.flush()

@@ -20,14 +20,13 @@ from .._runtime.arrays import (
     check_output,
     frontend_of,
     global_scale_argument,
+    global_scale_steps,
     output_frontend,
     resolve_stream,
 )
 from .._runtime.compile import DequantizeVariant
 from .._runtime.launch import VECTOR_BYTES, VECTOR_PIECE, BoundKernel, launch_geometry
 
-# (expert step, row step) into the global-scale array, by kind
-_GLOBAL_SCALE_STEPS = {"one": lambda m: (0, 0), "expert": lambda m: (1, 0), "row": lambda m: (m, 1)}
 # Blocks a thread takes (the kernel's `steps`): the most the kernel allows
 # while the launch keeps THREADS_WANTED threads (about one wave of a 132-SM
 # GPU at the four 256-thread blocks an SM the kernel's registers allow), fewer
@@ -102,7 +101,7 @@ def _plan_for(shape, layout, dtype_name, fmt, scale_kind) -> _Plan:
         grid, block = launch_geometry(shape.m, max(-(-(shape.padded_n // BLOCK_SIZE) // steps), MIN_THREADS_X),
                                       batch=batch, columns=shape.padded_n,
                                       what=f"packed of shape {shape.out_shape[:-1] + (shape.padded_n // 2,)}")
-        expert_step, row_step = _GLOBAL_SCALE_STEPS[scale_kind](shape.m)
+        expert_step, row_step = global_scale_steps(scale_kind, shape.m)
         static = dict(m=shape.m, n=shape.n, blocks_per_row=shape.padded_n // BLOCK_SIZE, steps=steps,
                       global_scale_expert_step=expert_step, global_scale_row_step=row_step,
                       scale_expert_stride=shape.scale_shape[-2] * shape.scale_shape[-1],

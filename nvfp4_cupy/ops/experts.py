@@ -37,13 +37,22 @@ from .._format import (
     quantized_shapes,
     row_view,
 )
-from .._runtime.arrays import CUPY, c_strides, frontend_of, global_scale_argument, output_frontend, resolve_stream
+from .._runtime.arrays import (
+    c_strides,
+    frontend_of,
+    global_scale_argument,
+    global_scale_steps,
+    output_frontend,
+    resolve_stream,
+)
 from .._runtime.compile import (
     EXPERT_KERNELS,
+    THREADS_PER_BLOCK,
     RUNTIME_LAYOUT_IDS,
     ExpertsVariant,
     SiluAndMulVariant,
     experts_blocks_per_thread,
+    kernel_constant,
 )
 from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
 from ..reference import fused as _golden
@@ -52,8 +61,7 @@ from ..reference.fused import experts_scale_rows
 __all__ = ["silu_and_mul", "silu_and_mul_quant", "scaled_fp4_experts_quant", "scaled_fp4_masked_quant",
            "experts_scale_rows"]
 
-# cuda_src/experts.cu's ExpertLimits.
-MAX_EXPERTS = 1024
+MAX_EXPERTS = kernel_constant(ExpertsVariant.source, "kMaxExperts")  # the offsets the kernel stages
 _SILU_VALUES_PER_THREAD = 16  # silu_and_mul's outputs a thread
 
 
@@ -67,13 +75,15 @@ def silu_and_mul(x, *, stream=None, like=None):
     dtype_name = frontend.dtype_name(array.dtype)
     _, _, n = _golden._check_gated(_stand_in(array, dtype_name))
     view = row_view(array.shape, array.strides, array.itemsize, False)
+    # The last thread block's columns reach past the row by up to a block of threads' values.
+    grid, block = launch_geometry(view.m, -(-n // _SILU_VALUES_PER_THREAD),
+                                  columns=2 * n + THREADS_PER_BLOCK * _SILU_VALUES_PER_THREAD,
+                                  what=f"x: shape {array.shape}", dense=True)
     handle = resolve_stream(stream, array.device_id, frontend)
     results = output_frontend(like, frontend)
     out = results.allocator(array.device_id, handle)((*array.shape[:-1], n), dtype_name)
     if view.m == 0:
         return out
-    grid, block = launch_geometry(view.m, -(-n // _SILU_VALUES_PER_THREAD), columns=2 * n,
-                                  what=f"x: shape {array.shape}", dense=True)
     kernel = _bound(SiluAndMulVariant(dtype_name), 0, grid, block, dict(row_stride=view.row_stride, m=view.m, n=n),
                     ("x", "out", "vector_access"))
     vectors = rows_allow_vectors((view.row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
@@ -165,14 +175,15 @@ def _dense_silu(frontend, array, dtype_name, n, global_scale, is_sf_swizzled_lay
     else:
         scale = global_scale_argument(global_scale, device_id, out_shape)
     view = row_view(array.shape, array.strides, array.itemsize, scale.kind == "expert")
-    gs_steps = {"one": (0, 0), "row": (0, 1), "expert": (1, 0)}[scale.kind]
+    kernel = _batch_kernel(array, view, dtype_name, n, True, fmt, scale_layout, padded_n,
+                           global_scale_steps(scale.kind, view.m))
     shapes = quantized_shapes(out_shape, padded_n, is_sf_swizzled_layout, layout, scale.kind, fmt)
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
     packed, scales = results.outputs(device_id, handle, tuple((shape, "uint8") for shape in shapes))
     if view.m and view.experts:
-        _launch_batch(array, view, dtype_name, n, True, fmt, scale_layout, padded_n, gs_steps, scale.pointer,
-                      scale.value, 0, results.pointer(packed), results.pointer(scales), device_id, handle)
+        kernel(device_id, handle, array.pointer, scale.pointer, scale.value, 0, results.pointer(packed),
+               results.pointer(scales), int(_vectors(array, view, n)))
     return packed, scales
 
 
@@ -187,16 +198,17 @@ def _masked(frontend, array, dtype_name, n, silu, global_scale, expert_counts, i
     counts = _int32_device_vector(expert_counts, "expert_counts", device_id)
     _golden._check_counts(_stand_in(counts), experts, max_m, validate)
     scale_pointer, scale_value, expert_step = _expert_scale(global_scale, experts, fmt, device_id)
+    view = row_view(array.shape, array.strides, array.itemsize, True)
+    kernel = _batch_kernel(array, view, dtype_name, n, silu, fmt, scale_layout, padded_n, (expert_step, 0))
     handle = resolve_stream(stream, device_id, frontend)
     if validate and experts:
         _golden._check_counts(_read_host(counts, handle), experts, max_m, True)
-    view = row_view(array.shape, array.strides, array.itemsize, True)
     shapes = quantized_shapes((experts, max_m, n), padded_n, is_sf_swizzled_layout, layout, "expert", fmt)
     results = output_frontend(like, frontend)
     packed, scales = results.outputs(device_id, handle, tuple((shape, "uint8") for shape in shapes))
     if max_m and experts:
-        _launch_batch(array, view, dtype_name, n, silu, fmt, scale_layout, padded_n, (expert_step, 0), scale_pointer,
-                      scale_value, counts.pointer, results.pointer(packed), results.pointer(scales), device_id, handle)
+        kernel(device_id, handle, array.pointer, scale_pointer, scale_value, counts.pointer, results.pointer(packed),
+               results.pointer(scales), int(_vectors(array, view, n)))
     return packed, scales
 
 
@@ -216,23 +228,13 @@ def _grouped(frontend, array, dtype_name, n, silu, global_scale, expert_offsets,
         raise ValueError(f"expert_offsets: at most {MAX_EXPERTS} experts a call (the kernel stages the offsets in "
                          f"shared memory), got E={experts}")
     scale_pointer, scale_value, expert_step = _expert_scale(global_scale, experts, fmt, device_id)
-    handle = resolve_stream(stream, device_id, frontend)
-    if validate:
-        _golden._check_offsets(_read_host(offsets, handle), tokens, True)
     view = row_view(array.shape, array.strides, array.itemsize, False)
     block_size = check_fmt_global_scale(fmt, None)
     scale_rows = experts_scale_rows(tokens, experts, scale_layout.name)
     scale_cols = scale_layout.scale_shape(0, padded_n, block_size)[1]
-    results = output_frontend(like, frontend)
-    packed, scales, starts = results.outputs(
-        device_id, handle, (((tokens, padded_n // 2), "uint8"), ((scale_rows, scale_cols), "uint8"),
-                            ((experts + 1,), "int32")))
-    if tokens == 0:  # every count is 0: b is all zeros
-        _memset_zero(results.pointer(starts), 4 * (experts + 1), device_id, handle)
-        return packed, scales, starts
     per_thread = experts_blocks_per_thread(dtype_name, fmt, silu)
     grid, block = launch_geometry(max(tokens, scale_rows), -(-scale_cols // per_thread),
-                                  columns=max(padded_n, array.shape[1]),
+                                  columns=_column_extent(padded_n, array.shape[1], per_thread, block_size),
                                   what=f"x: shape {tuple(array.shape)} with padded_n={padded_n}", dense=True)
     static = dict(row_stride=view.row_stride, m=tokens, n=n, padded_n=padded_n, scale_rows=scale_rows,
                   scale_cols=scale_cols, layout_id=RUNTIME_LAYOUT_IDS[scale_layout.name], experts=experts,
@@ -240,29 +242,45 @@ def _grouped(frontend, array, dtype_name, n, silu, global_scale, expert_offsets,
     kernel = _bound(ExpertsVariant(dtype_name, fmt), EXPERT_KERNELS.index("grouped_silu" if silu else "grouped"),
                     grid, block, static, ("x", "global_scale_ptr", "global_scale_value", "expert_offsets", "packed",
                                           "scales", "blockscale_offsets", "vector_loads"))
+    handle = resolve_stream(stream, device_id, frontend)
+    if validate:
+        _golden._check_offsets(_read_host(offsets, handle), tokens, True)
+    results = output_frontend(like, frontend)
+    packed, scales, starts = results.outputs(
+        device_id, handle, (((tokens, padded_n // 2), "uint8"), ((scale_rows, scale_cols), "uint8"),
+                            ((experts + 1,), "int32")))
+    if tokens == 0:  # every count is 0: b is all zeros
+        _memset_zero(results.pointer(starts), 4 * (experts + 1), device_id, handle)
+        return packed, scales, starts
     kernel(device_id, handle, array.pointer, scale_pointer, scale_value, offsets.pointer, results.pointer(packed),
            results.pointer(scales), results.pointer(starts), int(_vectors(array, view, n)))
     return packed, scales, starts
 
 
-def _launch_batch(array, view, dtype_name, n, silu, fmt, scale_layout, padded_n, gs_steps, scale_pointer, scale_value,
-                  counts_pointer, packed_pointer, scales_pointer, device_id, handle) -> None:
+def _column_extent(padded_n: int, row_values: int, per_thread: int, block_size: int) -> int:
+    """The largest column a thread of these kernels computes: the last thread
+    block of a row reaches past padded_n by up to a block of threads' blocks
+    (the kernels' column arithmetic is 32-bit: launch_geometry bounds this)."""
+    return max(padded_n, row_values) + THREADS_PER_BLOCK * per_thread * block_size
+
+
+def _batch_kernel(array, view, dtype_name, n, silu, fmt, scale_layout, padded_n, gs_steps) -> BoundKernel:
     """quantize_batch over view.experts batches of view.m rows (dense, per
-    expert, or masked with counts)."""
+    expert, or masked with counts), its geometry checked: launched with
+    (x, global_scale_ptr, global_scale_value, expert_counts, packed, scales,
+    vector_loads)."""
     block_size = check_fmt_global_scale(fmt, None)
     scale_rows, scale_cols = scale_layout.scale_shape(view.m, padded_n, block_size)
     per_thread = experts_blocks_per_thread(dtype_name, fmt, silu)
     grid, block = launch_geometry(scale_rows, -(-scale_cols // per_thread), batch=view.experts,
-                                  columns=max(padded_n, view.n),
+                                  columns=_column_extent(padded_n, view.n, per_thread, block_size),
                                   what=f"x: shape {tuple(array.shape)} with padded_n={padded_n}", dense=True)
     static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=n, padded_n=padded_n,
                   scale_rows=scale_rows, scale_cols=scale_cols, layout_id=RUNTIME_LAYOUT_IDS[scale_layout.name],
                   gs_expert_step=gs_steps[0], gs_row_step=gs_steps[1])
-    kernel = _bound(ExpertsVariant(dtype_name, fmt), EXPERT_KERNELS.index("batch_silu" if silu else "batch"), grid,
-                    block, static, ("x", "global_scale_ptr", "global_scale_value", "expert_counts", "packed", "scales",
-                                    "vector_loads"))
-    kernel(device_id, handle, array.pointer, scale_pointer, scale_value, counts_pointer, packed_pointer,
-           scales_pointer, int(_vectors(array, view, n)))
+    return _bound(ExpertsVariant(dtype_name, fmt), EXPERT_KERNELS.index("batch_silu" if silu else "batch"), grid,
+                  block, static, ("x", "global_scale_ptr", "global_scale_value", "expert_counts", "packed", "scales",
+                                  "vector_loads"))
 
 
 # ---------------------------------------------------------------------------

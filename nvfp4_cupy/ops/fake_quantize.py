@@ -25,6 +25,7 @@ from .._runtime.arrays import (
     check_output,
     frontend_of,
     global_scale_argument,
+    global_scale_steps,
     output_frontend,
     resolve_stream,
 )
@@ -37,8 +38,6 @@ from .quantize import _read_range
 
 # The mask's vector path stores 8 bytes (8 values) at a time.
 MASK_VECTOR_BYTES = 8
-# (expert step, row step) into the global-scale array, by kind
-_GLOBAL_SCALE_STEPS = {"one": lambda m: (0, 0), "expert": lambda m: (1, 0), "row": lambda m: (m, 1)}
 
 
 def fake_quantize(x, global_scale=None, *, fmt="nvfp4", numerics="ieee", tile="1x16", row_scaled=False,
@@ -121,7 +120,7 @@ def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, 
     # launch_geometry maps one thread per unit of a row; here a unit is a thread's `steps` blocks.
     grid, block_shape = launch_geometry(view.m, -(-blocks_per_row // steps), batch=view.experts,
                                         columns=round_up(view.n, block), what=f"x: shape {x.shape}")
-    expert_step, row_step = _GLOBAL_SCALE_STEPS[scale_kind](view.m)
+    expert_step, row_step = global_scale_steps(scale_kind, view.m)
     static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n,
                   blocks_per_row=blocks_per_row, steps=steps, global_scale_expert_step=expert_step,
                   global_scale_row_step=row_step)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from cupy.cuda import runtime
 from .._format import check_bool, round_up, row_view
 from ..reference.te import check_numerics
 from .._runtime.arrays import frontend_of, output_frontend, resolve_stream
-from .._runtime.compile import THREADS_PER_BLOCK, GlobalScaleVariant, kernel_source
+from .._runtime.compile import THREADS_PER_BLOCK, GlobalScaleVariant, kernel_constant
 from .._runtime.launch import MAX_INDEX, VECTOR_BYTES, BoundKernel
 
 WARP = 32
@@ -35,8 +34,7 @@ WARPS_PER_BLOCK = THREADS_PER_BLOCK // WARP
 
 
 def _kernel_constant(name: str) -> int:
-    """A `constexpr int` of global_scale.cu: the kernel is the one source."""
-    return int(re.search(rf"constexpr int {name} = (\d+);", kernel_source(GlobalScaleVariant.source)).group(1))
+    return kernel_constant(GlobalScaleVariant.source, name)
 
 
 LOADS_PER_STEP = _kernel_constant("kLoadsPerStep")  # 16-byte loads a lane issues per loop step

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._format import (
+    BLOCK_SIZE,
     check_fmt_global_scale,
     check_int,
     host_global_scale,
@@ -143,9 +144,10 @@ class _OwnScale:
 OWN_SCALE = _OwnScale()
 
 # quantize() makes one launch while x holds at most this many 16-value
-# blocks: every thread block of that kernel reads all of x for its amax,
-# which costs little from L2 for a few thread blocks, and saves the second
-# launch, most of a small call's time. Measured on the H200: BENCHMARKS.md.
+# blocks: every thread block of that kernel that has rows of x reads all of
+# x for its amax, which costs little from L2 for a few thread blocks, and
+# saves the second launch, most of a small call's time. Measured on the
+# H200: BENCHMARKS.md.
 ONE_LAUNCH_MAX_BLOCKS = 2048
 
 
@@ -158,7 +160,7 @@ def _fits_one_launch(x) -> bool:
         return False
     if not shape:
         return False
-    blocks = math.prod(shape[:-1]) * -(-shape[-1] // 16)
+    blocks = math.prod(shape[:-1]) * -(-shape[-1] // BLOCK_SIZE)
     return 0 < blocks <= ONE_LAUNCH_MAX_BLOCKS
 
 

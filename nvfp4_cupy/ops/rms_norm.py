@@ -14,7 +14,6 @@ out once into a plan and cached, as in ops/quantize.py."""
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,16 +36,17 @@ from .._runtime.arrays import (
     check_output,
     frontend_of,
     global_scale_argument,
+    global_scale_steps,
     output_frontend,
     resolve_stream,
 )
-from .._runtime.compile import RUNTIME_LAYOUT_IDS, RmsNormVariant, Target, kernel_source
+from .._runtime.compile import RUNTIME_LAYOUT_IDS, RmsNormVariant, Target, kernel_constant
 from .._runtime.launch import MAX_GRID_Y, MAX_INDEX, VECTOR_BYTES, BoundKernel, rows_allow_vectors
 from ..reference.fused import _check_same, check_eps
 
 
 def _kernel_constant(name: str) -> int:
-    return int(re.search(rf"constexpr int {name} = (\d+);", kernel_source(RmsNormVariant.source)).group(1))
+    return kernel_constant(RmsNormVariant.source, name)
 
 
 ROW_THREADS = _kernel_constant("kRowThreads")  # one thread block of this many threads a row
@@ -57,8 +57,6 @@ SINGLE_READ_VALUES = ROW_THREADS * _kernel_constant("kRegisterPieces") * BLOCK_S
 # The kernel's column arithmetic is 32-bit with a row's last thread block of
 # columns past padded_n: keep padded_n well inside int.
 MAX_ROW_VALUES = 2**30
-# (row step, expert step) into a device global-scale array, by kind
-_GLOBAL_SCALE_STEPS = {"one": (0, 0), "row": (1, 0), "expert": (0, 1)}
 
 
 def rms_norm(x, weight, eps, residual=None, *, out=None, stream=None, like=None):
@@ -201,7 +199,7 @@ def _quant_plan(x, dtype_name: str, padded_n, is_sf_swizzled_layout, layout, sca
         scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
         scale_rows, scale_cols = scale_layout.scale_shape(view.m, k, block_size)
         _check_size(scale_rows, view.experts, k, x.shape)
-        row_step, expert_step = _GLOBAL_SCALE_STEPS[scale_kind]
+        expert_step, row_step = global_scale_steps(scale_kind, view.m)
         static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n, padded_n=k,
                       scale_rows=scale_rows, scale_cols=scale_cols, layout_id=RUNTIME_LAYOUT_IDS[scale_layout.name],
                       gs_row_step=row_step, gs_expert_step=expert_step)
