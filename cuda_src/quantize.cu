@@ -168,9 +168,9 @@ __device__ __forceinline__ u32 tensor_abs_max_bits(const typename Input::raw_t* 
   const int blocks = m * blocks_per_row;  // the launcher keeps x small
   const int threads = blockDim.x * blockDim.y;
   u32 amax = 0;
-  // Two blocks' loads in flight a thread on the 16-byte path; one on the
-  // element path, whose 16 loads a block already fill the registers.
-#pragma unroll(kVectorLoads ? 2 : 1)
+  // Not unrolled: x is small (its 16-byte loads are few a thread), and
+  // unrolling made ptxas spill around block_scale_exact's call on sm_100/120.
+#pragma unroll 1
   for (int i = threadIdx.y * blockDim.x + threadIdx.x; i < blocks; i += threads) {
     const int row = i / blocks_per_row;
     u32 words[4 * sizeof(typename Input::raw_t)];
