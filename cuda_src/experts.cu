@@ -24,6 +24,7 @@
 #include "numerics.cuh"
 #include "load.cuh"
 #include "layouts.cuh"
+#include "blocks.cuh"
 #include "output.cuh"
 #include "fused_math.cuh"
 
@@ -61,27 +62,17 @@ __device__ __forceinline__ void silu_mul_block(u32 (&gate)[4 * sizeof(typename I
   }
 }
 
-// The two formats' block scales (quantize.cu has the same pair).
-struct Nvfp4Scales {
-  static constexpr int kValues = kBlockSize;
-  GlobalScale global;
-  __device__ BlockScale scale(u32 amax_bits) const { return block_scale(amax_bits, global); }
-};
-
-struct Mxfp4Scales {
-  static constexpr int kValues = kMxBlockSize;
-  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale(amax_bits); }
-};
-
+// The block format of a kernel (blocks.cuh), and how it is made from the
+// row's global scale.
 template <bool kMx>
 struct FormatOf {
-  typedef Nvfp4Scales Scales;
-  __device__ static Scales make(float gs) { return Scales{global_scale(gs)}; }
+  typedef Nvfp4Blocks Scales;
+  __device__ static Scales make(float gs) { return Nvfp4Blocks::from_global_scale(gs); }
 };
 
 template <>
 struct FormatOf<true> {
-  typedef Mxfp4Scales Scales;
+  typedef Mxfp4Blocks Scales;
   __device__ static Scales make(float) { return Scales{}; }
 };
 

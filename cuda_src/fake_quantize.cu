@@ -24,35 +24,32 @@
 // row), or global_scale_value where the pointer is null.
 #include "decode.cuh"
 #include "load.cuh"
+#include "blocks.cuh"
 
 namespace nvfp4 {
 
 // ---------------------------------------------------------------------------
-// The quantizers. Each is made once a thread from its row's global scale and
-// gives, for the thread's blocks:
-//   kValues      values a block (one scale byte);
+// The quantizers: a block format of blocks.cuh (kValues, scale(amax_bits),
+// Codes) made once a thread from its row's global scale, and what decoding
+// and the mask need besides:
 //   kMx          whether its scale bytes are E8M0 (how they are decoded);
 //   kScaleBytes  scale bytes 0 .. kScaleBytes - 1 are all it can write (the
 //                decode tables cover these);
-//   scale(amax_bits), codes<Input>(words, scale)  a block's scale, and the
-//                packed codes of each of its 16-value pieces;
+//   codes<Input>(words, scale)  the packed codes of a 16-value piece;
 //   saturates(scale_byte), largest()  section 6.3's mask: a value of a block
 //                whose scale byte saturates() is saturated where its
 //                magnitude lies beyond largest() (infinities included).
 // ---------------------------------------------------------------------------
 
 // NVFP4, numerics "ieee", round to nearest (docs/format.md, sections 2 and 3).
-struct IeeeNvfp4Quantizer {
-  static constexpr int kValues = kBlockSize;
+struct IeeeNvfp4Quantizer : Nvfp4Blocks {
   static constexpr bool kMx = false;
   static constexpr int kScaleBytes = 128;  // 0x00 .. 0x7e, and 0x7f for NaN blocks
-  GlobalScale global;
 
-  __device__ explicit IeeeNvfp4Quantizer(float gs) : global(global_scale(gs)) {}
-  __device__ BlockScale scale(u32 amax_bits) const { return block_scale(amax_bits, global); }
+  __device__ explicit IeeeNvfp4Quantizer(float gs) : Nvfp4Blocks(Nvfp4Blocks::from_global_scale(gs)) {}
   template <typename Input>
   __device__ uint2 codes(const u32* words, const BlockScale& scale) const {
-    return pack_block<Input>(words, scale);
+    return pack_block<Input, Codes>(words, scale);
   }
   // Only a block at E4M3's largest scale (448) clips; an invalid global
   // scale makes every block NaN-scaled (0x7f), with nothing saturated.
@@ -63,15 +60,13 @@ struct IeeeNvfp4Quantizer {
 };
 
 // MXFP4 with the floor scale rule (docs/format.md, section 9).
-struct FloorMxfp4Quantizer {
-  static constexpr int kValues = kMxBlockSize;
+struct FloorMxfp4Quantizer : Mxfp4Blocks {
   static constexpr bool kMx = true;
   static constexpr int kScaleBytes = 256;  // 0x00 .. 0xfe, and 0xff for NaN
   __device__ explicit FloorMxfp4Quantizer(float) {}
-  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale(amax_bits); }
   template <typename Input>
   __device__ uint2 codes(const u32* words, const BlockScale& scale) const {
-    return pack_block<Input>(words, scale);
+    return pack_block<Input, Codes>(words, scale);
   }
   // E8M0 reaches 2^127: no finite value is beyond MXFP4's range, only +-inf.
   __device__ static bool saturates(u32) { return true; }

@@ -12,49 +12,9 @@
 #include "numerics.cuh"
 #include "load.cuh"
 #include "layouts.cuh"
+#include "blocks.cuh"
 
 namespace nvfp4 {
-
-// What differs between the formats and their numerics, for quantize_rows:
-// values a block, the block's scale (Blocks::scale) and how products become
-// codes (Blocks::Codes, numerics.cuh's policies of pack_block).
-// NVFP4: 16-value blocks, E4M3 scales under a global scale.
-struct Nvfp4Blocks {
-  static constexpr int kValues = kBlockSize;
-  typedef IeeeCodes Codes;
-  GlobalScale global;
-  __device__ static Nvfp4Blocks from_global_scale(float gs) { return Nvfp4Blocks{global_scale(gs)}; }
-  __device__ BlockScale scale(u32 amax_bits) const { return block_scale(amax_bits, global); }
-};
-
-// NVFP4 with numerics="te": TransformerEngine's arithmetic (docs/te_numerics.md).
-struct Nvfp4TeBlocks {
-  static constexpr int kValues = kBlockSize;
-  typedef TeCodes Codes;
-  TeGlobalScale global;
-  __device__ static Nvfp4TeBlocks from_global_scale(float gs) { return Nvfp4TeBlocks{te_global_scale(gs)}; }
-  __device__ BlockScale scale(u32 amax_bits) const { return te_block_scale(amax_bits, global); }
-};
-
-// MXFP4: 32-value blocks, E8M0 scales, no global scale; the scale rule
-// "floor" (OCP), and "rceil" and "te_pow2" (docs/stochastic_rounding_and_mx_rules.md).
-struct Mxfp4Blocks {
-  static constexpr int kValues = kMxBlockSize;
-  typedef IeeeCodes Codes;
-  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale(amax_bits); }
-};
-
-struct Mxfp4RceilBlocks {
-  static constexpr int kValues = kMxBlockSize;
-  typedef RceilCodes Codes;
-  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale_rceil(amax_bits); }
-};
-
-struct Mxfp4TePow2Blocks {
-  static constexpr int kValues = kMxBlockSize;
-  typedef TeCodes Codes;
-  __device__ BlockScale scale(u32 amax_bits) const { return mx_block_scale_te_pow2(amax_bits); }
-};
 
 // kPerThread blocks of one row per thread, blockDim.x blocks apart (so each
 // load and store instruction of a warp stays contiguous): the per-thread work
