@@ -1,7 +1,8 @@
-"""Hypothesis fuzzing of the GPU quantizer against the golden model: random
-shapes, dtypes, layouts, formats, padding, row strides, unaligned bases,
-special values and global scales (host, device, per row, invalid), with
-poisoned outputs. A fixed seed and budget in the normal suite;
+"""Hypothesis fuzzing of the GPU quantizer, and of the fused ops (fake
+quantization, RMSNorm and SiLU-and-mul with quantization), against the golden
+model: random shapes, dtypes, layouts, formats, padding, row strides,
+unaligned bases, special values and global scales (host, device, per row,
+invalid), with poisoned outputs. A fixed seed and budget in the normal suite;
 NVFP4_FUZZ_EXAMPLES=N for a longer run on a GPU machine."""
 
 from __future__ import annotations
@@ -57,10 +58,9 @@ def cases(draw):
     }
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(case=cases())
-def test_gpu_matches_golden(case):
+def drawn_input(case):
+    """(x on the GPU as drawn: row stride, base offset; x on the host; the
+    case's generator)."""
     m, n, dtype = case["m"], case["n"], DTYPES[case["dtype"]]
     rng = np.random.default_rng(case["seed"])
     values = (rng.standard_normal((m, n)) * case["magnitude"]).astype(np.float32)
@@ -73,25 +73,76 @@ def test_gpu_matches_golden(case):
     rows = storage[case["offset"]:].reshape(m, case["row_stride"])
     rows[:, :n] = x_host
     x = cp.asarray(storage)[case["offset"]:].reshape(m, case["row_stride"])[:, :n]
+    return x, x_host, rng
 
+
+def drawn_scale(case, x_host, rng):
+    """(global scale for the GPU, the same for the golden model) of the
+    drawn kind, from x_host's values."""
     kind = case["scale_kind"]
     if kind == "none":
-        gs, gs_host = None, None
-    elif kind == "host":
-        gs = gs_host = float(ref.compute_global_scale(x_host)[0]) if np.isfinite(values).all() else 3.0
-        if not (np.isfinite(gs) and gs > 0):
-            gs = gs_host = 3.0
-    elif kind == "device":
+        return None, None
+    if kind == "host":
+        gs = float(ref.compute_global_scale(x_host)[0]) if np.isfinite(x_host.astype(np.float32)).all() else 3.0
+        gs = gs if np.isfinite(gs) and gs > 0 else 3.0
+        return gs, gs
+    if kind == "device":
         gs_host = ref.compute_global_scale(x_host)
-        gs = cp.asarray(gs_host)
     elif kind == "row":
         gs_host = ref.compute_global_scale(x_host, per_row=True)
-        gs = cp.asarray(gs_host)
     else:
         gs_host = np.array([rng.choice([np.nan, np.inf, 0.0, -2.0])], np.float32)
-        gs = cp.asarray(gs_host)
+    return cp.asarray(gs_host), gs_host
 
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases())
+def test_gpu_matches_golden(case):
+    x, x_host, rng = drawn_input(case)
+    gs, gs_host = drawn_scale(case, x_host, rng)
     want = ref.scaled_fp4_quant(x_host, gs_host, padded_n=case["padded_n"], layout=case["layout"], fmt=case["fmt"])
     packed, scales = quantize_poisoned(x, gs, fmt=case["fmt"], padded_n=case["padded_n"], layout=case["layout"])
     assert_bytes_equal(packed, want[0], f"{case}: packed")
     assert_bytes_equal(scales, want[1], f"{case}: scales")
+
+
+FUSED_OPS = ("fake_quantize", "rms_norm_quant", "silu_and_mul_quant")
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(case=cases(), op=st.sampled_from(FUSED_OPS))
+def test_fused_ops_match_golden(case, op):
+    """The fused ops of issue 16 on the same drawn inputs, outputs poisoned:
+    fake quantization reads x as drawn (row stride, base offset); RMSNorm
+    (with a weight) and SiLU-and-mul read a contiguous copy, SiLU-and-mul
+    its even part ([m, 2 * (n // 2)])."""
+    from test_experts_gpu import run_poisoned
+
+    import nvfp4_cupy as nv
+    from nvfp4_cupy.reference import fused
+
+    x, x_host, rng = drawn_input(case)
+    gs, gs_host = drawn_scale(case, x_host, rng)
+    fmt, layout, padded_n = case["fmt"], case["layout"], case["padded_n"]
+    if op == "fake_quantize":
+        want = (fused.fake_quantize(x_host, gs_host, fmt=fmt),)
+        got = run_poisoned(lambda: (nv.fake_quantize(x, gs, fmt=fmt),))
+    elif op == "rms_norm_quant":
+        weight_host = rng.standard_normal(case["n"]).astype(x_host.dtype)
+        want = fused.rms_norm_quant(x_host, weight_host, 1e-6, gs_host, padded_n=padded_n, layout=layout, fmt=fmt)
+        x_c, weight = cp.ascontiguousarray(x), cp.asarray(weight_host)
+        got = run_poisoned(lambda: nv.rms_norm_quant(x_c, weight, 1e-6, gs, padded_n=padded_n, layout=layout,
+                                                     fmt=fmt))
+    else:
+        even = 2 * (case["n"] // 2)
+        if even == 0:
+            return  # no gate-and-up pair in one column
+        x_host = np.ascontiguousarray(x_host[:, :even])
+        want = fused.silu_and_mul_quant(x_host, gs_host, padded_n=padded_n, layout=layout, fmt=fmt)
+        x_c = cp.ascontiguousarray(x[:, :even])
+        got = run_poisoned(lambda: nv.silu_and_mul_quant(x_c, gs, padded_n=padded_n, layout=layout, fmt=fmt))
+    assert len(got) == len(want), f"{op} {case}: {len(got)} outputs, want {len(want)}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert_bytes_equal(a.view(np.uint8), np.asarray(b).view(np.uint8), f"{op} {case}: output {i}")
