@@ -77,9 +77,59 @@ def main() -> int:
         check(packed, want[0], f"expert packed {name}")
         check(scales, want[1], f"expert scales {name}")
         launches += 1
+    launches += fused_and_variants(rng)
     cp.cuda.Device().synchronize()
-    print(f"sanitizer workload: {launches} quantize/dequantize launches (and their global scales), all bit-exact")
+    print(f"sanitizer workload: {launches} launches of every kernel family (and their global scales), all bit-exact")
     return 0
+
+
+def fused_and_variants(rng) -> int:
+    """quantize() in one launch, TE numerics, the MX scale rules and the
+    fused ops of issue 16, on awkward shapes; returns the calls made."""
+    from nvfp4_cupy.reference import fused, mx_rules, te
+
+    calls = 0
+    for name, dtype in DTYPES.items():
+        host = (rng.standard_normal((3, 40)) * 10).astype(dtype)
+        x = device_rows(host, 3)
+        packed, scales, gs = nv.quantize(x, padded_n=64)  # one launch: its kernel derives the scale
+        want_gs = ref.compute_global_scale(host)
+        check(gs, want_gs, f"one-launch quantize scale {name}")
+        check(packed, ref.scaled_fp4_quant(host, want_gs, padded_n=64)[0], f"one-launch quantize packed {name}")
+        te_gs = te.compute_global_scale_te(host)
+        check(nv.scaled_fp4_quant(x, cp.asarray(te_gs), padded_n=64, numerics="te")[0],
+              te.scaled_fp4_quant_te(host, te_gs, padded_n=64)[0], f"te packed {name}")
+        for rule in ("rceil", "te_pow2"):
+            check(nv.scaled_fp4_quant(x, None, padded_n=64, fmt="mxfp4", mx_scale_rule=rule)[1],
+                  mx_rules.scaled_mxfp4_quant(host, padded_n=64, mx_scale_rule=rule)[1], f"mxfp4 {rule} {name}")
+        check(nv.fake_quantize(x, cp.asarray(want_gs)), fused.fake_quantize(host, want_gs), f"fake_quantize {name}")
+        check(nv.saturation_mask(x, cp.asarray(want_gs)), fused.saturation_mask(host, want_gs),
+              f"saturation mask {name}")
+        weight = rng.standard_normal(40).astype(dtype)
+        residual_host = rng.standard_normal((3, 40)).astype(dtype)
+        residual = cp.asarray(residual_host)
+        got = nv.rms_norm_quant(cp.asarray(host), cp.asarray(weight), 1e-6, 2.0, padded_n=64, layout="8x4",
+                                residual=residual)
+        want = fused.rms_norm_quant(host, weight, 1e-6, 2.0, padded_n=64, layout="8x4", residual=residual_host)
+        for i in range(3):
+            check(got[i], want[i], f"rms_norm_quant output {i} {name}")
+        check(nv.silu_and_mul_quant(cp.asarray(host), 2.0, padded_n=32)[0],
+              fused.silu_and_mul_quant(host, 2.0, padded_n=32)[0], f"silu_and_mul_quant {name}")
+        tokens = (rng.standard_normal((37, 48)) * 4).astype(dtype)
+        offsets = np.array([0, 5, 5, 30, 37], np.int32)  # an empty expert
+        expert_scales = rng.uniform(0.5, 4, 4).astype(np.float32)
+        got = nv.scaled_fp4_experts_quant(cp.asarray(tokens), cp.asarray(expert_scales), cp.asarray(offsets))
+        want = fused.scaled_fp4_experts_quant(tokens, expert_scales, offsets)
+        for i in range(3):
+            check(got[i], want[i], f"grouped experts output {i} {name}")
+        batch = (rng.standard_normal((3, 20, 48)) * 4).astype(dtype)
+        counts = np.array([20, 0, 7], np.int32)
+        got = nv.scaled_fp4_masked_quant(cp.asarray(batch), cp.asarray(expert_scales[:3]), cp.asarray(counts))
+        want = fused.scaled_fp4_masked_quant(batch, expert_scales[:3], counts)
+        check(got[0], want[0], f"masked experts packed {name}")
+        check(got[1], want[1], f"masked experts scales {name}")
+        calls += 13
+    return calls
 
 
 def round_up(value: int, multiple: int) -> int:
