@@ -220,6 +220,24 @@ __device__ __forceinline__ int staging_slot(int piece) {
   return piece ^ ((piece >> 3) & (kPieces - 1));
 }
 
+// The 16-byte path's stores of one step: the warp's staged pieces back out,
+// piece i * span + j of the step to out_step + (i * span + j) * kPieceValues
+// (whole 32-byte sectors a warp), those before `limit` values only. The
+// launchers guarantee 16-byte alignment and n % 8 == 0 on this path: each
+// piece lies wholly inside or outside the row.
+template <int kPieces, int kPieceValues, typename T>
+__device__ __forceinline__ void store_staged(const uint4* warp_staging, int first_piece, int span, int j, int limit,
+                                             T* out_step) {
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < kPieces; ++i) {
+    const int value = (i * span + j) * kPieceValues;
+    const uint4 v = warp_staging[staging_slot<kPieces>(first_piece + i * span)];
+    if (value < limit) store_global(reinterpret_cast<uint4*>(out_step + value), v);
+  }
+  __syncwarp();  // before the next step's writes
+}
+
 
 // What the blocks under one global scale share, and the table of a scale
 // byte (MagnitudeTable, kSlow where the block must take exact_block). NVFP4,

@@ -292,16 +292,7 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
           }
         }
         if constexpr (kVector) {
-          // n % 8 == 0 and 16-byte aligned rows on this path: each 16-byte
-          // piece lies wholly inside or outside [0, n).
-          __syncwarp();
-#pragma unroll
-          for (int i = 0; i < kPieces; ++i) {
-            const int value = (i * span + j) * kPieceValues;
-            const uint4 v = warp_staging[staging_slot<kPieces>(first_piece + i * span)];
-            if (value < limit) store_global(reinterpret_cast<uint4*>(out_step + value), v);
-          }
-          __syncwarp();  // before the next step's writes
+          store_staged<kPieces, kPieceValues>(warp_staging, first_piece, span, j, limit, out_step);
         }
         out_step += step_values;
         asm("" : "+l"(out_step));  // one 64-bit add a step

@@ -3,6 +3,7 @@ quantizer run into poisoned outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -26,12 +27,14 @@ def assert_bytes_equal(actual, expected, what: str, limit: int = 5) -> None:
     raise AssertionError(f"{what}: {len(where)} of {actual.size} bytes differ; first {first}")
 
 
-def quantize_poisoned(x, global_scale, *, target=None, fmt="nvfp4", num_experts=None, **kwargs):
+def quantize_poisoned(x, global_scale, *, target=None, fmt="nvfp4", num_experts=None, numerics="ieee",
+                      mx_scale_rule=None, row_scaled=False, **kwargs):
     """Quantize the CuPy array x on the GPU (the launcher's _quantize, so
     `target` can force the conversion path) into output buffers filled with
     each of POISONS in turn; both runs must agree (an unwritten byte cannot).
     kwargs: padded_n, layout, is_sf_swizzled_layout, stream. With
-    num_experts, x is [E, m, n]. Returns host (packed, scales)."""
+    num_experts, x is [E, m, n]. numerics, mx_scale_rule, row_scaled: as
+    scaled_fp4_quant's. Returns host (packed, scales)."""
     import cupy as cp
 
     from nvfp4_cupy import create_fp4_output_tensors
@@ -58,6 +61,7 @@ def quantize_poisoned(x, global_scale, *, target=None, fmt="nvfp4", num_experts=
             kwargs.get("stream"),
             target=target,
             fmt=fmt,
+            options=(numerics, mx_scale_rule, row_scaled),
         )
         assert packed is out and scales is out_scale
         results.append((cp.asnumpy(packed), cp.asnumpy(scales)))
@@ -65,3 +69,25 @@ def quantize_poisoned(x, global_scale, *, target=None, fmt="nvfp4", num_experts=
     assert_bytes_equal(packed_a, packed_b, "packed under two poisons (unwritten bytes)")
     assert_bytes_equal(scales_a, scales_b, "scales under two poisons (unwritten bytes)")
     return packed_a, scales_a
+
+
+@contextlib.contextmanager
+def poisoned_allocations(poison: int):
+    """Every CuPy allocation in the block is filled with `poison` (on the
+    stream it is made for) before anything can write it: how ops that
+    allocate their own outputs get poisoned. Yields the list of their
+    pointers."""
+    import cupy as cp
+
+    pool = cp.get_default_memory_pool()
+    pointers = []
+
+    def malloc(nbytes):
+        memory = pool.malloc(nbytes)
+        if nbytes:
+            memory.memset_async(poison, nbytes)
+        pointers.append(memory.ptr)
+        return memory
+
+    with cp.cuda.using_allocator(malloc):
+        yield pointers

@@ -17,7 +17,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from bytes_check import POISONS, assert_bytes_equal
+from bytes_check import POISONS, assert_bytes_equal, poisoned_allocations
 from conftest import import_cupy
 from gpu_inputs import HOST_DTYPES
 from nvfp4_cupy._format import LAYOUTS, round_up
@@ -32,25 +32,6 @@ import nvfp4_cupy as nv  # noqa: E402  (after the CuPy skip)
 # ---------------------------------------------------------------------------
 # Poisoned outputs (shared with test_silu_and_mul_gpu.py)
 # ---------------------------------------------------------------------------
-@contextlib.contextmanager
-def poisoned_allocations(byte: int):
-    """Every CuPy allocation in the block arrives filled with `byte`: the
-    ops allocate their outputs themselves, so this is how they get poisoned."""
-    pool = cp.get_default_memory_pool()
-
-    def malloc(size):
-        memory = pool.malloc(size)
-        if size:
-            cp.cuda.runtime.memsetAsync(memory.ptr, byte, size, cp.cuda.get_current_stream().ptr)
-        return memory
-
-    cp.cuda.set_allocator(malloc)
-    try:
-        yield
-    finally:
-        cp.cuda.set_allocator(pool.malloc)
-
-
 @contextlib.contextmanager
 def counted_allocations():
     """[count] of CuPy allocations made in the block."""

@@ -7,14 +7,13 @@ streams, threads and CUDA graphs (a first call inside a capture included)."""
 
 from __future__ import annotations
 
-import contextlib
 import threading
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from bytes_check import POISONS, assert_bytes_equal
+from bytes_check import POISONS, assert_bytes_equal, poisoned_allocations
 from conftest import import_cupy
 from gpu_inputs import HOST_DTYPES, make_input
 from nvfp4_cupy import reference as ref
@@ -28,24 +27,6 @@ def gsm():
     from nvfp4_cupy.ops import global_scale
 
     return global_scale
-
-
-@contextlib.contextmanager
-def poisoned_allocations(poison: int):
-    """Every CuPy allocation in the block is filled with `poison` (on the
-    stream it is made for) before anything can write it; yields the list of
-    their pointers."""
-    pool = cp.get_default_memory_pool()
-    pointers = []
-
-    def malloc(nbytes):
-        memory = pool.malloc(nbytes)
-        memory.memset_async(poison, nbytes)
-        pointers.append(memory.ptr)
-        return memory
-
-    with cp.cuda.using_allocator(malloc):
-        yield pointers
 
 
 def scale_bits(array) -> np.ndarray:

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import import_cupy
-from nvfp4_cupy._runtime import kernels
-from nvfp4_cupy._runtime.compile import compile_options, kernel_source
-from nvfp4_cupy._runtime.nvrtc import compile_program
+from exhaustive_check import assert_exact_over_domain, load_checks
 
 pytestmark = pytest.mark.gpu
 cp = import_cupy()
@@ -32,26 +29,9 @@ CHECKS = {
 
 @pytest.fixture(scope="module")
 def module():
-    from cupy.cuda import function
-
-    device = cp.cuda.Device()
-    target, arch = kernels._device_build(device.id)
-    source = kernel_source("numerics.cuh") + SOURCE.read_text()
-    program = compile_program(source, SOURCE.name, tuple(CHECKS), compile_options(target, arch))
-    loaded = function.Module()
-    loaded.load(program.image)
-    return loaded
+    return load_checks(cp, SOURCE, tuple(CHECKS))
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_shortcut_is_exact_over_its_whole_domain(module, name):
-    counts = cp.zeros(2, dtype=cp.uint64)
-    first = cp.full(1, 0xFFFFFFFF, dtype=cp.uint32)
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    module.get_function(name)((sms * 8,), (256,), (counts, first))
-    mismatches, checked = (int(v) for v in cp.asnumpy(counts))
-    assert checked == CHECKS[name], f"{name}: checked {checked} operands, its domain holds {CHECKS[name]}"
-    assert mismatches == 0, (
-        f"{name}: {mismatches} of {checked} operands differ; first at bits {int(first[0]):#010x} "
-        f"({np.uint32(int(first[0])).view(np.float32)!r})"
-    )
+    assert_exact_over_domain(cp, module, name, CHECKS[name])

@@ -11,7 +11,6 @@ tests/test_reference_te.py, tests/test_reference_sr_mx.py.)"""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 from pathlib import Path
@@ -20,8 +19,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from bytes_check import POISONS, assert_bytes_equal
+from bytes_check import POISONS, assert_bytes_equal, poisoned_allocations, quantize_poisoned
 from conftest import import_cupy
+from exhaustive_check import assert_exact_over_domain, load_checks
 from gpu_inputs import HOST_DTYPES, boundary_cases, make_input
 from test_reference_sr_mx import _mx_edge_input, _random_mx_input
 from test_reference_te import CORPUS
@@ -44,44 +44,6 @@ SCALE_FORMS = ("host", "device", "row")  # a host float, a one-element device ar
 # ---------------------------------------------------------------------------
 # Running the GPU quantizer into poisoned buffers
 # ---------------------------------------------------------------------------
-def quantize_poisoned(x, global_scale, *, fmt="nvfp4", target=None, numerics="ieee", mx_scale_rule=None,
-                      row_scaled=False, padded_n=None, layout="swizzled"):
-    """The launcher's _quantize (so that `target` can force the sm_80
-    software path) into output buffers filled with each of POISONS in turn;
-    both runs must agree, so no byte was left unwritten. Host results."""
-    from nvfp4_cupy import create_fp4_output_tensors
-    from nvfp4_cupy.ops.quantize import _quantize
-
-    m, n = math.prod(x.shape[:-1]), x.shape[-1]
-    results = []
-    for poison in POISONS:
-        out, out_scale = create_fp4_output_tensors(m, n, padded_n=padded_n, layout=layout, fmt=fmt)
-        out.fill(poison)
-        out_scale.fill(poison)
-        packed, scales = _quantize(x, global_scale, True, padded_n, layout, out, out_scale, None, target=target,
-                                   fmt=fmt, options=(numerics, mx_scale_rule, row_scaled))
-        assert packed is out and scales is out_scale
-        results.append((cp.asnumpy(packed), cp.asnumpy(scales)))
-    (packed_a, scales_a), (packed_b, scales_b) = results
-    assert_bytes_equal(packed_a, packed_b, "packed under two poisons (unwritten bytes)")
-    assert_bytes_equal(scales_a, scales_b, "scales under two poisons (unwritten bytes)")
-    return packed_a, scales_a
-
-
-@contextlib.contextmanager
-def poisoned_allocations(poison: int):
-    """Every CuPy allocation in the block is filled with `poison` first."""
-    pool = cp.get_default_memory_pool()
-
-    def malloc(nbytes):
-        memory = pool.malloc(nbytes)
-        memory.memset_async(poison, nbytes)
-        return memory
-
-    with cp.cuda.using_allocator(malloc):
-        yield
-
-
 def assert_scales_equal(got, want, what: str) -> None:
     """float32 global scales bit for bit, except that a NaN of the golden
     model (whose bits follow the input's NaN) must be the kernels' 0x7FC00000."""
@@ -134,32 +96,12 @@ CHECKS = {
 
 @pytest.fixture(scope="module")
 def scalar_module():
-    from cupy.cuda import function
-
-    from nvfp4_cupy._runtime import kernels
-    from nvfp4_cupy._runtime.compile import compile_options, kernel_source
-    from nvfp4_cupy._runtime.nvrtc import compile_program
-
-    target, arch = kernels._device_build(cp.cuda.Device().id)
-    source = kernel_source("numerics.cuh") + SOURCE.read_text()
-    program = compile_program(source, SOURCE.name, (*CHECKS, "te_scalars"), compile_options(target, arch))
-    loaded = function.Module()
-    loaded.load(program.image)
-    return loaded
+    return load_checks(cp, SOURCE, (*CHECKS, "te_scalars"))
 
 
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_shortcut_is_exact_over_its_whole_domain(scalar_module, name):
-    counts = cp.zeros(2, dtype=cp.uint64)
-    first = cp.full(1, 0xFFFFFFFF, dtype=cp.uint32)
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    scalar_module.get_function(name)((sms * 8,), (256,), (counts, first))
-    mismatches, checked = (int(v) for v in cp.asnumpy(counts))
-    assert checked == CHECKS[name], f"{name}: checked {checked} operands, its domain holds {CHECKS[name]}"
-    assert mismatches == 0, (
-        f"{name}: {mismatches} of {checked} operands differ; first at bits {int(first[0]):#010x} "
-        f"({np.uint32(int(first[0])).view(np.float32)!r})"
-    )
+    assert_exact_over_domain(cp, scalar_module, name, CHECKS[name])
 
 
 def _sample_amaxes() -> np.ndarray:
