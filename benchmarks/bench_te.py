@@ -1,9 +1,11 @@
-"""numerics="te" against numerics="ieee", and the MXFP4 scale rules "rceil"
-and "te_pow2" against "floor", in one run on one card: the quantize kernel
+"""numerics="te" and stochastic rounding (scaled_fp4_quant_sr) against
+numerics="ieee", and the MXFP4 scale rules "rceil" and "te_pow2" against
+"floor", in one run on one card: the quantize kernel
 alone (bf16 input, swizzled scales, a host global scale), device time from
 CUDA-graph replays with inputs rotated over 256 MiB (nvfp4_cupy._bench), the
 copy ceiling measured in the same run. Each row is checked against the golden
-model once on a slice before it is timed. Target: te within a few % of ieee.
+model once on a slice before it is timed. Targets: te within a few % of
+ieee, SR <= 1.3x ieee (issue 15).
 
     python benchmarks/bench_te.py [--json F]
 """
@@ -22,7 +24,7 @@ import numpy as np  # noqa: E402
 
 import nvfp4_cupy as nv  # noqa: E402
 from nvfp4_cupy import _bench  # noqa: E402
-from nvfp4_cupy.reference import mx_rules, te  # noqa: E402
+from nvfp4_cupy.reference import mx_rules, stochastic, te  # noqa: E402
 
 SHAPES = ((16384, 16384), (16384, 7168), (4096, 7168))
 DTYPE = "bfloat16"
@@ -31,19 +33,30 @@ GLOBAL_SCALE = 10.0
 VARIANTS = {
     "nvfp4 ieee": ("nvfp4", {}),
     "nvfp4 te": ("nvfp4", {"numerics": "te"}),
+    "nvfp4 sr": ("nvfp4", {"seed": 1234, "offset": 5}),  # scaled_fp4_quant_sr
     "mxfp4 floor": ("mxfp4", {}),
     "mxfp4 rceil": ("mxfp4", {"mx_scale_rule": "rceil"}),
     "mxfp4 te_pow2": ("mxfp4", {"mx_scale_rule": "te_pow2"}),
 }
 
 
+def quantizer(fmt: str, options: dict):
+    """The call of a variant: scaled_fp4_quant(x, scale, **kwargs), or its
+    stochastic-rounding twin for a seed."""
+    if "seed" in options:
+        return lambda x, scale, **kwargs: nv.scaled_fp4_quant_sr(x, scale, **kwargs, **options)
+    return lambda x, scale, **kwargs: nv.scaled_fp4_quant(x, scale, fmt=fmt, **kwargs, **options)
+
+
 def check_against_golden(x, fmt: str, options: dict) -> None:
     """The first 64 rows, on the GPU and in the golden model, byte for byte."""
     rows = x[:64]
     scale = GLOBAL_SCALE if fmt == "nvfp4" else None
-    packed, scales = nv.scaled_fp4_quant(rows, scale, layout="linear", fmt=fmt, **options)
+    packed, scales = quantizer(fmt, options)(rows, scale, layout="linear")
     host = cp.asnumpy(rows)
-    if fmt == "nvfp4":
+    if "seed" in options:
+        want = stochastic.scaled_fp4_quant_sr(host, GLOBAL_SCALE, layout="linear", **options)
+    elif fmt == "nvfp4":
         want = (te.scaled_fp4_quant_te(host, GLOBAL_SCALE, layout="linear") if options else
                 nv.reference.scaled_fp4_quant(host, GLOBAL_SCALE, layout="linear"))
     else:
@@ -55,10 +68,8 @@ def check_against_golden(x, fmt: str, options: dict) -> None:
 def time_variant(inputs, m: int, n: int, fmt: str, options: dict) -> float:
     out, out_scale = nv.create_fp4_output_tensors(m, n, fmt=fmt)
     scale = GLOBAL_SCALE if fmt == "nvfp4" else None
-    return _bench.graph_time_us(
-        lambda i: nv.scaled_fp4_quant(inputs[i], scale, out=out, out_scale=out_scale, fmt=fmt, **options),
-        len(inputs),
-    )
+    quantize = quantizer(fmt, options)
+    return _bench.graph_time_us(lambda i: quantize(inputs[i], scale, out=out, out_scale=out_scale), len(inputs))
 
 
 def main(argv=None) -> int:

@@ -251,18 +251,25 @@ quantize_batch(const typename Input::raw_t* __restrict__ x, const float* __restr
 // quantize_grouped's offsets, in shared memory: starts[e] = the sanitized
 // expert_offsets[e] (clamped to [0, m], then a running maximum: section
 // 5.4; unchanged for offsets that pass validate=True's checks), tiles[e] =
-// b[e], the first scale row of expert e. One warp scans the E + 1 values 32
-// at a time; the other threads wait at the barrier.
+// b[e], the first scale row of expert e. Every thread of the block loads
+// its share of the E + 1 offsets (one round trip to L2, not one per 32
+// offsets: every thread block of the grid stages them, so this latency is
+// paid per row of x); then one warp scans them 32 at a time while the other
+// threads wait at the barrier.
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ void stage_offsets(const int* __restrict__ expert_offsets, int experts, int m, int row_tile,
                                               int* starts, int* tiles) {
   const int thread = threadIdx.y * blockDim.x + threadIdx.x;  // a thread block has at least 129 threads
+  for (int i = thread; i <= experts; i += blockDim.x * blockDim.y) {
+    starts[i] = min(max(__ldg(expert_offsets + i), 0), m);
+  }
+  __syncthreads();
   if (thread < 32) {
     const int lane = thread;
     int carry = 0;  // the running maximum so far (the clamped values are >= 0)
     for (int base = 0; base <= experts; base += 32) {
       const int i = base + lane;
-      int v = i <= experts ? min(max(__ldg(expert_offsets + i), 0), m) : 0;
+      int v = i <= experts ? starts[i] : 0;
 #pragma unroll
       for (int d = 1; d < 32; d <<= 1) {
         const int other = __shfl_up_sync(0xffffffffu, v, d);
@@ -308,11 +315,15 @@ __device__ __forceinline__ int find_expert(const int* bounds, int last, int valu
   return low;
 }
 
-// Grid rows: max(m, scale_rows). Thread row s quantizes x row s (if s < m)
-// into packed row s and scale row b[e] + (s - o[e]) of its expert e (zeros
-// for a row of no expert), and zeroes scale row s's bytes if s is a padding
-// row of the grouped scale tensor (an expert's tile rows past its count, or
-// s >= b[E]). Block (0, 0) writes b to blockscale_offsets.
+// Grid rows: at least m (ops/experts.py grouped_grid_rows). Thread row s
+// quantizes x row s (if s < m) into packed row s and scale row
+// b[e] + (s - o[e]) of its expert e (zeros for a row of no expert), and
+// zeroes the bytes of scale rows s, s + grid rows, ... that are padding rows
+// of the grouped scale tensor (an expert's tile rows past its count, or rows
+// >= b[E]). The scale tensor has up to about twice m rows for 128-row tiles
+// (reference.fused.experts_scale_rows), most of them padding: a grid over
+// all of them would stage the offsets in twice the thread blocks. Block
+// (0, 0) writes b to blockscale_offsets.
 template <typename Input, bool kMx, bool kSilu, int kPerThread>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_grouped(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
@@ -349,13 +360,13 @@ quantize_grouped(const typename Input::raw_t* __restrict__ x, const float* __res
       Row::store_zeros(packed_row, nullptr, layout, first_k, padded_n, scale_cols);
     }
   }
-  if (row < scale_rows) {
-    bool padding = row >= tiles[experts];
+  for (int s = row; s < scale_rows; s += gridDim.x * blockDim.y) {
+    bool padding = s >= tiles[experts];
     if (!padding) {
-      const int expert = find_expert(tiles, experts, row);
-      padding = row - tiles[expert] >= starts[expert + 1] - starts[expert];
+      const int expert = find_expert(tiles, experts, s);
+      padding = s - tiles[expert] >= starts[expert + 1] - starts[expert];
     }
-    if (padding) Row::store_zeros(nullptr, scales + layout.row_offset(row, scale_cols), layout, first_k, padded_n,
+    if (padding) Row::store_zeros(nullptr, scales + layout.row_offset(s, scale_cols), layout, first_k, padded_n,
                                   scale_cols);
   }
 }

@@ -75,18 +75,43 @@ __device__ __forceinline__ void quantize_rows(const typename Input::raw_t* __res
 #pragma unroll
       for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[b][h]));
       const BlockScale scale = blocks.scale(amax_bits);
-      typedef typename Blocks::Codes Codes;
       if constexpr (kHalves == 1) {
-        packed_row[k] = pack_block<Input, Codes>(words[b][0], scale);
+        packed_row[k] = pack_piece<Input>(blocks, words[b][0], scale, k);
       } else {
-        const uint2 low = pack_block<Input, Codes>(words[b][0], scale);
-        const uint2 high = pack_block<Input, Codes>(words[b][1], scale);
+        const uint2 low = pack_piece<Input>(blocks, words[b][0], scale, k);
+        const uint2 high = pack_piece<Input>(blocks, words[b][1], scale, k);
         reinterpret_cast<uint4*>(packed_row)[k] = make_uint4(low.x, low.y, high.x, high.y);
       }
       scale_byte = scale.scale_byte;
     }
     scale_row[Layout::column_offset(k)] = scale_byte;
   }
+}
+
+// An [E, m, n] batch with a global scale per expert (kScalePerExpert):
+// blockIdx.z is the expert, with its own rows of x, packed rows, complete
+// scale tensor and global scale.
+template <int kGlobalScales, typename Raw>
+__device__ __forceinline__ void to_expert(const Raw* __restrict__& x, uint2* __restrict__& packed,
+                                          u8* __restrict__& scales, const float* __restrict__& global_scale_ptr,
+                                          long long expert_stride, int m, int padded_n, int scale_rows,
+                                          int scale_cols) {
+  if (kGlobalScales == kScalePerExpert) {
+    const long long expert = blockIdx.z;
+    x += expert * expert_stride;
+    packed += expert * m * (padded_n / kBlockSize);
+    scales += expert * scale_rows * scale_cols;
+    global_scale_ptr += expert;
+  }
+}
+
+// The global scale of the thread's row: the one scale, its expert's
+// (global_scale_ptr already at it: to_expert) or its row's; the host value
+// without a pointer.
+template <int kGlobalScales>
+__device__ __forceinline__ float row_global_scale(const float* __restrict__ global_scale_ptr, float global_scale_value) {
+  const int row = blockIdx.x * blockDim.y + threadIdx.y;
+  return global_scale_ptr ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow ? row : 0)) : global_scale_value;
 }
 
 // The per-call arguments come first (the launcher packs only those), then
@@ -103,19 +128,32 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_nvfp4(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
                float global_scale_value, uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride,
                long long expert_stride, int m, int n, int padded_n, int scale_rows, int scale_cols) {
-  if (kGlobalScales == kScalePerExpert) {
-    const long long expert = blockIdx.z;
-    x += expert * expert_stride;
-    packed += expert * m * (padded_n / kBlockSize);
-    scales += expert * scale_rows * scale_cols;
-    global_scale_ptr += expert;
-  }
+  to_expert<kGlobalScales>(x, packed, scales, global_scale_ptr, expert_stride, m, padded_n, scale_rows, scale_cols);
   quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
                                                          scale_cols, [&] {
-    const int row = blockIdx.x * blockDim.y + threadIdx.y;
-    return Blocks::from_global_scale(global_scale_ptr
-                                         ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow ? row : 0))
-                                         : global_scale_value);
+    return Blocks::from_global_scale(row_global_scale<kGlobalScales>(global_scale_ptr, global_scale_value));
+  });
+}
+
+// quantize_nvfp4 with stochastic rounding of the codes
+// (docs/stochastic_rounding_and_mx_rules.md, sections 2 and 4): the same
+// scales and products, each block's codes rounded with the Philox words of
+// its element group g = row * (padded_n / 16) + k, rows counted over all
+// experts. The seed and the offset arrive as 32-bit halves.
+template <typename Input, typename Layout, bool kVectorLoads, int kGlobalScales, int kPerThread>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+quantize_nvfp4_sr(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
+                  float global_scale_value, uint2* __restrict__ packed, u8* __restrict__ scales, unsigned seed_lo,
+                  unsigned seed_hi, unsigned offset_lo, unsigned offset_hi, long long row_stride,
+                  long long expert_stride, int m, int n, int padded_n, int scale_rows, int scale_cols) {
+  to_expert<kGlobalScales>(x, packed, scales, global_scale_ptr, expert_stride, m, padded_n, scale_rows, scale_cols);
+  quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
+                                                         scale_cols, [&] {
+    const long long row = (kGlobalScales == kScalePerExpert ? (long long)blockIdx.z * m : 0) +
+                          blockIdx.x * blockDim.y + threadIdx.y;
+    return Nvfp4SrBlocks{global_scale(row_global_scale<kGlobalScales>(global_scale_ptr, global_scale_value)),
+                         seed_lo, seed_hi, offset_lo, offset_hi,
+                         (unsigned long long)row * (unsigned long long)(padded_n / kBlockSize)};
   });
 }
 

@@ -39,10 +39,19 @@ constexpr int kRowThreads = 128;  // threads per row, two lanes each (ops/rms_no
 constexpr int kRegisterPieces = 4;  // 16-value pieces a thread keeps in registers (ops/rms_norm.py reads it)
 constexpr int kPieceValues = 16;
 static_assert(2 * kRowThreads == kLanes, "thread t is lanes 2t and 2t + 1");
-// __launch_bounds__(kRowThreads, 1) on the kernels: with the thread count
-// alone, sm_80's ptxas caps the 16-bit kernels at 64-80 registers and spills;
-// with the minimum of one thread block an SM it takes the ~90 they need (the
-// vector path; the element-load path, for unaligned rows, takes up to ~210).
+// __launch_bounds__(kRowThreads, kRowMinBlocks<...>) on the kernels. With the
+// thread count alone, sm_80's ptxas caps the 16-bit kernels at 64-80
+// registers and spills the element-load path (unaligned rows, up to ~210
+// registers); a minimum of one thread block an SM lets it take what it needs.
+// The 16-bit vector path, the common one, fits 64 registers without spilling
+// on sm_80 to sm_90 (tests/test_compile.py checks every arch), so there 8
+// thread blocks (32 warps) share an SM instead of the 5 that its ~93
+// registers allowed: a thread block waits on its row's loads, then on the
+// block-wide sum, then issues the quantization, and more rows in flight hide
+// those waits. sm_100a and sm_120a (NVFP4_HW_E2M1) spill at 64 and even at
+// 80 registers, so they keep the minimum of one.
+template <typename Input, bool kVectorLoads>
+constexpr int kRowMinBlocks = (kVectorLoads && sizeof(typename Input::raw_t) == 2 && !NVFP4_HW_E2M1) ? 8 : 1;
 static_assert(kRowThreads <= kThreadsPerBlock, "no larger thread blocks than the launcher's other kernels");
 constexpr unsigned kAllLanes = 0xffffffffu;
 
@@ -305,7 +314,7 @@ __device__ __forceinline__ void store_normalized(const Piece<Input>& z, float in
 // The per-call arguments come first (the launcher packs only those), then
 // the ones fixed by the call's shape. weight and residual are null when absent.
 template <typename Input, bool kVectorLoads>
-__global__ void __launch_bounds__(kRowThreads, 1)
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks<Input, kVectorLoads>)
 rms_norm(const typename Input::raw_t* __restrict__ x, const typename Input::raw_t* __restrict__ weight,
          typename Input::raw_t* __restrict__ residual, float eps, typename Input::raw_t* __restrict__ out,
          long long row_stride, int n) {
@@ -367,7 +376,7 @@ __device__ __forceinline__ void quantize_piece(const Piece<Input>& values, int p
 // rows and complete scale tensor; 1 otherwise), blockIdx.x the row of its
 // scale tensor (m <= row < scale_rows: layout padding).
 template <typename Input, bool kVectorLoads, bool kMx>
-__global__ void __launch_bounds__(kRowThreads, 1)
+__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks<Input, kVectorLoads>)
 rms_norm_quant(const typename Input::raw_t* __restrict__ x, const typename Input::raw_t* __restrict__ weight,
                typename Input::raw_t* __restrict__ residual, float eps, const float* __restrict__ global_scale_ptr,
                float global_scale_value, uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride,

@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "scaled_fp4_quant",
+    "scaled_fp4_quant_sr",
     "create_fp4_output_tensors",
     "dequantize_fp4",
     "compute_global_scale",
@@ -34,6 +35,7 @@ __all__ = [
 # public name -> private module that defines it (imported on first use)
 _GPU_NAMES = {
     "scaled_fp4_quant": ".ops.quantize",
+    "scaled_fp4_quant_sr": ".ops.quantize",
     "create_fp4_output_tensors": ".ops.quantize",
     "quantize": ".ops.quantize",
     "dequantize_fp4": ".ops.dequantize",

@@ -27,7 +27,7 @@ from .ops import dequantize as _dequantize
 from .ops import global_scale as _global_scale
 from .ops import quantize as _quantize
 
-__all__ = ["scaled_fp4_quant", "dequantize_fp4", "compute_global_scale", "quantize"]
+__all__ = ["scaled_fp4_quant", "scaled_fp4_quant_sr", "dequantize_fp4", "compute_global_scale", "quantize"]
 
 _LIKE = "torch"
 
@@ -45,6 +45,23 @@ def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None,
     return _quantize.scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout, out=out,
                                       out_scale=out_scale, like=_LIKE, fmt=fmt, numerics=numerics,
                                       mx_scale_rule=mx_scale_rule, row_scaled=row_scaled)
+
+
+def scaled_fp4_quant_sr(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, seed=None,
+                        offset=0, out=None, out_scale=None):
+    """nvfp4_cupy.scaled_fp4_quant_sr (stochastic rounding) for torch
+    tensors: (packed, scales) as torch uint8 tensors."""
+    if torch.compiler.is_compiling():
+        from .reference.stochastic import check_seed_offset
+
+        _no_outputs_while_compiling(out=out, out_scale=out_scale)
+        seed, offset = check_seed_offset(seed, offset)
+        tensor, value = _split_scale(global_scale)
+        return torch.ops.nvfp4.scaled_fp4_quant_sr(x, tensor, value, padded_n,
+                                                   _layout_name(is_sf_swizzled_layout, layout), _as_int64(seed),
+                                                   _as_int64(offset))
+    return _quantize.scaled_fp4_quant_sr(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout, seed=seed,
+                                         offset=offset, out=out, out_scale=out_scale, like=_LIKE)
 
 
 def dequantize_fp4(packed, scales, global_scale, n=None, *, layout="swizzled", dtype=None, out=None, fmt="nvfp4"):
@@ -128,8 +145,36 @@ def _(x, global_scale, global_scale_value, padded_n, layout, fmt, numerics="ieee
       row_scaled=False):
     # row_scaled: one scale per row of x flattened, even where the shape reads per expert ([E, 1, n]).
     kind = "one" if fmt == "mxfp4" else "row" if row_scaled else _scale_kind(global_scale, x.shape)
+    return _fake_quantized(x, padded_n, layout, kind, fmt)
+
+
+def _fake_quantized(x, padded_n, layout, kind, fmt):
+    """Empty (packed, scales) of a quantization of x: the fake of the quantizing ops."""
     packed_shape, scale_shape = quantized_shapes(tuple(x.shape), padded_n, True, layout, kind, fmt)
     return x.new_empty(packed_shape, dtype=torch.uint8), x.new_empty(scale_shape, dtype=torch.uint8)
+
+
+# The schema's int is int64: the ops take a seed or offset in [0, 2^64) as
+# the int64 of the same 64 bits.
+_U64 = 1 << 64
+
+
+def _as_int64(value: int) -> int:
+    return value - _U64 if value >= _U64 >> 1 else value
+
+
+@torch.library.custom_op("nvfp4::scaled_fp4_quant_sr", mutates_args=())
+def _scaled_fp4_quant_sr_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
+                            padded_n: Optional[int], layout: str, seed: int,
+                            offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = global_scale if global_scale is not None else global_scale_value
+    return _quantize.scaled_fp4_quant_sr(x, scale, True, padded_n, layout=layout, seed=seed % _U64,
+                                         offset=offset % _U64, like=_LIKE)
+
+
+@_scaled_fp4_quant_sr_op.register_fake
+def _(x, global_scale, global_scale_value, padded_n, layout, seed, offset):
+    return _fake_quantized(x, padded_n, layout, _scale_kind(global_scale, x.shape), "nvfp4")
 
 
 @torch.library.custom_op("nvfp4::dequantize_fp4", mutates_args=())

@@ -84,9 +84,10 @@ def main() -> int:
 
 
 def fused_and_variants(rng) -> int:
-    """quantize() in one launch, TE numerics, the MX scale rules and the
-    fused ops of issue 16, on awkward shapes; returns the calls made."""
-    from nvfp4_cupy.reference import fused, mx_rules, te
+    """quantize() in one launch, TE numerics, the MX scale rules,
+    stochastic rounding and the fused ops of issue 16, on awkward shapes;
+    returns the calls made."""
+    from nvfp4_cupy.reference import fused, mx_rules, stochastic, te
 
     calls = 0
     for name, dtype in DTYPES.items():
@@ -99,6 +100,10 @@ def fused_and_variants(rng) -> int:
         te_gs = te.compute_global_scale_te(host)
         check(nv.scaled_fp4_quant(x, cp.asarray(te_gs), padded_n=64, numerics="te")[0],
               te.scaled_fp4_quant_te(host, te_gs, padded_n=64)[0], f"te packed {name}")
+        sr = nv.scaled_fp4_quant_sr(x, cp.asarray(want_gs), padded_n=64, layout="8x4", seed=2**40 + 3, offset=9)
+        want_sr = stochastic.scaled_fp4_quant_sr(host, want_gs, padded_n=64, layout="8x4", seed=2**40 + 3, offset=9)
+        check(sr[0], want_sr[0], f"sr packed {name}")
+        check(sr[1], want_sr[1], f"sr scales {name}")
         for rule in ("rceil", "te_pow2"):
             check(nv.scaled_fp4_quant(x, None, padded_n=64, fmt="mxfp4", mx_scale_rule=rule)[1],
                   mx_rules.scaled_mxfp4_quant(host, padded_n=64, mx_scale_rule=rule)[1], f"mxfp4 {rule} {name}")
@@ -128,7 +133,7 @@ def fused_and_variants(rng) -> int:
         want = fused.scaled_fp4_masked_quant(batch, expert_scales[:3], counts)
         check(got[0], want[0], f"masked experts packed {name}")
         check(got[1], want[1], f"masked experts scales {name}")
-        calls += 13
+        calls += 14
     return calls
 
 

@@ -1,5 +1,6 @@
-"""Hypothesis fuzzing of the GPU quantizer, and of the fused ops (fake
-quantization, RMSNorm and SiLU-and-mul with quantization), against the golden
+"""Hypothesis fuzzing of the GPU quantizer (round-to-nearest and stochastic
+rounding), and of the fused ops (fake quantization, RMSNorm and SiLU-and-mul
+with quantization), against the golden
 model: random shapes, dtypes, layouts, formats, padding, row strides,
 unaligned bases, special values and global scales (host, device, per row,
 invalid), with poisoned outputs. A fixed seed and budget in the normal suite;
@@ -16,6 +17,7 @@ from bytes_check import assert_bytes_equal, quantize_poisoned
 from conftest import import_cupy
 from nvfp4_cupy import reference as ref
 from nvfp4_cupy._format import NUMPY_DTYPES, FORMATS, LAYOUTS, round_up
+from nvfp4_cupy.reference.stochastic import scaled_fp4_quant_sr
 
 pytestmark = pytest.mark.gpu
 cp = import_cupy()
@@ -105,6 +107,21 @@ def test_gpu_matches_golden(case):
     packed, scales = quantize_poisoned(x, gs, fmt=case["fmt"], padded_n=case["padded_n"], layout=case["layout"])
     assert_bytes_equal(packed, want[0], f"{case}: packed")
     assert_bytes_equal(scales, want[1], f"{case}: scales")
+
+
+@settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+@given(case=cases(), seed=st.integers(0, 2**64 - 1), offset=st.integers(0, 2**64 - 1))
+def test_stochastic_rounding_matches_golden(case, seed, offset):
+    hypothesis.assume(case["fmt"] == "nvfp4")
+    x, x_host, rng = drawn_input(case)
+    gs, gs_host = drawn_scale(case, x_host, rng)
+    want = scaled_fp4_quant_sr(x_host, gs_host, padded_n=case["padded_n"], layout=case["layout"], seed=seed,
+                               offset=offset)
+    packed, scales = quantize_poisoned(x, gs, padded_n=case["padded_n"], layout=case["layout"],
+                                       stochastic=(seed, offset))
+    assert_bytes_equal(packed, want[0], f"{case} seed={seed} offset={offset}: packed")
+    assert_bytes_equal(scales, want[1], f"{case} seed={seed} offset={offset}: scales")
 
 
 FUSED_OPS = ("fake_quantize", "rms_norm_quant", "silu_and_mul_quant")

@@ -221,8 +221,17 @@ def test_repeated_calls_take_the_hot_path_and_stay_exact(nvt, api):
         assert_bytes_equal(host_of(packed), want[0], f"{api} packed, gs {gs}")
         assert_bytes_equal(host_of(scales), want[1], f"{api} scales, gs {gs}")
     assert len(ops_quantize._repeats) == before + 1  # one signature, recorded once
-    with pytest.raises(ValueError, match="global_scale must be finite and > 0"):
-        quantize(on_device(inputs[0]), float("inf"), padded_n=7168, layout="8x4")
+    # A repeat passes a normal float32 scale after one range test; the rest
+    # takes host_global_scale's full check: a subnormal float32 scale and one
+    # that rounds down to FLT_MAX are valid, inf, NaN and an overflow are not.
+    for gs in (1e-40, 3.4028235e38):
+        packed, scales = quantize(on_device(inputs[0]), gs, padded_n=7168, layout="8x4")
+        want = ref.scaled_fp4_quant(inputs[0], gs, padded_n=7168, layout="8x4")
+        assert_bytes_equal(host_of(packed), want[0], f"{api} packed, gs {gs}")
+        assert_bytes_equal(host_of(scales), want[1], f"{api} scales, gs {gs}")
+    for gs in (float("inf"), float("nan"), 3.5e38):
+        with pytest.raises(ValueError, match="global_scale must be finite and > 0"):
+            quantize(on_device(inputs[0]), gs, padded_n=7168, layout="8x4")
     gs_rows = ref.compute_global_scale(inputs[1], per_row=True)
     device_rows = torch.from_numpy(gs_rows).cuda() if api == "torch" else cp.asarray(gs_rows)
     for _ in range(2):

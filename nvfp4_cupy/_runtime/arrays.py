@@ -92,13 +92,21 @@ class CupyFrontend:
         outputs, carved (each 256-byte aligned) from one allocation of the
         memory pool with `stream` current: one pool call instead of one an
         output, which is most of what a small call costs beyond its launch."""
+        return CupyFrontend.fresh(device_id, stream, specs)[0]
+
+    @staticmethod
+    def fresh(device_id: int, stream: int, specs: tuple) -> tuple[list, list]:
+        """(outputs, their device pointers): outputs() for the hot paths,
+        which pass the pointers to the kernel without asking each array."""
         carve = _carves.get(specs) or _carve(specs)
         if runtime.getDevice() == device_id and cp.cuda.get_current_stream().ptr == stream:
             memory = cp.cuda.alloc(carve[0])
         else:
             with cp.cuda.Device(device_id), cp.cuda.ExternalStream(stream, device_id):
                 memory = cp.cuda.alloc(carve[0])
-        return [cp.ndarray(shape, dtype, memory + offset if offset else memory) for shape, dtype, offset in carve[1]]
+        base = memory.ptr
+        return ([cp.ndarray(shape, dtype, memory + offset if offset else memory) for shape, dtype, offset in carve[1]],
+                [base + offset for _, _, offset in carve[1]])
 
     @staticmethod
     def pointer(array) -> int:
@@ -188,6 +196,11 @@ class TorchFrontend:
                               device=device)
                 for shape, dtype_name in specs]
 
+    def fresh(self, device_id: int, stream: int, specs: tuple) -> tuple[list, list]:
+        """(outputs, their device pointers), as CupyFrontend.fresh."""
+        tensors = self.outputs(device_id, stream, specs)
+        return tensors, [tensor.data_ptr() for tensor in tensors]
+
     def _device(self, device_id: int):
         device = self._devices.get(device_id)
         if device is None:
@@ -230,9 +243,16 @@ def torch_frontend() -> TorchFrontend:
 def frontend_of(obj):
     """torch's for a torch tensor (read natively, no DLPack), else CuPy's
     (which takes CuPy arrays and other DLPack producers)."""
-    if type(obj).__module__.startswith("torch"):
-        return torch_frontend()
-    return CUPY
+    frontend = _frontend_by_type.get(type(obj))
+    if frontend is None:
+        frontend = torch_frontend() if type(obj).__module__.startswith("torch") else CUPY
+        if len(_frontend_by_type) < 64:
+            _frontend_by_type[type(obj)] = frontend
+    return frontend
+
+
+# type -> frontend: a repeated call asks this for every array it is given.
+_frontend_by_type: dict = {}
 
 
 def output_frontend(like, input_frontend):

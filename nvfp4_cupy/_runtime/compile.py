@@ -163,6 +163,9 @@ class QuantizeVariant:
     blocks_per_thread: int = 1  # 1, or wide_blocks_per_thread(): see ops/quantize.py
     numerics: str = "ieee"  # NVFP4: or "te" (TransformerEngine's arithmetic, docs/te_numerics.md)
     mx_scale_rule: str = "floor"  # MXFP4: or "rceil", "te_pow2" (docs/stochastic_rounding_and_mx_rules.md)
+    # NVFP4 "ieee": "rn" (round to nearest), or "sr" (stochastic rounding of
+    # the codes, quantize_nvfp4_sr: docs/stochastic_rounding_and_mx_rules.md)
+    rounding: str = "rn"
 
     source = "quantize.cu"
 
@@ -174,6 +177,9 @@ class QuantizeVariant:
             return (f"nvfp4::quantize_mxfp4<{types}, {self.blocks_per_thread}{rule}>",)
         if self.global_scales == "own":
             return (f"nvfp4::quantize_nvfp4_own_scale<{types}, {self.blocks_per_thread}>",)
+        if self.rounding == "sr":
+            return (f"nvfp4::quantize_nvfp4_sr<{types}, {GLOBAL_SCALES[self.global_scales]}, "
+                    f"{self.blocks_per_thread}>",)
         return (f"nvfp4::quantize_nvfp4<{types}, {GLOBAL_SCALES[self.global_scales]}, {self.blocks_per_thread}"
                 f"{NUMERICS_BLOCKS[self.numerics]}>",)
 
@@ -342,11 +348,12 @@ class FakeQuantizeVariant:
 
 
 def numerics_variants() -> list:
-    """The quantize kernels of numerics="te" (one scale or one per row) and
-    of the MXFP4 scale rules "rceil" and "te_pow2": the default kernels'
-    shapes, with other Blocks."""
+    """The quantize kernels of numerics="te" (one scale or one per row), of
+    the MXFP4 scale rules "rceil" and "te_pow2" and of stochastic rounding
+    (every kind of global scale): the default kernels' shapes, with other
+    Blocks."""
     options = (("nvfp4", TE_GLOBAL_SCALES, {"numerics": "te"}), ("mxfp4", ("one",), {"mx_scale_rule": "rceil"}),
-               ("mxfp4", ("one",), {"mx_scale_rule": "te_pow2"}))
+               ("mxfp4", ("one",), {"mx_scale_rule": "te_pow2"}), ("nvfp4", tuple(GLOBAL_SCALES), {"rounding": "sr"}))
     return [
         QuantizeVariant(dtype_name, layout, vector, scales, fmt, per_thread, **option)
         for dtype_name in ELEMENT_STRUCTS

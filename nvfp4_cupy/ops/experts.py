@@ -233,7 +233,7 @@ def _grouped(frontend, array, dtype_name, n, silu, global_scale, expert_offsets,
     scale_rows = experts_scale_rows(tokens, experts, scale_layout.name)
     scale_cols = scale_layout.scale_shape(0, padded_n, block_size)[1]
     per_thread = experts_blocks_per_thread(dtype_name, fmt, silu)
-    grid, block = launch_geometry(max(tokens, scale_rows), -(-scale_cols // per_thread),
+    grid, block = launch_geometry(grouped_grid_rows(tokens, scale_rows), -(-scale_cols // per_thread),
                                   columns=_column_extent(padded_n, array.shape[1], per_thread, block_size),
                                   what=f"x: shape {tuple(array.shape)} with padded_n={padded_n}", dense=True)
     static = dict(row_stride=view.row_stride, m=tokens, n=n, padded_n=padded_n, scale_rows=scale_rows,
@@ -255,6 +255,19 @@ def _grouped(frontend, array, dtype_name, n, silu, global_scale, expert_offsets,
     kernel(device_id, handle, array.pointer, scale_pointer, scale_value, offsets.pointer, results.pointer(packed),
            results.pointer(scales), results.pointer(starts), int(_vectors(array, view, n)))
     return packed, scales, starts
+
+
+# quantize_grouped's grid covers at least this many scale rows (all of them
+# if fewer): its threads zero the padding rows past the grid in a loop, and
+# a decode-sized call (few tokens, up to 128 scale rows an expert) would
+# otherwise leave that loop to a few threads.
+GROUPED_MIN_GRID_ROWS = 1024
+
+
+def grouped_grid_rows(tokens: int, scale_rows: int) -> int:
+    """The rows quantize_grouped's grid covers: every token, and every scale
+    row up to GROUPED_MIN_GRID_ROWS (the kernel loops over the rest)."""
+    return max(tokens, min(scale_rows, GROUPED_MIN_GRID_ROWS))
 
 
 def _column_extent(padded_n: int, row_values: int, per_thread: int, block_size: int) -> int:

@@ -35,6 +35,7 @@ from .._runtime.arrays import (
     resolve_stream,
 )
 from .._runtime.compile import QuantizeVariant, Target, wide_blocks_per_thread
+from ..reference import stochastic as _stochastic
 from ..reference import te as _te
 from ..reference.mx_rules import check_mx_scale_rule
 from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
@@ -91,11 +92,12 @@ def scaled_fp4_quant(
 
 
 def _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like=None,
-              target: Target | None = None, fmt="nvfp4", options=None):
+              target: Target | None = None, fmt="nvfp4", options=None, stochastic=None):
     """scaled_fp4_quant with the conversion target forced when given (tests
-    run the sm_80 software path on newer GPUs this way)."""
+    run the sm_80 software path on newer GPUs this way); with `stochastic`
+    ((seed, offset), checked), scaled_fp4_quant_sr."""
     launch, outputs = prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale,
-                                       stream, like, fmt, target, options)
+                                       stream, like, fmt, target, options, stochastic)
     launch()
     return outputs
 
@@ -183,25 +185,28 @@ class _Plan:
 _plans: dict = {}
 _MAX_PLANS = 4096
 
-# (numerics, mx_scale_rule) of a kernel: QuantizeVariant's last two fields.
-DEFAULT_ARITHMETIC = ("ieee", "floor")
+# (numerics, mx_scale_rule, rounding) of a kernel: QuantizeVariant's last three fields.
+DEFAULT_ARITHMETIC = ("ieee", "floor", "rn")
+# The dynamic arguments of the stochastic-rounding kernel past the outputs:
+# the seed and the offset in 32-bit halves.
+_SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
 # scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled) as given.
 DEFAULT_OPTIONS = ("ieee", None, False)
 
 
-def check_options(fmt: str, options) -> tuple[tuple[str, str], bool]:
-    """((numerics, mx_scale_rule), row_scaled) of a call, after the golden
-    model's checks (reference.te.check_numerics, mx_rules.check_mx_scale_rule):
-    numerics="te" is NVFP4 only and row_scaled needs it; mx_scale_rule is
-    MXFP4 only."""
+def check_options(fmt: str, options) -> tuple[tuple[str, str, str], bool]:
+    """((numerics, mx_scale_rule, "rn"), row_scaled) of a call, after the
+    golden model's checks (reference.te.check_numerics,
+    mx_rules.check_mx_scale_rule): numerics="te" is NVFP4 only and row_scaled
+    needs it; mx_scale_rule is MXFP4 only."""
     numerics, mx_scale_rule, row_scaled = DEFAULT_OPTIONS if options is None else options
     numerics = _te.check_numerics(numerics, fmt=fmt, row_scaled=row_scaled)
     if mx_scale_rule is None:
-        return (numerics, "floor"), bool(row_scaled)
+        return (numerics, "floor", "rn"), bool(row_scaled)
     if fmt != "mxfp4":
         raise ValueError(f"mx_scale_rule is the scale rule of fmt='mxfp4', got mx_scale_rule={mx_scale_rule!r} with "
                          f"fmt={fmt!r}")
-    return (numerics, check_mx_scale_rule(mx_scale_rule)), False
+    return (numerics, check_mx_scale_rule(mx_scale_rule), "rn"), False
 
 
 def te_scale_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
@@ -238,6 +243,8 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
     else:
         static["expert_stride"] = view.expert_stride
         dynamic = ("x", "global_scale_ptr", "global_scale_value", "packed", "scales")
+        if arithmetic[2] == "sr":
+            dynamic += _SR_WORDS
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(
         BoundKernel(QuantizeVariant(dtype_name, scale_layout, vector, scale_kind, fmt, per_thread, *arithmetic), grid,
@@ -336,19 +343,28 @@ def _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt,
     if repeat is None:
         return None
     # The one value check the signature cannot cover: a host scale's value.
-    scale_value = float(host_global_scale(global_scale)) if type(global_scale) is float else 0.0
+    # A normal float32 number passes as it is (the launch rounds it to
+    # float32, as host_global_scale does); anything else gets the full check.
+    scale_value = 0.0
+    if type(global_scale) is float:
+        scale_value = global_scale
+        if not _FLOAT32_NORMAL_MIN <= scale_value <= _FLOAT32_MAX:
+            scale_value = float(host_global_scale(global_scale))
     device_id, plan = repeat.device_id, repeat.plan
     handle = repeat.frontend.stream(device_id)
-    outputs = repeat.results.outputs(device_id, handle, plan.outputs)
+    outputs, pointers = repeat.results.fresh(device_id, handle, plan.outputs)
     kernel = plan.kernels[plan.kernels[1] is not None and x_pointer % VECTOR_BYTES == 0]
-    pointer = repeat.results.pointer
     if fmt == "mxfp4":
-        kernel(device_id, handle, x_pointer, pointer(outputs[0]), pointer(outputs[1]))
+        kernel(device_id, handle, x_pointer, pointers[0], pointers[1])
     elif global_scale is OWN_SCALE:
-        kernel(device_id, handle, x_pointer, pointer(outputs[2]), pointer(outputs[0]), pointer(outputs[1]))
+        kernel(device_id, handle, x_pointer, pointers[2], pointers[0], pointers[1])
     else:
-        kernel(device_id, handle, x_pointer, scale_pointer, scale_value, pointer(outputs[0]), pointer(outputs[1]))
+        kernel(device_id, handle, x_pointer, scale_pointer, scale_value, pointers[0], pointers[1])
     return tuple(outputs)
+
+
+_FLOAT32_NORMAL_MIN = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id,
@@ -364,12 +380,15 @@ def _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, lik
 
 
 def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt,
-                     target: Target | None = None, options=None):
+                     target: Target | None = None, options=None, stochastic=None):
     """Every check and allocation of a quantize call, nothing launched:
     returns (launch, (packed, scales)), or (launch, (packed, scales,
     global_scale)) for global_scale=OWN_SCALE. `target` forces the conversion
     target (tests run the sm_80 software path on newer GPUs this way).
-    `options`: scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled)."""
+    `options`: scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled).
+    `stochastic`: (seed, offset), already checked, for stochastic rounding
+    (NVFP4 with the default numerics only; such calls are never recorded
+    for the hot path, whose key does not hold the rounding)."""
     options = DEFAULT_OPTIONS if options is None else options
     frontend = frontend_of(x)
     array = frontend.array(x, "x")
@@ -385,6 +404,8 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
         scale_kind = "one" if scale is None else scale.kind
         if arithmetic[0] == "te":
             scale_kind = te_scale_kind(scale, array.shape, row_scaled)
+        if stochastic is not None:  # scaled_fp4_quant_sr: NVFP4, default numerics
+            arithmetic = (*arithmetic[:2], "sr")
     plan = _plan_for(frontend, array, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target, arithmetic)
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
@@ -407,14 +428,31 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
     pointers = (given["out"].pointer if "out" in given else results.pointer(allocated[0]),
                 given["out_scale"].pointer if "out_scale" in given else results.pointer(allocated[1]))
     kernel = plan.kernels[plan.kernels[1] is not None and array.pointer % VECTOR_BYTES == 0]
-    if not given and stream is None and target is None:
+    if not given and stream is None and target is None and stochastic is None:
         _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id, options)
     if own:
         return functools.partial(kernel, device_id, handle, array.pointer, results.pointer(allocated[2]),
                                  *pointers), outputs
     if scale is None:
         return functools.partial(kernel, device_id, handle, array.pointer, *pointers), outputs
-    return functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, *pointers), outputs
+    words = () if stochastic is None else tuple(half for value in stochastic for half in (value & 0xFFFFFFFF,
+                                                                                      value >> 32))
+    return (functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, *pointers, *words),
+            outputs)
+
+
+def scaled_fp4_quant_sr(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, seed=None,
+                        offset=0, out=None, out_scale=None, stream=None, like=None):
+    """scaled_fp4_quant with stochastic rounding of the E2M1 codes: the
+    bytes of nvfp4_cupy.reference.stochastic.scaled_fp4_quant_sr
+    (docs/stochastic_rounding_and_mx_rules.md, section 2). The scale bytes
+    are round-to-nearest's; each 16-value block's codes are rounded with the
+    Philox4x32-10 words of its element group under (seed, offset). `seed` is
+    required and, like `offset`, an int in [0, 2^64): the same call gives
+    the same bytes, and a training loop passes offset=step. NVFP4 only, with
+    every kind of global scale and the other arguments of scaled_fp4_quant."""
+    return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like,
+                     stochastic=_stochastic.check_seed_offset(seed, offset))
 
 
 def _read_range(x, row_span: tuple) -> tuple[int, int]:

@@ -5,16 +5,17 @@ format family; this package re-exports their public functions.
 - nvfp4: NVFP4 and MXFP4 (OCP floor rule) quantization, the global scale,
   dequantization and the helpers that read the bytes back.
 
-TransformerEngine's recipe and the other variants (specified in docs/, golden
-only so far: no GPU kernel yet), imported by module (`from
-nvfp4_cupy.reference import te`):
+TransformerEngine's recipe and the other variants (specified in docs/),
+imported by module (`from nvfp4_cupy.reference import te`):
 
-- te: numerics="te" (TE's arithmetic), 16x16 tiles, the columnwise output,
-  row-scaled NVFP4 (docs/te_numerics.md);
-- te_rht, te_4over6: the random Hadamard transform and Four over Six
-  (docs/te_rht_and_4over6.md);
-- philox, stochastic: stochastic rounding from a Philox4x32-10 stream;
-  mx_rules: the MXFP4 scale rules floor, rceil and TE's pow-2
+- te: numerics="te" (TE's arithmetic) and row-scaled NVFP4, both on the GPU
+  too; 16x16 tiles and the columnwise output, golden only so far
+  (docs/te_numerics.md);
+- te_rht, te_4over6: the random Hadamard transform and Four over Six, golden
+  only so far (docs/te_rht_and_4over6.md);
+- philox, stochastic: stochastic rounding from a Philox4x32-10 stream
+  (scaled_fp4_quant_sr on the GPU); mx_rules: the MXFP4 scale rules floor,
+  rceil and TE's pow-2, on the GPU too
   (docs/stochastic_rounding_and_mx_rules.md);
 - fused: RMSNorm + quantize, SiLU-and-mul + quantize, grouped experts with
   offsets or counts, fake quantization (docs/fused_ops.md).
