@@ -5,7 +5,7 @@ nvidia-cuda-nvdisasm). cuobjdump does not read NVRTC's own cubins, hence
 ptxas. Prints the instruction count of the kernel body and an opcode
 histogram.
 
-    python benchmarks/sass_report.py [float16|bfloat16|float32] [cc] [--software] [--dequantize]
+    python benchmarks/sass_report.py [float16|bfloat16|float32] [cc] [--software] [--dequantize] [--sr]
 
 (--dequantize: the dequantize kernel with that output dtype.)
 """
@@ -42,8 +42,10 @@ def main() -> int:
     kind = DequantizeVariant if "--dequantize" in sys.argv else QuantizeVariant
     # Quantize: the wide kernel that large inputs get (ops/quantize.py).
     blocks = wide_blocks_per_thread(dtype, "nvfp4") if kind is QuantizeVariant else 1
-    variant = QuantizeVariant(dtype, LAYOUTS["swizzled"], True, blocks_per_thread=blocks) if blocks > 1 else \
-        kind(dtype, LAYOUTS["swizzled"], True)
+    # --sr: the stochastic-rounding kernel (scaled_fp4_quant_sr) instead.
+    rounding = {"rounding": "sr"} if "--sr" in sys.argv and kind is QuantizeVariant else {}
+    variant = QuantizeVariant(dtype, LAYOUTS["swizzled"], True, blocks_per_thread=blocks, **rounding) if blocks > 1 \
+        else kind(dtype, LAYOUTS["swizzled"], True, **rounding)
     if kind is DequantizeVariant:
         blocks = variant.max_blocks_per_thread  # what large tensors get (ops/dequantize.py)
     # The library's build (-arch=sm_XX or sm_XXa), stopped at PTX
