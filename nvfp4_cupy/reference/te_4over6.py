@@ -13,8 +13,8 @@ Public:
 - scaled_fp4_quant_4over6(x, ...) -> (packed, scales, global_amax).
 - fp16_candidate(codes, scale_bytes): TE's fast-math candidate decode.
 - accuracy_table(...), format_accuracy_table(table): SQNR and MSE of ieee,
-  te, Four Over Six (MAE, MSE; E4M3 bound 448 and 256) and RHT on three kinds
-  of data.
+  te, Four Over Six (MAE, MSE; E4M3 bound 448 and 256), RHT and stochastic
+  rounding on three kinds of data.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .te import (
     te_nan_scale_invalid_rows,
     te_reciprocals,
 )
+from .stochastic import scaled_fp4_quant_sr
 from .te_rht import RHT_SIZE, _quantize_te_rows, check_te_options, hadamard_matrix, scaled_fp4_quant_rht
 
 __all__ = ["scaled_fp4_quant_4over6", "fp16_candidate", "accuracy_table", "format_accuracy_table"]
@@ -144,7 +145,9 @@ def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, pad
 # Accuracy (docs/te_rht_and_4over6.md, section D).
 # ---------------------------------------------------------------------------
 DATA_KINDS = ("gaussian", "heavy-tailed", "weight-like")
-METHODS = ("ieee", "te", "4/6 MAE 448", "4/6 MSE 448", "4/6 MAE 256", "4/6 MSE 256", "te + RHT")
+METHODS = ("ieee", "te", "4/6 MAE 448", "4/6 MSE 448", "4/6 MAE 256", "4/6 MSE 256", "te + RHT", "SR, one seed",
+           "SR, mean of 50 seeds")
+SR_SEEDS = 50  # TE's own SR test averages 50 results (tests/pytorch/nvfp4/test_nvfp4_sr_quantize.py)
 
 
 def _data(kind: str, shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -177,8 +180,10 @@ def accuracy_table(m: int = 256, n: int = 1024, dtype="bfloat16", seed: int = 0)
     NVFP4 numerics with compute_global_scale ("ieee"), TE's basic numerics
     ("te"), Four Over Six per error mode and E4M3 bound, and TE's numerics
     after the RHT along each row ("te + RHT", measured after the inverse
-    transform: the GEMM's two transforms cancel). SQNR = 10 log10(sum x^2 /
-    sum (x - x_hat)^2)."""
+    transform: the GEMM's two transforms cancel), and stochastic rounding
+    (reference.stochastic, the "ieee" scales) of one seed and the mean of
+    SR_SEEDS seeds' dequantized values (the error of an average of many
+    steps, as TE measures SR). SQNR = 10 log10(sum x^2 / sum (x - x_hat)^2)."""
     dtype_name = check_dtype(dtype, "dtype")
     if n % RHT_SIZE:
         raise ValueError(f"n must be a multiple of 16 for the RHT column, got n={n}")
@@ -199,6 +204,10 @@ def accuracy_table(m: int = 256, n: int = 1024, dtype="bfloat16", seed: int = 0)
                 results[f"4/6 {mode} {e4m3_max}"] = _te_dequantize(packed, scales, amax, e4m3_max, n)
         packed, scales, amax = scaled_fp4_quant_rht(x, layout="linear")
         results["te + RHT"] = _inverse_rht(_te_dequantize(packed, scales, amax, 448, n))
+        draws = [dequantize(*scaled_fp4_quant_sr(x, gs, layout="linear", seed=seed), gs, n, layout="linear")
+                 for seed in range(SR_SEEDS)]
+        results["SR, one seed"] = draws[0]
+        results["SR, mean of 50 seeds"] = np.mean(np.stack(draws).astype(np.float64), axis=0)
         signal = float(np.sum(exact * exact))
         table[kind] = {}
         for method in METHODS:
