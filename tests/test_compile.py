@@ -33,6 +33,14 @@ COMPUTE_CAPABILITIES = (80, 89, 90, 100, 120)
 # Added to the library's options: CuPy's default -ftz=true (the numerics must
 # not depend on it), and ptxas's per-function report of stack and spills.
 CHECK_OPTIONS = ("-ftz=true", "-Xptxas=-v")
+# NVRTC 12.9+ reuses programs from the driver's compile cache where a CUDA
+# driver is present ("Successfully retrieved cached ptx from driver cache,
+# skip compilation", in libnvrtc), and then ptxas does not run: its report,
+# which these checks read, is missing. That failed these tests on GPU
+# machines whenever an xdist worker or an earlier run had built the same
+# program; a CPU-only machine has no driver cache. --no-cache (NVRTC 12.9+)
+# builds every program from scratch.
+NO_CACHE_FROM = (12, 9)
 
 # ptxas -v, per function:
 #   ptxas info    : Function properties for _ZN5nvfp4...
@@ -66,32 +74,21 @@ def build_for(compute_capability: int, source: str, software: bool = False) -> t
     if compute_capability not in archs:
         pytest.skip(f"this NVRTC ({version()}) cannot compile for sm_{compute_capability}")
     target = SOFTWARE if software else target_for(compute_capability, archs)
-    options = (*compile_options(target, nvrtc_arch(target, compute_capability, archs)), *CHECK_OPTIONS)
+    no_cache = ("--no-cache",) if tuple(map(int, version().split("."))) >= NO_CACHE_FROM else ()
+    options = (*compile_options(target, nvrtc_arch(target, compute_capability, archs)), *CHECK_OPTIONS, *no_cache)
     return target, compiled(source, kernel_names(source), options)
-
-
-# The most kernels one NVRTC program of these checks holds. ptxas's report of
-# all of quantize.cu (~400 kernels, ~260 KB of log with -Xptxas=-v) left
-# kernels unreported on the H200 machine's NVRTC 13.0 (a local 13.0.88 gave
-# all of it): smaller programs keep every log far below that size.
-KERNELS_PER_PROGRAM = 128
 
 
 @functools.lru_cache(maxsize=None)
 def compiled(source: str, names: tuple[str, ...], options: tuple[str, ...]) -> Build:
-    """The kernels of one distinct argument tuple in the session (these are
-    all that change the output: the source text is fixed for the session),
-    KERNELS_PER_PROGRAM to an NVRTC program."""
-    parts = [nvrtc_build(source, names[i:i + KERNELS_PER_PROGRAM], options)
-             for i in range(0, len(names), KERNELS_PER_PROGRAM)]
-    ptx = "\n".join(part[0] for part in parts)
-    lowered = tuple(name for part in parts for name in part[1])
-    log = "".join(part[2] for part in parts)
+    """One NVRTC program per distinct argument tuple in the session: these are
+    all that change the output (the source text is fixed for the session)."""
+    ptx, lowered, log = nvrtc_build(source, names, options)
     reports = ptxas_reports(log)
     if not set(lowered) <= set(reports):
-        # NVRTC 13.0 sometimes returns an empty log for a multi-kernel
-        # program (seen for global_scale.cu on an H100 machine); one kernel
-        # at a time it reports.
+        # NVRTC 13.0 returned an empty log for a multi-kernel program on an
+        # H100 machine (global_scale.cu), before --no-cache was added (likely
+        # the driver cache above); one kernel at a time it reported.
         log = "".join(nvrtc_build(source, (name,), options)[2] for name in names)
         reports = ptxas_reports(log)
     return Build(options, ptx, dict(zip(names, lowered)), reports, log)
