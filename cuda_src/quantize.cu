@@ -139,9 +139,12 @@ quantize_nvfp4(const typename Input::raw_t* __restrict__ x, const float* __restr
 // (docs/stochastic_rounding_and_mx_rules.md, sections 2 and 4): the same
 // scales and products, each block's codes rounded with the Philox words of
 // its element group g = row * (padded_n / 16) + k, rows counted over all
-// experts. The seed and the offset arrive as 32-bit halves.
+// experts. The seed and the offset arrive as 32-bit halves. A minimum of one
+// thread block an SM: with the thread count alone, sm_100a's and sm_120a's
+// ptxas capped the element-load kernels of 4 blocks a thread at 128
+// registers and spilled; they take ~146.
 template <typename Input, typename Layout, bool kVectorLoads, int kGlobalScales, int kPerThread>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, 1)
 quantize_nvfp4_sr(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
                   float global_scale_value, uint2* __restrict__ packed, u8* __restrict__ scales, unsigned seed_lo,
                   unsigned seed_hi, unsigned offset_lo, unsigned offset_hi, long long row_stride,

@@ -34,22 +34,29 @@ __device__ __forceinline__ uint4 philox4x32_10(uint4 c, u32 k0, u32 k1) {
   return c;
 }
 
-// The E2M1 code of product y rounded stochastically with the random byte R
-// (section 2.4, reference.stochastic.sr_e2m1): a = min(|y|, 6), u = E2M1's
-// ulp at a (2^(k-1), k = 0, 1, 2 for a < 2, < 4, else), T = floor(a * 256 / u),
-// magnitude ((T + R) >> 8) * u, which is code ((T + R) >> 8) + 2k; y's sign
-// bit (so -0.0 gives 0x8); NaN gives 0x7 (+6, as satfinite does).
-// a * 256 / u = a * 2^(9 - k) is a's significand (implicit bit included)
-// shifted right by 14 in the E2M1 binades; below 1 by 14 more for each
-// binade down, which a shift of 24 or more (subnormals, zero) makes 0.
-__device__ __forceinline__ u32 e2m1_sr_code(float y, u32 random_byte) {
-  const u32 bits = __float_as_uint(y);
-  if ((bits & kF32AbsMask) > kF32InfBits) return 0x7u;
-  const u32 a = min(bits & kF32AbsMask, 0x40c00000u);
+// The E2M1 magnitude code of a = |y| rounded stochastically with the random
+// byte R (section 2.4, reference.stochastic.sr_e2m1), plus kSrBias:
+// a is clamped to 6 (a NaN too: its bits lie above 6's), u = E2M1's ulp at a
+// = 2^(k-1) with k = 0, 1, 2 below 2, below 4, else, T = floor(a * 256 / u),
+// and the code is ((T + R) >> 8) + 2k. With top = max(biased exponent, 127)
+// = 127 + k (a <= 6 keeps k <= 2), a * 256 / u = a * 2^(9 - k) is a's
+// significand (implicit bit included) shifted right by 14 + top - biased
+// exponent: 14 in E2M1's binades, more below 1, and 32 or more (shr clamps:
+// 0) for zero and subnormals. The code + 2 * 127 is what is returned.
+enum SrBias : u32 { kSrBias = 254u };
+
+__device__ __forceinline__ u32 shift_right(u32 value, u32 shift) {
+  u32 d;
+  asm("shr.b32 %0, %1, %2;" : "=r"(d) : "r"(value), "r"(shift));  // PTX: shifts past 31 give 0
+  return d;
+}
+
+__device__ __forceinline__ u32 e2m1_sr_biased_magnitude_code(float magnitude, u32 random_byte) {
+  const u32 a = min(__float_as_uint(magnitude), 0x40c00000u);
   const u32 biased = a >> 23;
-  const u32 k = min(max(biased, 127u), 129u) - 127u;
-  const u32 fixed = ((a & 0x7fffffu) | 0x800000u) >> min(141u + k - biased, 31u);
-  return (((fixed + random_byte) >> 8) + 2u * k) | ((bits >> 28) & 0x8u);
+  const u32 top = max(biased, 127u);
+  const u32 fixed = shift_right((a & 0x7fffffu) | 0x800000u, top - biased + 14u);
+  return ((fixed + random_byte) >> 8) + 2u * top;
 }
 
 // The bit position in word x_j of element 4j + i's random byte
@@ -62,20 +69,35 @@ __device__ __forceinline__ u32 random_byte(uint4 words, int element) {
   return (word >> ((kShifts >> (8 * (element & 3))) & 0xffu)) & 0xffu;
 }
 
+// Values 8h..8h+7 of a block times r, as eight stochastically rounded E2M1
+// codes (value 8h + i in nibble i), as e2m1x8_from_magnitudes does it for
+// round-to-nearest: the biases add up to kSrBias * 0x11111111 (mod 2^32),
+// and the nibble bits 3 are left for the signs. y's sign is v's (r >= 0),
+// except for inf * 0 = NaN, which the caller unsigns (drop_nan_signs).
+template <typename Input>
+__device__ __forceinline__ u32 e2m1x8_sr(const u32* words, int h, float r, uint4 random) {
+  u32 sum = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float magnitude = mul_rn(abs_f32(Input::element(words, 8 * h + i)), r);
+    sum += e2m1_sr_biased_magnitude_code(magnitude, random_byte(random, 8 * h + i)) << (4 * i);
+  }
+  return (sum - kSrBias * 0x11111111u) | Input::sign_nibbles(words, h);
+}
+
 // One block of 16 values -> 64 bits of packed codes (element 2j in the low
 // nibble of byte j), every code rounded stochastically with the block's
 // Philox words; the scale, the products y = RN(v * r) and the special blocks
-// (zero codes) are pack_block's.
+// are pack_block's: zero codes for a NaN block or an invalid global scale,
+// and for r = 0 with an inf in the block, code 0x7 for the inf (sr_e2m1's
+// NaN rule: inf * 0 is NaN) and 0x0/0x8 for the rest.
 template <typename Input>
 __device__ __forceinline__ uint2 pack_block_sr(const u32* words, const BlockScale& scale, uint4 random) {
   if (scale.zero_codes) return make_uint2(0u, 0u);
-  u32 halves[2] = {0u, 0u};
-#pragma unroll
-  for (int e = 0; e < kBlockSize; ++e) {
-    const float y = mul_rn(Input::element(words, e), scale.reciprocal);
-    halves[e >> 3] |= e2m1_sr_code(y, random_byte(random, e)) << (4 * (e & 7));
-  }
-  return make_uint2(halves[0], halves[1]);
+  uint2 codes = make_uint2(e2m1x8_sr<Input>(words, 0, scale.reciprocal, random),
+                           e2m1x8_sr<Input>(words, 1, scale.reciprocal, random));
+  if (scale.inf_times_zero) codes = make_uint2(drop_nan_signs(codes.x), drop_nan_signs(codes.y));
+  return codes;
 }
 
 }  // namespace nvfp4
