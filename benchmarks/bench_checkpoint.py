@@ -6,16 +6,21 @@ Builds a model directory of bf16 safetensors in a temporary directory
 (--tensors shards of one [rows, 32768] Linear weight each, --tensor-gb GiB
 per tensor; default 4 x [16384, 32768] = 4 GiB), reads it once so that the
 input is in the page cache, then converts it with --format modelopt and
---format compressed-tensors, each in a subprocess of its own so that its
-ru_maxrss is the conversion's alone. The subprocess compiles the kernels on a
-small weight first (not timed), then times convert(). Reading and
+--format compressed-tensors, each in a subprocess of its own. The subprocess
+compiles the kernels on a small weight first (not timed), then times
+convert() while a thread samples its resident set (/proc/self/statm, every
+2 ms): peak minus the resident set just before convert() is what the
+conversion adds (ru_maxrss cannot say it: CUDA's start-up already peaks above
+a streaming conversion). Reading and
 quantizing run on the converter's producing thread, overlapped with writing
-(convert.OneAhead): read s and quant s are that thread's time in read_tensor
-and Quantizer.quantize (quantize = upload + amax + quantize kernels +
-download); write s is the writing thread's time, its waits for the producer
-left out (write, fsync, sha256, rename). The same run measures the page
-cache's read rate and the output disk's write + fsync rate, the two host
-ceilings the conversion can meet.
+(convert.OneAhead): read s and quant s are that thread's time in
+Quantizer.load (read + upload, staging.DeviceReader) and Quantizer.quantize
+(amax + quantize kernels + download); write s is the writing thread's time,
+its waits for the producer left out (write and fsync, beside the sha256 on
+its own thread, and the rename). The same run measures the page cache's read
+rate (the converter's parallel reads into memory faulted in beforehand) and
+the output disk's write + fsync rate, the two host ceilings the conversion
+can meet.
 
     python benchmarks/bench_checkpoint.py [--tensor-gb 1] [--tensors 4] [--json F] [--dir D]
 """
@@ -30,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -72,12 +78,28 @@ def build_model(path: Path, tensors: int, rows: int) -> int:
 
 
 def read_all(path: Path) -> tuple[int, float]:
-    """(bytes, seconds) of reading every file under `path` once."""
+    """(bytes, seconds) of reading every file under `path` once the way the
+    converter reads (safetensors_io.read_pieces: several threads' preadv) into
+    one buffer faulted in beforehand: the page cache's rate, not the cost of
+    faulting in fresh memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from nvfp4_cupy.checkpoint.safetensors_io import READ_THREADS, read_pieces
+
+    files = sorted(f for f in path.iterdir() if f.is_file())
+    buffer = np.ones(max(f.stat().st_size for f in files), np.uint8)
     total, started = 0, time.perf_counter()
-    for f in sorted(path.iterdir()):
-        with open(f, "rb", buffering=0) as handle:
-            while chunk := handle.read(1 << 26):
-                total += len(chunk)
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for f in files:
+            size = f.stat().st_size
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                read_pieces(fd, memoryview(buffer)[:size], 0, f, pool)
+            finally:
+                os.close(fd)
+            total += size
     return total, time.perf_counter() - started
 
 
@@ -96,6 +118,32 @@ def disk_write_gbps(directory: Path, nbytes: int = 1 << 30) -> float:
     return nbytes / seconds / 1e9
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class ResidentSampler:
+    """Within `with`: the resident set's peak, sampled every 2 ms on a
+    thread; `baseline` is the resident set on entry."""
+
+    def __enter__(self):
+        self.baseline = self.peak = resident_bytes()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, resident_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_bytes())
+
+
 def child(in_dir: str, out_dir: str, fmt: str, cpu: bool) -> None:
     """One conversion in this process: prints a JSON line."""
     import importlib
@@ -106,14 +154,14 @@ def child(in_dir: str, out_dir: str, fmt: str, cpu: bool) -> None:
     module = importlib.import_module("nvfp4_cupy.checkpoint.convert")
     warm = np.random.default_rng(1).standard_normal((64, 256)).astype(ml_dtypes.bfloat16)
     module.Quantizer(cpu=cpu).quantize(warm, None)  # kernels compiled (or loaded) before timing
-    baseline_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = ResidentSampler()
     spent = {"read": 0.0, "quantize": 0.0, "waiting": 0.0}
-    real_read, real_quantize, real_take = module.read_tensor, module.Quantizer.quantize, module.OneAhead.__call__
+    real_load, real_quantize, real_take = module.Quantizer.load, module.Quantizer.quantize, module.OneAhead.__call__
 
-    def timed_read(path, info):
+    def timed_load(self, path, info):
         started = time.perf_counter()
         try:
-            return real_read(path, info)
+            return real_load(self, path, info)
         finally:
             spent["read"] += time.perf_counter() - started
 
@@ -131,15 +179,16 @@ def child(in_dir: str, out_dir: str, fmt: str, cpu: bool) -> None:
         finally:
             spent["waiting"] += time.perf_counter() - started
 
-    module.read_tensor, module.Quantizer.quantize, module.OneAhead.__call__ = timed_read, timed_quantize, timed_take
+    module.Quantizer.load, module.Quantizer.quantize, module.OneAhead.__call__ = timed_load, timed_quantize, timed_take
     started = time.perf_counter()
-    report = module.convert(in_dir, out_dir, fmt, cpu=cpu, progress=False)
+    with rss:
+        report = module.convert(in_dir, out_dir, fmt, cpu=cpu, progress=False)
     seconds = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"seconds": seconds, "read_s": spent["read"], "quantize_s": spent["quantize"],
                       "write_s": seconds - spent["waiting"], "bytes_read": report.bytes_read,
-                      "quantized": report.quantized, "baseline_rss_bytes": baseline_kib * 1024,
-                      "peak_rss_bytes": peak_kib * 1024}))
+                      "quantized": report.quantized, "baseline_rss_bytes": rss.baseline,
+                      "peak_rss_bytes": rss.peak,
+                      "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
 def run_child(in_dir: Path, out_dir: Path, fmt: str, cpu: bool) -> dict:

@@ -243,8 +243,8 @@ def _parse_devices(text: str | None) -> list[int] | None:
         devices = [int(d) for d in text.split(",")]
     except ValueError:
         raise UserError(f"--devices {text}: a comma-separated list of GPU ids, e.g. 0,1") from None
-    if not devices or len(set(devices)) != len(devices) or min(devices) < 0:
-        raise UserError(f"--devices {text}: distinct non-negative GPU ids, e.g. 0,1")
+    if not devices or min(devices) < 0:
+        raise UserError(f"--devices {text}: non-negative GPU ids, e.g. 0,1 (0,0: two workers on GPU 0)")
     return devices
 
 
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--cpu", action="store_true", help="the golden model instead of the GPU")
     convert.add_argument("--resume", action="store_true", help="keep shards already written and verified")
     convert.add_argument("--overwrite", action="store_true", help="write into an existing directory")
-    convert.add_argument("--devices", help="GPU ids, e.g. 0,1: one worker process per GPU")
+    convert.add_argument("--devices", help="GPU ids, e.g. 0,1: one worker process per id (0,0: two on GPU 0)")
     convert.add_argument("--shard-index", type=int, default=0, help="this machine's part (0-based)")
     convert.add_argument("--num-shards", type=int, default=1, help="how many parts the shards are split into")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -729,14 +729,21 @@ def test_gpu_convert_equals_golden(model_dir, converted, tmp_path, fmt):
 
 
 @pytest.mark.gpu
-def test_two_gpu_workers_equal_one(model_dir, converted, tmp_path):
+def test_two_workers_on_one_gpu_equal_one(model_dir, converted, tmp_path):
+    """The multi-GPU code path (spawned workers, shards round-robin) with both on GPU 0."""
+    convert(model_dir, tmp_path / "two", "compressed-tensors", devices=[0, 0], progress=False)
+    convert(model_dir, tmp_path / "one", "compressed-tensors", devices=[0], progress=False)
+    assert _shard_bytes(tmp_path / "two") == _shard_bytes(tmp_path / "one") == _shard_bytes(converted["compressed-tensors"])
+
+
+@pytest.mark.gpu
+def test_two_gpus_equal_one(model_dir, converted, tmp_path):
     import cupy
 
     if cupy.cuda.runtime.getDeviceCount() < 2:
         pytest.skip("needs 2 GPUs")
     convert(model_dir, tmp_path / "two", "compressed-tensors", devices=[0, 1], progress=False)
-    convert(model_dir, tmp_path / "one", "compressed-tensors", devices=[0], progress=False)
-    assert _shard_bytes(tmp_path / "two") == _shard_bytes(tmp_path / "one") == _shard_bytes(converted["compressed-tensors"])
+    assert _shard_bytes(tmp_path / "two") == _shard_bytes(converted["compressed-tensors"])
 
 
 # The same bf16 forward on the GPU and on the CPU: matmuls and attention run other kernels (other

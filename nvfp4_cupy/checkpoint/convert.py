@@ -6,8 +6,11 @@ from the input header alone, then each tensor is read, quantized (or copied)
 and written in order, into a temporary file renamed when complete; its
 sha256 goes into a per-shard manifest entry (.nvfp4_cupy/SHARD.json), which
 --resume checks before skipping a shard. The next tensor is produced while
-this one is written (OneAhead). Host memory: the tensor being written and
-the one being produced (about 1.6x the largest tensor for bfloat16 weights).
+this one is written (OneAhead); the sha256 runs beside the write. On the GPU
+a weight goes from the file to the device through a fixed ring of pinned
+memory (staging.DeviceReader), so host memory holds the quantized tensor
+being written, the one being produced, and the ring (128 MiB); with --cpu,
+the weight being quantized as well.
 
 Global scales: one per weight, 448 * 6 / amax (nvfp4_cupy.compute_global_scale),
 except that fused projections (q/k/v, gate/up, w1/w3 of one parent module)
@@ -129,11 +132,15 @@ def make_plan(source: Source, fmt: str, exclude=DEFAULT_EXCLUDE) -> Plan:
 
 
 class Quantizer:
-    """The public ops: the golden model (cpu) or nvfp4_cupy's GPU functions."""
+    """The public ops: the golden model (cpu) or nvfp4_cupy's GPU functions.
+    load() brings a weight to where it is quantized (a NumPy array, or a
+    CuPy array through staging.DeviceReader), global_scale() and quantize()
+    take what load() returned."""
 
     def __init__(self, cpu: bool, device: int | None = None):
         self.cpu = cpu
         self.device = device
+        self._reader = None
         if not cpu:
             try:
                 import cupy as cp
@@ -153,7 +160,17 @@ class Quantizer:
 
         return cp.cuda.Device(self.device)
 
-    def global_scale(self, w: np.ndarray) -> np.float32:
+    def load(self, path: Path, info):
+        if self.cpu:
+            return read_tensor(path, info)
+        with self._ctx():
+            if self._reader is None:
+                from .staging import DeviceReader
+
+                self._reader = DeviceReader()
+            return self._reader.read(path, info)
+
+    def global_scale(self, w) -> np.float32:
         if self.cpu:
             return np.float32(ref.compute_global_scale(w)[0])
         import cupy as cp
@@ -163,7 +180,7 @@ class Quantizer:
         with self._ctx():
             return np.float32(cp.asnumpy(nvfp4_cupy.compute_global_scale(cp.asarray(w)))[0])
 
-    def quantize(self, w: np.ndarray, gs: np.float32 | None) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    def quantize(self, w, gs: np.float32 | None) -> tuple[np.ndarray, np.ndarray, np.float32]:
         """(packed uint8 [N, K/2], scales uint8 [N, K/16] linear, the global
         scale used): `gs`, or the weight's own when `gs` is None (computed
         from the same upload, so a weight crosses to the GPU once)."""
@@ -178,11 +195,16 @@ class Quantizer:
         with self._ctx():
             x = cp.asarray(w)
             if gs is None:
-                gs = np.float32(cp.asnumpy(nvfp4_cupy.compute_global_scale(x))[0])
+                gs = self.global_scale(x)
             # a float32 array: the value as is, no host check
             packed, scales = nvfp4_cupy.scaled_fp4_quant(x, cp.asarray(np.array([gs], np.float32)), layout="linear")
             del x
             return cp.asnumpy(packed), cp.asnumpy(scales), gs
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
 
 def _locations(source: Source) -> dict[str, tuple[str, object]]:
@@ -197,7 +219,7 @@ def group_scales(source: Source, plan: Plan, quantizer: Quantizer, modules) -> d
     for module, key in plan.groups.items():
         if key in keys:
             shard, info = where[f"{module}.weight"]
-            gs = quantizer.global_scale(read_tensor(source.shard_path(shard), info))
+            gs = quantizer.global_scale(quantizer.load(source.shard_path(shard), info))
             scales[key] = gs if key not in scales else min(scales[key], gs)
     return scales
 
@@ -321,7 +343,7 @@ def convert_shard(source: Source, plan: Plan, shard: str, out: Path, quantizer: 
             counters["bytes"] += info.nbytes
         else:
             winfo = infos[f"{module}.weight"]
-            w = read_tensor(path, winfo)
+            w = quantizer.load(path, winfo)
             counters["bytes"] += winfo.nbytes
             key = plan.groups.get(module)
             packed, scales, gs = quantizer.quantize(w, shared[key] if key else None)
@@ -392,8 +414,11 @@ def _device_worker(args) -> list[str]:
     plan = make_plan(source, fmt, exclude)
     plan.input_amax = input_amax
     quantizer = Quantizer(cpu=False, device=device)
-    for shard in shards:
-        convert_shard(source, plan, shard, Path(out), quantizer, shared)
+    try:
+        for shard in shards:
+            convert_shard(source, plan, shard, Path(out), quantizer, shared)
+    finally:
+        quantizer.close()
     return shards
 
 
@@ -471,7 +496,10 @@ def convert(in_dir, out_dir, fmt: str, *, exclude=DEFAULT_EXCLUDE, cpu: bool = F
         raise CheckpointError(f"{source.path}: no Linear weight to quantize (2-D, K a multiple of 16, not excluded)")
     if plan.skipped_k:
         warnings.warn(f"left unquantized, K not a multiple of 16: {', '.join(sorted(plan.skipped_k))}", stacklevel=2)
-    quantizer = Quantizer(cpu=cpu, device=None)  # checks there is a GPU before anything is written
+    # checks there is a GPU (and each asked for) before anything is written
+    quantizer = Quantizer(cpu=cpu, device=devices[0] if devices else None)
+    for device in (devices or ())[1:]:
+        Quantizer(cpu=False, device=device)
     # calibration loads the whole model once (and frees it) before anything is written
     calibration, reused = _calibrate(source, plan, out, calibration_tokens, calibration_amax, resume, cpu, devices)
     if calibration is not None:
@@ -505,8 +533,6 @@ def convert(in_dir, out_dir, fmt: str, *, exclude=DEFAULT_EXCLUDE, cpu: bool = F
                 for shards in pool.imap_unordered(_device_worker, work):
                     report.written += shards
         else:
-            if devices:
-                quantizer = Quantizer(cpu=False, device=devices[0])
             total = sum(len(source.headers[s]) for s in todo)  # one step per input tensor
             bar = _progress(total, progress and sys.stderr.isatty())
             counters = {"bytes": 0}
@@ -526,5 +552,7 @@ def convert(in_dir, out_dir, fmt: str, *, exclude=DEFAULT_EXCLUDE, cpu: bool = F
         if created and not any(out.glob("*.safetensors")):
             shutil.rmtree(out, ignore_errors=True)  # nothing usable was written: leave no directory
         raise
+    finally:
+        quantizer.close()
     report.seconds = time.perf_counter() - started
     return report

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,12 +85,43 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     return {t.name: t for t in infos}, meta
 
 
+READ_PIECE = 8 << 20  # one preadv of one reading thread
+READ_THREADS = 8  # page-cache reads scale to about 8 threads (H200 machine: 5 GB/s with one, 27 GB/s with 8)
+
+
+def read_exactly(fd: int, buffer: memoryview, offset: int, what) -> None:
+    """preadv until `buffer` is full (a short read is legal and is retried)."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got == 0:
+            raise OSError(f"{what}: the file ends before the tensor does")
+        done += got
+
+
+def read_pieces(fd: int, buffer: memoryview, offset: int, what, pool: ThreadPoolExecutor | None) -> None:
+    """Fills `buffer` from `offset` in READ_PIECE pieces on `pool`'s threads."""
+    pieces = range(0, len(buffer), READ_PIECE)
+    if pool is None or len(pieces) < 2:
+        read_exactly(fd, buffer, offset, what)
+        return
+    list(pool.map(lambda o: read_exactly(fd, buffer[o:o + READ_PIECE], offset + o, what), pieces))
+
+
 def read_tensor(path: Path, info: TensorInfo) -> np.ndarray:
-    """One tensor from disk (only its bytes are read)."""
-    with open(path, "rb") as f:
-        f.seek(info.begin)
-        data = f.read(info.nbytes)
-    return np.frombuffer(data, dtype=DTYPES[info.dtype]).reshape(info.shape)
+    """One tensor from disk (only its bytes are read; a large one by several
+    threads, as one thread is page-fault bound at about 1.4 GB/s there)."""
+    data = np.empty(info.nbytes, np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if info.nbytes > 2 * READ_PIECE:
+            with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="nvfp4-read") as pool:
+                read_pieces(fd, memoryview(data), info.begin, path, pool)
+        else:
+            read_exactly(fd, memoryview(data), info.begin, path)
+    finally:
+        os.close(fd)
+    return data.view(DTYPES[info.dtype]).reshape(info.shape)
 
 
 def dtype_name(array: np.ndarray) -> str:
@@ -131,6 +163,11 @@ def write_streaming(path: Path, planned: list[Planned], produce, metadata: dict 
     Returns the file's sha256. A failure removes the temporary file."""
     temp = temp_name(path)
     digest = hashlib.sha256()
+    # The hash runs on its own thread beside the write (both release the GIL):
+    # sha256 and write + fsync run at about the same rate (1.2 and 1.4 GB/s on
+    # the H200 machine), so one after the other would halve the writer's rate.
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-sha256")
+    hashed = None
     try:
         with open(temp, "wb") as f:
             head = _header_bytes(planned, metadata)
@@ -142,12 +179,17 @@ def write_streaming(path: Path, planned: list[Planned], produce, metadata: dict 
                     raise AssertionError(f"{p.name}: produced {array.dtype}{array.shape}, planned {p.dtype}{p.shape}")
                 # The array's own bytes (a C-contiguous uint8 view), not a copy.
                 data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+                if hashed is not None:
+                    hashed.result()  # in order, and at most two arrays held
+                hashed = hashing.submit(digest.update, data)
                 f.write(data)
-                digest.update(data)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # beside the last array's hash
+            if hashed is not None:
+                hashed.result()
         os.replace(temp, path)
     finally:
+        hashing.shutdown(wait=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
     return digest.hexdigest()
