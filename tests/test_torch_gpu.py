@@ -243,3 +243,61 @@ def test_repeated_calls_take_the_hot_path_and_stay_exact(nvt, api):
     want = ref.scaled_fp4_quant(inputs[2], None, fmt="mxfp4")
     assert_bytes_equal(host_of(packed), want[0], f"{api} mxfp4 repeat")
     assert_bytes_equal(host_of(scales), want[1], f"{api} mxfp4 repeat scales")
+
+
+@pytest.mark.parametrize("api", ["cupy", "torch"])
+def test_repeated_calls_into_given_outputs_take_the_hot_path(nvt, api):
+    """Given out and out_scale, the second call of a signature skips the
+    checks too: the golden bytes in poisoned buffers on every call, the
+    given buffers returned, and overlapping buffers of the recorded
+    signature still refused on a repeat, naming them, before any launch."""
+    import cupy as cp
+
+    import nvfp4_cupy as nv
+    from nvfp4_cupy.ops import quantize as ops_quantize
+
+    quantize = nvt.scaled_fp4_quant if api == "torch" else nv.scaled_fp4_quant
+    m, n = 33, 7152
+    shapes = ((m, 7168 // 2), (m, 7168 // 16))  # linear layout, padded_n 7168
+
+    def buffer(count: int, poison: int):
+        return (torch.full((count,), poison, dtype=torch.uint8, device="cuda") if api == "torch"
+                else cp.full((count,), poison, dtype=cp.uint8))
+
+    def on_device(host):
+        return _to_torch(host, "bfloat16") if api == "torch" else cp.asarray(host)
+
+    def host_of(array):
+        return _host(array) if api == "torch" else cp.asnumpy(array)
+
+    sizes = [rows * cols for rows, cols in shapes]
+    before = len(ops_quantize._repeats)
+    device_gs = torch.tensor([0.5], device="cuda") if api == "torch" else cp.asarray(np.float32([0.5]))
+    for i, (poison, gs) in enumerate(zip(POISONS * 2, (3.0, 0.75, device_gs, device_gs))):
+        host = make_input(("normal", "outliers", "specials", "normal")[i], m, n, seed=i).astype(NUMPY_DTYPES["bfloat16"])
+        memory = buffer(sum(sizes), poison)
+        out, out_scale = memory[: sizes[0]].reshape(shapes[0]), memory[sizes[0]:].reshape(shapes[1])
+        got = quantize(on_device(host), gs, padded_n=7168, layout="linear", out=out, out_scale=out_scale)
+        assert got[0] is out and got[1] is out_scale
+        want = ref.scaled_fp4_quant(host, 0.5 if gs is device_gs else gs, padded_n=7168, layout="linear")
+        assert_bytes_equal(host_of(out), want[0], f"{api} packed, call {i}, poison {poison:#x}")
+        assert_bytes_equal(host_of(out_scale), want[1], f"{api} scales, call {i}, poison {poison:#x}")
+    assert len(ops_quantize._repeats) == before + 2  # host scale and device scale, each recorded once
+
+    # The recorded signatures with overlapping pointers: refused, nothing written.
+    x = on_device(make_input("normal", m, n, seed=9).astype(NUMPY_DTYPES["bfloat16"]))
+    memory = buffer(sizes[0] + sizes[1], 0xA5)
+    out = memory[: sizes[0]].reshape(shapes[0])
+    overlapping = memory[sizes[0] - 64 : sizes[0] - 64 + sizes[1]].reshape(shapes[1])
+    with pytest.raises(ValueError, match="out_scale overlaps out"):
+        quantize(x, 3.0, padded_n=7168, layout="linear", out=out, out_scale=overlapping)
+    x_bytes = x.view(torch.uint8).reshape(-1) if api == "torch" else x.view(cp.uint8).reshape(-1)
+    with pytest.raises(ValueError, match="out overlaps x"):
+        quantize(x, 3.0, padded_n=7168, layout="linear", out=x_bytes[: sizes[0]].reshape(shapes[0]),
+                 out_scale=memory[sizes[0]:].reshape(shapes[1]))
+    shared = buffer(sizes[1], 0xA5)  # a device scale inside out_scale's bytes
+    inside = shared[:4].view(torch.float32) if api == "torch" else shared[:4].view(cp.float32)
+    inside[...] = 0.5
+    with pytest.raises(ValueError, match="out_scale overlaps global_scale"):
+        quantize(x, inside, padded_n=7168, layout="linear", out=out, out_scale=shared.reshape(shapes[1]))
+    assert np.all(host_of(memory) == 0xA5), "a refused call wrote its buffers"

@@ -83,8 +83,14 @@ def scaled_fp4_quant(
     (docs/stochastic_rounding_and_mx_rules.md, section 3).
     """
     options = (numerics, mx_scale_rule, row_scaled)
-    if out is None and out_scale is None and stream is None:
-        outputs = _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
+    if stream is None:
+        if out is None and out_scale is None:
+            outputs = _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
+        elif out is not None and out_scale is not None:
+            outputs = _repeat_into(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options, out,
+                                   out_scale)
+        else:
+            outputs = None
         if outputs is not None:
             return outputs
     return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt=fmt,
@@ -294,11 +300,12 @@ def _plan_for(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, 
     return plan
 
 
-# The hot path. A call with no out/out_scale/stream whose signature (x's
-# shape, strides, dtype and device, the global scale's kind and form, the
-# layout arguments) matches one that passed every check before needs none of
-# them again: only the per-call values are read (pointers, a host scale's
-# validity, the current stream), outputs allocated, and one launch made.
+# The hot path. A call with no stream whose signature (x's shape, strides,
+# dtype and device, the global scale's kind and form, the layout arguments,
+# and those of out and out_scale where both are given) matches one that
+# passed every check before needs none of them again: only the per-call
+# values are read (pointers, a host scale's validity, the current stream),
+# given outputs checked for overlap, the others allocated, and one launch made.
 _repeats: dict = {}
 
 
@@ -308,6 +315,27 @@ class _Repeat:
     device_id: int
     frontend: object  # the input's (pointers, current stream)
     results: object  # where outputs are allocated
+
+
+@dataclass(frozen=True)
+class _RepeatInto:
+    """A repeated call into given out and out_scale: where each array's
+    bytes lie relative to its pointer, fixed by the signature, so that the
+    overlap check is the full path's on this call's pointers."""
+
+    plan: _Plan
+    device_id: int
+    frontend: object
+    x_span: tuple  # [first, last) bytes the kernel can read, relative to x's pointer
+    scale_span: tuple | None  # the same for a device global scale
+    out_spans: tuple  # out's and out_scale's, relative to their pointers
+
+    def check_disjoint(self, x_pointer: int, scale_pointer: int, out_pointers: tuple) -> None:
+        reads = [("x", (x_pointer + self.x_span[0], x_pointer + self.x_span[1]))]
+        if self.scale_span is not None:
+            reads.append(("global_scale", (scale_pointer + self.scale_span[0], scale_pointer + self.scale_span[1])))
+        check_disjoint(reads, [(name, (pointer + lo, pointer + hi)) for name, pointer, (lo, hi)
+                               in zip(("out", "out_scale"), out_pointers, self.out_spans)])
 
 
 def _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options=DEFAULT_OPTIONS):
@@ -342,17 +370,53 @@ def _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt,
         return None
     if repeat is None:
         return None
-    # The one value check the signature cannot cover: a host scale's value.
-    # A normal float32 number passes as it is (the launch rounds it to
-    # float32, as host_global_scale does); anything else gets the full check.
-    scale_value = 0.0
-    if type(global_scale) is float:
-        scale_value = global_scale
-        if not _FLOAT32_NORMAL_MIN <= scale_value <= _FLOAT32_MAX:
-            scale_value = float(host_global_scale(global_scale))
+    scale_value = _host_scale_value(global_scale)
     device_id, plan = repeat.device_id, repeat.plan
     handle = repeat.frontend.stream(device_id)
     outputs, pointers = repeat.results.fresh(device_id, handle, plan.outputs)
+    _launch_repeat(plan, device_id, handle, fmt, global_scale, x_pointer, scale_pointer, scale_value, pointers)
+    return tuple(outputs)
+
+
+def _repeat_into(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options, out, out_scale):
+    """(out, out_scale) of a repeated call into them, launched; None where
+    the full path must decide (a first call, another signature, or buffers
+    that overlap: the full path then says which)."""
+    found = _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
+    if found is None:
+        return None
+    key, _, x_pointer, scale_pointer = found
+    out_read = frontend_of(out).signature(out)
+    out_scale_read = frontend_of(out_scale).signature(out_scale)
+    if out_read is None or out_scale_read is None:
+        return None
+    try:
+        repeat = _repeats.get((key, type(out), out_read[0], type(out_scale), out_scale_read[0]))
+    except TypeError:
+        return None
+    if repeat is None:
+        return None
+    scale_value = _host_scale_value(global_scale)
+    pointers = (out_read[1], out_scale_read[1])
+    repeat.check_disjoint(x_pointer, scale_pointer, pointers)
+    device_id = repeat.device_id
+    handle = repeat.frontend.stream(device_id)
+    _launch_repeat(repeat.plan, device_id, handle, fmt, global_scale, x_pointer, scale_pointer, scale_value, pointers)
+    return out, out_scale
+
+
+def _host_scale_value(global_scale) -> float:
+    """The one value check the signature cannot cover: a host scale's value.
+    A normal float32 number passes as it is (the launch rounds it to
+    float32, as host_global_scale does); anything else gets the full check."""
+    if type(global_scale) is not float:
+        return 0.0
+    if not _FLOAT32_NORMAL_MIN <= global_scale <= _FLOAT32_MAX:
+        return float(host_global_scale(global_scale))
+    return global_scale
+
+
+def _launch_repeat(plan, device_id, handle, fmt, global_scale, x_pointer, scale_pointer, scale_value, pointers):
     kernel = plan.kernels[plan.kernels[1] is not None and x_pointer % VECTOR_BYTES == 0]
     if fmt == "mxfp4":
         kernel(device_id, handle, x_pointer, pointers[0], pointers[1])
@@ -360,7 +424,6 @@ def _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt,
         kernel(device_id, handle, x_pointer, pointers[2], pointers[0], pointers[1])
     else:
         kernel(device_id, handle, x_pointer, scale_pointer, scale_value, pointers[0], pointers[1])
-    return tuple(outputs)
 
 
 _FLOAT32_NORMAL_MIN = float(np.finfo(np.float32).tiny)
@@ -368,13 +431,21 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id,
-                   options=DEFAULT_OPTIONS) -> None:
+                   options=DEFAULT_OPTIONS, into=None) -> None:
+    """Remembers a call that passed the full checks; `into`: (out,
+    out_scale, its _RepeatInto) of a call into given outputs."""
     found = _repeat_key(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
     if found is None or plan.empty or len(_repeats) >= _MAX_PLANS:
         return
     key, frontend = found[0], found[1]
     try:
-        _repeats[key] = _Repeat(plan, device_id, frontend, output_frontend(like, frontend))
+        if into is None:
+            _repeats[key] = _Repeat(plan, device_id, frontend, output_frontend(like, frontend))
+            return
+        out, out_scale, repeat = into
+        reads = [frontend_of(buffer).signature(buffer) for buffer in (out, out_scale)]
+        if None not in reads:
+            _repeats[(key, type(out), reads[0][0], type(out_scale), reads[1][0])] = repeat
     except TypeError:
         pass
 
@@ -430,6 +501,17 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
     kernel = plan.kernels[plan.kernels[1] is not None and array.pointer % VECTOR_BYTES == 0]
     if not given and stream is None and target is None and stochastic is None:
         _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id, options)
+    elif (len(given) == 2 and not own and stream is None and target is None and stochastic is None
+          and outputs[0] is out and outputs[1] is out_scale):  # given outputs returned as they are
+        def relative(pointer, span):
+            return span[0] - pointer, span[1] - pointer
+
+        into = _RepeatInto(plan, device_id, frontend, relative(array.pointer, _read_range(array, plan.row_span)),
+                           None if scale is None or scale.array is None else
+                           relative(scale.pointer, scale.array.byte_range()),
+                           tuple(relative(given[name].pointer, given[name].byte_range()) for name in given))
+        _record_repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, plan, device_id, options,
+                       into=(out, out_scale, into))
     if own:
         return functools.partial(kernel, device_id, handle, array.pointer, results.pointer(allocated[2]),
                                  *pointers), outputs
