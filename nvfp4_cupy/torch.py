@@ -33,7 +33,7 @@ _LIKE = "torch"
 
 
 def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, out=None,
-                     out_scale=None, fmt="nvfp4", numerics="ieee", mx_scale_rule=None, row_scaled=False):
+                     out_scale=None, fmt="nvfp4", numerics="ieee", mx_scale_rule=None, row_scaled=False, tile="1x16"):
     """nvfp4_cupy.scaled_fp4_quant for torch tensors: (packed, scales) as
     torch uint8 tensors. `global_scale`: a float or a float32 CUDA tensor."""
     if torch.compiler.is_compiling():
@@ -41,10 +41,10 @@ def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None,
         layout_name = _layout_name(is_sf_swizzled_layout, layout)
         tensor, value = _split_scale(global_scale)
         return torch.ops.nvfp4.scaled_fp4_quant(x, tensor, value, padded_n, layout_name, fmt, numerics, mx_scale_rule,
-                                                row_scaled)
+                                                row_scaled, tile)
     return _quantize.scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout, out=out,
                                       out_scale=out_scale, like=_LIKE, fmt=fmt, numerics=numerics,
-                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled)
+                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, tile=tile)
 
 
 def scaled_fp4_quant_sr(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, seed=None,
@@ -84,13 +84,14 @@ def compute_global_scale(x, per_row=False, *, numerics="ieee"):
 
 
 def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_row=False, out=None, out_scale=None,
-             numerics="ieee"):
+             numerics="ieee", tile="1x16"):
     """nvfp4_cupy.quantize for torch tensors: (packed, scales, global_scale)."""
     if torch.compiler.is_compiling():
         _no_outputs_while_compiling(out=out, out_scale=out_scale)
-        return torch.ops.nvfp4.quantize(x, padded_n, _layout_name(is_sf_swizzled_layout, layout), per_row, numerics)
+        return torch.ops.nvfp4.quantize(x, padded_n, _layout_name(is_sf_swizzled_layout, layout), per_row, numerics,
+                                        tile)
     return _quantize.quantize(x, is_sf_swizzled_layout, padded_n, layout=layout, per_row=per_row, out=out,
-                              out_scale=out_scale, like=_LIKE, numerics=numerics)
+                              out_scale=out_scale, like=_LIKE, numerics=numerics, tile=tile)
 
 
 def _layout_name(is_sf_swizzled_layout, layout) -> str:
@@ -132,17 +133,17 @@ def _scale_kind(global_scale: Optional[torch.Tensor], x_shape) -> str:
 @torch.library.custom_op("nvfp4::scaled_fp4_quant", mutates_args=())
 def _scaled_fp4_quant_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
                          padded_n: Optional[int], layout: str, fmt: str, numerics: str = "ieee",
-                         mx_scale_rule: Optional[str] = None,
-                         row_scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         mx_scale_rule: Optional[str] = None, row_scaled: bool = False,
+                         tile: str = "1x16") -> tuple[torch.Tensor, torch.Tensor]:
     scale = None if fmt == "mxfp4" else (global_scale if global_scale is not None else global_scale_value)
     # Through the public function: a repeated call takes its hot path.
     return _quantize.scaled_fp4_quant(x, scale, True, padded_n, layout=layout, like=_LIKE, fmt=fmt, numerics=numerics,
-                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled)
+                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, tile=tile)
 
 
 @_scaled_fp4_quant_op.register_fake
 def _(x, global_scale, global_scale_value, padded_n, layout, fmt, numerics="ieee", mx_scale_rule=None,
-      row_scaled=False):
+      row_scaled=False, tile="1x16"):
     # row_scaled: one scale per row of x flattened, even where the shape reads per expert ([E, 1, n]).
     kind = "one" if fmt == "mxfp4" else "row" if row_scaled else _scale_kind(global_scale, x.shape)
     return _fake_quantized(x, padded_n, layout, kind, fmt)
@@ -206,13 +207,14 @@ def _(x, per_row, numerics="ieee"):
 
 
 @torch.library.custom_op("nvfp4::quantize", mutates_args=())
-def _quantize_op(x: torch.Tensor, padded_n: Optional[int], layout: str, per_row: bool,
-                 numerics: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _quantize.quantize(x, True, padded_n, layout=layout, per_row=per_row, like=_LIKE, numerics=numerics)
+def _quantize_op(x: torch.Tensor, padded_n: Optional[int], layout: str, per_row: bool, numerics: str = "ieee",
+                 tile: str = "1x16") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize.quantize(x, True, padded_n, layout=layout, per_row=per_row, like=_LIKE, numerics=numerics,
+                              tile=tile)
 
 
 @_quantize_op.register_fake
-def _(x, padded_n, layout, per_row, numerics="ieee"):
+def _(x, padded_n, layout, per_row, numerics="ieee", tile="1x16"):
     from ._format import rows_and_n
 
     packed_shape, scale_shape = quantized_shapes(tuple(x.shape), padded_n, True, layout, "one", "nvfp4")

@@ -166,6 +166,9 @@ class QuantizeVariant:
     # NVFP4 "ieee": "rn" (round to nearest), or "sr" (stochastic rounding of
     # the codes, quantize_nvfp4_sr: docs/stochastic_rounding_and_mx_rules.md)
     rounding: str = "rn"
+    # NVFP4 "te": "1x16" blocks, or "16x16" tiles (quantize_nvfp4_te_tiles: one
+    # global scale, one block a thread)
+    tile: str = "1x16"
 
     source = "quantize.cu"
 
@@ -177,6 +180,8 @@ class QuantizeVariant:
             return (f"nvfp4::quantize_mxfp4<{types}, {self.blocks_per_thread}{rule}>",)
         if self.global_scales == "own":
             return (f"nvfp4::quantize_nvfp4_own_scale<{types}, {self.blocks_per_thread}>",)
+        if self.tile == "16x16":
+            return (f"nvfp4::quantize_nvfp4_te_tiles<{types}>",)
         if self.rounding == "sr":
             return (f"nvfp4::quantize_nvfp4_sr<{types}, {GLOBAL_SCALES[self.global_scales]}, "
                     f"{self.blocks_per_thread}>",)
@@ -351,7 +356,8 @@ def numerics_variants() -> list:
     """The quantize kernels of numerics="te" (one scale or one per row), of
     the MXFP4 scale rules "rceil" and "te_pow2" and of stochastic rounding
     (every kind of global scale): the default kernels' shapes, with other
-    Blocks."""
+    Blocks; and numerics="te"'s 16x16 tiles (one scale, one block a
+    thread)."""
     options = (("nvfp4", TE_GLOBAL_SCALES, {"numerics": "te"}), ("mxfp4", ("one",), {"mx_scale_rule": "rceil"}),
                ("mxfp4", ("one",), {"mx_scale_rule": "te_pow2"}), ("nvfp4", tuple(GLOBAL_SCALES), {"rounding": "sr"}))
     return [
@@ -362,6 +368,11 @@ def numerics_variants() -> list:
         for fmt, all_scales, option in options
         for scales in all_scales
         for per_thread in sorted({1, wide_blocks_per_thread(dtype_name, fmt)})
+    ] + [
+        QuantizeVariant(dtype_name, layout, vector, "one", "nvfp4", 1, "te", tile="16x16")
+        for dtype_name in ELEMENT_STRUCTS
+        for layout in LAYOUTS.values()
+        for vector in (False, True)
     ]
 
 

@@ -57,6 +57,7 @@ def scaled_fp4_quant(
     numerics="ieee",
     mx_scale_rule=None,
     row_scaled=False,
+    tile="1x16",
 ):
     """Quantize x [..., n] (float16, bfloat16 or float32 on the GPU) to NVFP4
     (or, with fmt="mxfp4" and global_scale None, to OCP MXFP4).
@@ -76,13 +77,15 @@ def scaled_fp4_quant(
     `numerics="te"` (NVFP4): TransformerEngine's arithmetic, the bytes of
     nvfp4_cupy.reference.scaled_fp4_quant_te (docs/te_numerics.md): one
     global scale (host float or one-element array), or with row_scaled=True
-    one per row, [m] (row-scaled NVFP4); no per-expert scales.
+    one per row, [m] (row-scaled NVFP4); no per-expert scales. With it,
+    tile="16x16" (one global scale) gives one scale per 16x16 tile, on each
+    of the tile's rows (TE's weight recipe, docs/te_numerics.md section 4).
     `mx_scale_rule` (MXFP4 only): None or "floor" (OCP, the default),
     "rceil" or "te_pow2", the bytes of
     nvfp4_cupy.reference.mx_rules.scaled_mxfp4_quant
     (docs/stochastic_rounding_and_mx_rules.md, section 3).
     """
-    options = (numerics, mx_scale_rule, row_scaled)
+    options = (numerics, mx_scale_rule, row_scaled, tile)
     if stream is None:
         if out is None and out_scale is None:
             outputs = _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
@@ -109,7 +112,7 @@ def _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out
 
 
 def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_row=False, out=None, out_scale=None,
-             stream=None, like=None, numerics="ieee"):
+             stream=None, like=None, numerics="ieee", tile="1x16"):
     """compute_global_scale then scaled_fp4_quant, all on the device:
     returns (packed, scales, global_scale), the bytes of those two calls.
     A small x (at most ONE_LAUNCH_MAX_BLOCKS blocks, one global scale) takes
@@ -118,9 +121,10 @@ def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_r
     compute_global_scale.
 
     numerics="te": TransformerEngine's global scale and arithmetic, always
-    two launches: the bytes of nvfp4_cupy.reference.quantize_te, and with
-    per_row=True those of quantize_te(x, row_scaled=True) (row-scaled NVFP4)."""
-    if per_row is False and numerics == "ieee":
+    two launches: the bytes of nvfp4_cupy.reference.quantize_te, with
+    per_row=True those of quantize_te(x, row_scaled=True) (row-scaled NVFP4),
+    with tile="16x16" those of quantize_te(x, tile="16x16")."""
+    if per_row is False and numerics == "ieee" and tile == "1x16":
         if out is None and out_scale is None and stream is None:
             outputs = _repeat(x, OWN_SCALE, is_sf_swizzled_layout, padded_n, layout, like, "nvfp4")
             if outputs is not None:
@@ -131,7 +135,8 @@ def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_r
             launch()
             return outputs
     scale_launch, global_scale = prepare_global_scale(x, per_row, stream, like, numerics)
-    options = (numerics, None, per_row if numerics == "te" else False)  # a per-row "te" scale is row-scaled NVFP4
+    # a per-row "te" scale is row-scaled NVFP4
+    options = (numerics, None, per_row if numerics == "te" else False, tile)
     quantize_launch, (packed, scales) = prepare_quantize(
         x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, "nvfp4",
         options=options
@@ -191,28 +196,30 @@ class _Plan:
 _plans: dict = {}
 _MAX_PLANS = 4096
 
-# (numerics, mx_scale_rule, rounding) of a kernel: QuantizeVariant's last three fields.
-DEFAULT_ARITHMETIC = ("ieee", "floor", "rn")
+# (numerics, mx_scale_rule, rounding, tile) of a kernel: QuantizeVariant's last four fields.
+DEFAULT_ARITHMETIC = ("ieee", "floor", "rn", "1x16")
 # The dynamic arguments of the stochastic-rounding kernel past the outputs:
 # the seed and the offset in 32-bit halves.
 _SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
-# scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled) as given.
-DEFAULT_OPTIONS = ("ieee", None, False)
+# scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled, tile) as given.
+DEFAULT_OPTIONS = ("ieee", None, False, "1x16")
 
 
-def check_options(fmt: str, options) -> tuple[tuple[str, str, str], bool]:
-    """((numerics, mx_scale_rule, "rn"), row_scaled) of a call, after the
-    golden model's checks (reference.te.check_numerics,
-    mx_rules.check_mx_scale_rule): numerics="te" is NVFP4 only and row_scaled
-    needs it; mx_scale_rule is MXFP4 only."""
-    numerics, mx_scale_rule, row_scaled = DEFAULT_OPTIONS if options is None else options
-    numerics = _te.check_numerics(numerics, fmt=fmt, row_scaled=row_scaled)
+def check_options(fmt: str, options) -> tuple[tuple[str, str, str, str], bool]:
+    """((numerics, mx_scale_rule, "rn", tile), row_scaled) of a call, after
+    the golden model's checks (reference.te.check_numerics and
+    _check_te_options, mx_rules.check_mx_scale_rule): numerics="te" is NVFP4
+    only, and row_scaled and 16x16 tiles need it (not together);
+    mx_scale_rule is MXFP4 only."""
+    numerics, mx_scale_rule, row_scaled, tile = DEFAULT_OPTIONS if options is None else options
+    numerics = _te.check_numerics(numerics, fmt=fmt, tile=tile, row_scaled=row_scaled)
+    _te._check_te_options(tile, False, row_scaled)
     if mx_scale_rule is None:
-        return (numerics, "floor", "rn"), bool(row_scaled)
+        return (numerics, "floor", "rn", tile), bool(row_scaled)
     if fmt != "mxfp4":
         raise ValueError(f"mx_scale_rule is the scale rule of fmt='mxfp4', got mx_scale_rule={mx_scale_rule!r} with "
                          f"fmt={fmt!r}")
-    return (numerics, check_mx_scale_rule(mx_scale_rule), "rn"), False
+    return (numerics, check_mx_scale_rule(mx_scale_rule), "rn", tile), False
 
 
 def te_scale_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
@@ -237,8 +244,10 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
     padded_n = resolve_padded_n(view.n, padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     scale_rows, scale_cols = scale_layout.scale_shape(view.m, padded_n, block_size)
-    per_thread = 1 if scale_kind == "own" else blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt)
-    grid, block = _geometry(scale_rows, scale_cols, view.experts, padded_n, per_thread,
+    tile_rows = _te.check_tile(arithmetic[3])  # 16x16 tiles: a thread per 16 rows of a column block
+    per_thread = (1 if scale_kind == "own" or tile_rows > 1 else
+                  blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt))
+    grid, block = _geometry(-(-scale_rows // tile_rows), scale_cols, view.experts, padded_n, per_thread,
                             f"x: shape {x.shape} with padded_n={padded_n}")
     static = dict(m=view.m, n=view.n, padded_n=padded_n, scale_rows=scale_rows, scale_cols=scale_cols,
                   row_stride=view.row_stride)
@@ -476,7 +485,7 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
         if arithmetic[0] == "te":
             scale_kind = te_scale_kind(scale, array.shape, row_scaled)
         if stochastic is not None:  # scaled_fp4_quant_sr: NVFP4, default numerics
-            arithmetic = (*arithmetic[:2], "sr")
+            arithmetic = (*arithmetic[:2], "sr", arithmetic[3])
     plan = _plan_for(frontend, array, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target, arithmetic)
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
