@@ -6,8 +6,8 @@
 // the block scale, then pack_block's codes) and decoded in registers exactly
 // as dequantize.cu decodes it (decode.cuh): codes and scale bytes never leave
 // the thread. Which quantizer runs is a template argument (the *Quantizer
-// structs below); a new variant (TE numerics, stochastic rounding, another MX
-// scale rule) is a new struct, not a new kernel.
+// structs below); a new variant (stochastic rounding, Four Over Six) is a new
+// struct, not a new kernel.
 //
 // Thread mapping, as dequantize.cu's: threadIdx.y / blockIdx.x walk rows,
 // threadIdx.x / blockIdx.y a row's blocks (16 values for NVFP4, 32 for MXFP4),
@@ -59,19 +59,44 @@ struct IeeeNvfp4Quantizer : Nvfp4Blocks {
   __device__ float largest() const { return div_rn(2688.0f, global.value); }
 };
 
-// MXFP4 with the floor scale rule (docs/format.md, section 9).
-struct FloorMxfp4Quantizer : Mxfp4Blocks {
-  static constexpr bool kMx = true;
-  static constexpr int kScaleBytes = 256;  // 0x00 .. 0xfe, and 0xff for NaN
-  __device__ explicit FloorMxfp4Quantizer(float) {}
+// NVFP4, numerics "te": TransformerEngine's arithmetic (docs/te_numerics.md),
+// 1x16 blocks, under the encode scale S_enc. Its scale bytes are E4M3 as
+// ieee's (0x00 .. 0x7e, 0x7f for NaN blocks and for every block of an
+// invalid S_enc) and decode alike (docs/fused_ops.md, section 6.1), and its
+// mask is section 6.3's NVFP4 rule, which holds for every numerics.
+struct TeNvfp4Quantizer : Nvfp4TeBlocks {
+  static constexpr bool kMx = false;
+  static constexpr int kScaleBytes = 128;
+  float encode_scale;
+
+  __device__ explicit TeNvfp4Quantizer(float gs) : Nvfp4TeBlocks(Nvfp4TeBlocks::from_global_scale(gs)), encode_scale(gs) {}
   template <typename Input>
   __device__ uint2 codes(const u32* words, const BlockScale& scale) const {
     return pack_block<Input, Codes>(words, scale);
+  }
+  __device__ static bool saturates(u32 scale_byte) { return scale_byte == kE4M3Max; }
+  __device__ float largest() const { return div_rn(2688.0f, encode_scale); }
+};
+
+// MXFP4 with one of blocks.cuh's scale rules: "floor" (docs/format.md,
+// section 9), "rceil" and "te_pow2" (docs/stochastic_rounding_and_mx_rules.md,
+// section 3). Each writes E8M0 bytes, decoded alike.
+template <typename Blocks>
+struct Mxfp4Quantizer : Blocks {
+  static constexpr bool kMx = true;
+  static constexpr int kScaleBytes = 256;  // 0x00 .. 0xfe, and 0xff for NaN
+  __device__ explicit Mxfp4Quantizer(float) {}
+  template <typename Input>
+  __device__ uint2 codes(const u32* words, const BlockScale& scale) const {
+    return pack_block<Input, typename Blocks::Codes>(words, scale);
   }
   // E8M0 reaches 2^127: no finite value is beyond MXFP4's range, only +-inf.
   __device__ static bool saturates(u32) { return true; }
   __device__ float largest() const { return __uint_as_float(kF32MaxBits); }
 };
+typedef Mxfp4Quantizer<Mxfp4Blocks> FloorMxfp4Quantizer;
+typedef Mxfp4Quantizer<Mxfp4RceilBlocks> RceilMxfp4Quantizer;
+typedef Mxfp4Quantizer<Mxfp4TePow2Blocks> TePow2Mxfp4Quantizer;
 
 // ---------------------------------------------------------------------------
 // The kernels.

@@ -316,7 +316,10 @@ class FakeQuantizer:
 # options of docs/fused_ops.md, section 6.1).
 FAKE_QUANTIZERS = {
     "nvfp4_ieee": FakeQuantizer("nvfp4::IeeeNvfp4Quantizer", "nvfp4"),
+    "nvfp4_te": FakeQuantizer("nvfp4::TeNvfp4Quantizer", "nvfp4"),
     "mxfp4_floor": FakeQuantizer("nvfp4::FloorMxfp4Quantizer", "mxfp4"),
+    "mxfp4_rceil": FakeQuantizer("nvfp4::RceilMxfp4Quantizer", "mxfp4"),
+    "mxfp4_te_pow2": FakeQuantizer("nvfp4::TePow2Mxfp4Quantizer", "mxfp4"),
 }
 
 
