@@ -392,7 +392,7 @@ def fake_quantize(x, global_scale=None, *, zero_saturated=False, **options):
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                   for t in (x, global_scale))
     if torch.compiler.is_compiling() or needs_grad:
-        return torch.ops.nvfp4.fake_quantize(x, tensor, value, *gpu.values(), zero_saturated)
+        return torch.ops.nvfp4.fake_quantize(x, tensor, value, *_op_options(gpu), zero_saturated)
     return _fake_quantize.fake_quantize(x, global_scale, **gpu, like=_LIKE)
 
 
@@ -402,7 +402,7 @@ def saturation_mask(x, global_scale=None, **options):
     gpu = _fake_quantize.gpu_variant(global_scale, options, mask=True)[1]
     tensor, value = _optional_scale(global_scale)
     if torch.compiler.is_compiling():
-        return torch.ops.nvfp4.saturation_mask(x, tensor, value, *gpu.values())
+        return torch.ops.nvfp4.saturation_mask(x, tensor, value, *_op_options(gpu))
     # A mask is never differentiated: x's autograd history does not matter here.
     return _fake_quantize.saturation_mask(x.detach(), global_scale, **gpu, like=_LIKE)
 
@@ -421,34 +421,50 @@ def _scale_of(global_scale: Optional[torch.Tensor], global_scale_value: Optional
     return global_scale.detach() if global_scale is not None else global_scale_value
 
 
-# fmt, numerics, mx_scale_rule and row_scaled: the options a GPU quantizer
-# depends on (ops/fake_quantize.GPU_OPTIONS), as the ops carry them.
+# fmt, numerics, mx_scale_rule, row_scaled, rounding, seed and offset: the
+# options a GPU quantizer depends on (ops/fake_quantize.GPU_OPTIONS), as the
+# ops carry them: the seed and the offset as the int64 of their 64 bits (the
+# seed -1, unread, where rounding is "nearest").
+def _op_options(gpu: dict) -> tuple:
+    seed = -1 if gpu["seed"] is None else _as_int64(gpu["seed"])
+    return (gpu["fmt"], gpu["numerics"], gpu["mx_scale_rule"], gpu["row_scaled"], gpu["rounding"], seed,
+            _as_int64(gpu["offset"]))
+
+
+def _gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset) -> dict:
+    """_op_options' inverse: the keyword options of the launchers."""
+    return dict(fmt=fmt, numerics=numerics, mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, rounding=rounding,
+                seed=None if rounding == "nearest" else seed % _U64, offset=offset % _U64)
+
+
 @torch.library.custom_op("nvfp4::fake_quantize", mutates_args=())
 def _fake_quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
-                      fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool,
-                      zero_saturated: bool) -> torch.Tensor:
+                      fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
+                      offset: int, zero_saturated: bool) -> torch.Tensor:
     # detach: the backward may run with grad mode on (create_graph), and the
     # launcher refuses tensors that require grad.
-    return _fake_quantize.fake_quantize(x.detach(), _scale_of(global_scale, global_scale_value), fmt=fmt,
-                                        numerics=numerics, mx_scale_rule=mx_scale_rule, row_scaled=row_scaled,
-                                        like=_LIKE)
+    return _fake_quantize.fake_quantize(
+        x.detach(), _scale_of(global_scale, global_scale_value),
+        **_gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset), like=_LIKE)
 
 
 @_fake_quantize_op.register_fake
-def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, zero_saturated):
+def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset,
+      zero_saturated):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("nvfp4::saturation_mask", mutates_args=())
 def _saturation_mask_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
-                        fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool) -> torch.Tensor:
-    return _fake_quantize.saturation_mask(x.detach(), _scale_of(global_scale, global_scale_value), fmt=fmt,
-                                          numerics=numerics, mx_scale_rule=mx_scale_rule, row_scaled=row_scaled,
-                                          like=_LIKE)
+                        fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
+                        offset: int) -> torch.Tensor:
+    return _fake_quantize.saturation_mask(
+        x.detach(), _scale_of(global_scale, global_scale_value),
+        **_gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset), like=_LIKE)
 
 
 @_saturation_mask_op.register_fake
-def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled):
+def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset):
     return torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
@@ -462,8 +478,8 @@ def _fake_quantize_setup_context(ctx, inputs, output):
 
 def _fake_quantize_backward(ctx, grad):
     """The straight-through gradient (docs/fused_ops.md, section 6.3): one
-    gradient for x, None for the other seven inputs."""
-    nothing = (None,) * 7
+    gradient for x, None for the other ten inputs."""
+    nothing = (None,) * 10
     if not ctx.zero_saturated:
         return grad, *nothing
     x, global_scale = ctx.saved_tensors

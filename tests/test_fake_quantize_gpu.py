@@ -22,6 +22,7 @@ import pytest
 from bytes_check import POISONS, assert_bytes_equal
 from conftest import gpu_unavailable_reason
 from gpu_inputs import HOST_DTYPES, boundary_cases, global_scale_for, make_input
+from nvfp4_cupy import reference as ref
 from nvfp4_cupy.reference import fused
 
 BITS = {2: np.uint16, 4: np.uint32}
@@ -74,16 +75,17 @@ def _cupy_ops():
     ({"numerics": "te", "row_scaled": True}, "nvfp4_te"),
     ({"fmt": "mxfp4", "mx_scale_rule": "rceil"}, "mxfp4_rceil"),
     ({"fmt": "mxfp4", "mx_scale_rule": "te_pow2"}, "mxfp4_te_pow2"),
+    ({"rounding": "stochastic", "seed": 7}, "nvfp4_sr"),
 ])
 def test_supported_options_pick_their_quantizer(options, quantizer):
+    """Stochastic rounding's mask is round to nearest's (the same scale bytes)."""
     ops = _cupy_ops()
     assert ops.gpu_quantizer(None, options) == quantizer
-    assert ops.gpu_quantizer(None, options, mask=True) == quantizer
+    assert ops.gpu_quantizer(None, options, mask=True) == ("nvfp4_ieee" if quantizer == "nvfp4_sr" else quantizer)
 
 
 @pytest.mark.parametrize("options", [
     {"numerics": "te", "tile": "16x16"},
-    {"rounding": "stochastic", "seed": 7},
     {"numerics": "te", "four_over_six": True},
     {"numerics": "te", "rht": True},
 ])
@@ -237,7 +239,8 @@ def test_torch_compile_plumbing_traces_forward_and_backward(golden_torch_ops):
 
 @pytest.mark.parametrize("options", [{"numerics": "te"}, {"numerics": "te", "row_scaled": True},
                                      {"fmt": "mxfp4", "mx_scale_rule": "rceil"},
-                                     {"fmt": "mxfp4", "mx_scale_rule": "te_pow2"}], ids=str)
+                                     {"fmt": "mxfp4", "mx_scale_rule": "te_pow2"},
+                                     {"rounding": "stochastic", "seed": 2**63 + 5, "offset": 2**64 - 1}], ids=str)
 def test_torch_ops_carry_the_variant_options(golden_torch_ops, options):
     """The options a GPU quantizer depends on reach it through the
     registered ops (torch.compile) and the backward's mask, not only
@@ -249,6 +252,8 @@ def test_torch_ops_carry_the_variant_options(golden_torch_ops, options):
     gs = None
     if options.get("numerics") == "te":  # 4x TE's scale: values beyond a quarter of amax saturate
         gs = np.float32(4) * te.compute_global_scale_te(host, per_row=options.get("row_scaled", False))
+    elif "rounding" in options:
+        gs = np.float32(4) * ref.compute_global_scale(host)
     want = fused.fake_quantize(host, gs, **options)
     want_grad = fused.fake_quantize_backward(np.ones_like(host), host, gs, zero_saturated=True, **options)
 
@@ -384,6 +389,7 @@ VARIANTS = {
     "te row_scaled": ({"numerics": "te", "row_scaled": True}, ("row", "computed")),
     "mxfp4 rceil": ({"fmt": "mxfp4", "mx_scale_rule": "rceil"}, ("mx",)),
     "mxfp4 te_pow2": ({"fmt": "mxfp4", "mx_scale_rule": "te_pow2"}, ("mx",)),
+    "sr": ({"rounding": "stochastic", "seed": 2**40 + 5, "offset": 2**63 + 3}, ("one", "row", "expert")),
 }
 
 
@@ -404,16 +410,20 @@ def variant_scale_case(x_host: np.ndarray, kind: str, form: str, rng) -> tuple:
 
 
 def unfused_variant(cp, x, gs, options: dict):
-    """scaled_fp4_quant then dequantize_fp4 with the variant's options (no
-    expert batch for numerics="te": TE defines none)."""
+    """scaled_fp4_quant (or scaled_fp4_quant_sr) then dequantize_fp4 with
+    the variant's options (no expert batch for numerics="te": TE defines
+    none)."""
     import nvfp4_cupy as nv
 
     fmt = options.get("fmt", "nvfp4")
-    quant_options = {k: v for k, v in options.items() if k != "fmt"}
     if fmt == "nvfp4" and gs is None:
-        gs = nv.compute_global_scale(x, per_row=options.get("row_scaled", False), numerics="te")
-    packed, scales = nv.scaled_fp4_quant(x, gs if fmt == "nvfp4" else None, layout="linear", fmt=fmt,
-                                         **quant_options)
+        gs = nv.compute_global_scale(x, per_row=options.get("row_scaled", False),
+                                     numerics=options.get("numerics", "ieee"))
+    if options.get("rounding") == "stochastic":
+        packed, scales = nv.scaled_fp4_quant_sr(x, gs, layout="linear", seed=options["seed"], offset=options["offset"])
+    else:
+        packed, scales = nv.scaled_fp4_quant(x, gs if fmt == "nvfp4" else None, layout="linear", fmt=fmt,
+                                             **{k: v for k, v in options.items() if k != "fmt"})
     dtype_name = "bfloat16" if x.dtype == HOST_DTYPES["bfloat16"] else x.dtype.name
     return nv.dequantize_fp4(packed, scales, gs if fmt == "nvfp4" else None, n=x.shape[-1], layout="linear",
                              dtype=dtype_name, fmt=fmt)
@@ -441,7 +451,7 @@ def test_te_and_mx_rule_variants_match_golden_and_the_unfused_ops(cp, case, dtyp
         got = fake_quantize_poisoned(cp, x, device_scale(cp, gs), **options)
         assert got.shape == shaped.shape and got.dtype == shaped.dtype
         assert_bytes_equal(bits(got), bits(want), f"{label}: vs golden")
-        if scale_kind != "expert":
+        if scale_kind != "expert" or "rounding" in options:
             assert_bytes_equal(bits(got), bits(cp.asnumpy(unfused_variant(cp, x, device_scale(cp, gs), options))),
                                f"{label}: vs unfused GPU ops")
         saturating = None if gs_host is None else np.atleast_1d(np.float32(4) * np.asarray(gs_host, np.float32))
@@ -559,8 +569,7 @@ def _bad_calls(cp):
          "last dimension must be contiguous"),
         ("te 16x16 tiles", lambda: nv.fake_quantize(x, numerics="te", tile="16x16"), ValueError,
          "not available on the GPU yet"),
-        ("stochastic", lambda: nv.fake_quantize(x, rounding="stochastic", seed=1), ValueError,
-         "not available on the GPU yet"),
+        ("stochastic without a seed", lambda: nv.fake_quantize(x, rounding="stochastic"), ValueError, "seed"),
         ("te per-row scale without row_scaled", lambda: nv.fake_quantize(x, cp.ones(4, cp.float32), numerics="te"),
          ValueError, "row_scaled"),
         ("te per-row scales of each expert", lambda: nv.fake_quantize(

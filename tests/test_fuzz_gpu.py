@@ -134,7 +134,8 @@ MX_RULES = ("floor", "rceil", "te_pow2")
 def test_fused_ops_match_golden(case, op):
     """The fused ops of issue 16 on the same drawn inputs, outputs poisoned:
     fake quantization reads x as drawn (row stride, base offset), with the
-    default quantizer or a variant (numerics="te", an MX scale rule); RMSNorm
+    default quantizer or a variant (numerics="te", stochastic rounding, an MX
+    scale rule); RMSNorm
     (with a weight) and SiLU-and-mul read a contiguous copy, SiLU-and-mul
     its even part ([m, 2 * (n // 2)])."""
     from test_experts_gpu import run_poisoned
@@ -147,9 +148,10 @@ def test_fused_ops_match_golden(case, op):
     fmt, layout, padded_n = case["fmt"], case["layout"], case["padded_n"]
     if op in ("fake_quantize", "fake_quantize_variant"):
         options = {"fmt": fmt}
-        if op == "fake_quantize_variant":  # an MX rule, or numerics="te" (row-scaled for a per-row scale)
+        if op == "fake_quantize_variant":  # an MX rule; numerics="te" (row-scaled for a per-row scale) or SR
             options |= ({"mx_scale_rule": MX_RULES[case["seed"] % 3]} if fmt == "mxfp4" else
-                        {"numerics": "te", "row_scaled": case["scale_kind"] == "row"})
+                        {"numerics": "te", "row_scaled": case["scale_kind"] == "row"} if case["seed"] % 2 else
+                        {"rounding": "stochastic", "seed": case["seed"] * 2**31 + 7, "offset": case["seed"] ** 2})
         want = (fused.fake_quantize(x_host, gs_host, **options),)
         got = run_poisoned(lambda: (nv.fake_quantize(x, gs, **options),))
     elif op == "rms_norm_quant":

@@ -50,9 +50,10 @@ def fake_quantize(x, global_scale=None, *, fmt="nvfp4", numerics="ieee", tile="1
     which are also those of dequantize_fp4(*scaled_fp4_quant(x, gs,
     layout="linear"), gs, n, layout="linear", dtype=x.dtype).
 
-    On the GPU now: NVFP4 with numerics="ieee" or "te" (1x16 blocks; with
-    row_scaled=True one S_enc per row) and round to nearest, and MXFP4 with
-    every mx_scale_rule ("floor", "rceil", "te_pow2"). The other options of
+    On the GPU now: NVFP4 with numerics="ieee" (rounding="nearest", or
+    "stochastic" with a seed and an offset) or "te" (1x16 blocks; with
+    row_scaled=True one S_enc per row), and MXFP4 with every mx_scale_rule
+    ("floor", "rceil", "te_pow2"). The other options of
     the golden model are checked as it checks them, then refused with a
     ValueError (not on the GPU yet). `global_scale`: a host float, or a
     float32 device array of one element, one per row, or one per expert for
@@ -82,19 +83,23 @@ def saturation_mask(x, global_scale=None, *, out=None, stream=None, like=None, *
     return result
 
 
-# The quantizers on the GPU, by (fmt, variant, MX scale rule) of the resolved
-# options (reference.fused._check_fake_options); tile and rounding must be
-# their defaults, stochastic rounding and 16x16 tiles are not on the GPU yet.
+# The quantizers on the GPU, by (fmt, variant, MX scale rule, rounding) of
+# the resolved options (reference.fused._check_fake_options); the tile must
+# be "1x16" (16x16 tiles, Four Over Six and the RHT are not on the GPU yet).
 GPU_QUANTIZERS = {
-    ("nvfp4", "ieee", "floor"): "nvfp4_ieee",
-    ("nvfp4", "te", "floor"): "nvfp4_te",
-    ("mxfp4", "ieee", "floor"): "mxfp4_floor",
-    ("mxfp4", "ieee", "rceil"): "mxfp4_rceil",
-    ("mxfp4", "ieee", "te_pow2"): "mxfp4_te_pow2",
+    ("nvfp4", "ieee", "floor", "nearest"): "nvfp4_ieee",
+    ("nvfp4", "ieee", "floor", "stochastic"): "nvfp4_sr",
+    ("nvfp4", "te", "floor", "nearest"): "nvfp4_te",
+    ("mxfp4", "ieee", "floor", "nearest"): "mxfp4_floor",
+    ("mxfp4", "ieee", "rceil", "nearest"): "mxfp4_rceil",
+    ("mxfp4", "ieee", "te_pow2", "nearest"): "mxfp4_te_pow2",
 }
 # The options a GPU quantizer depends on (the others are at their defaults),
 # in the order the torch ops take them.
-GPU_OPTIONS = ("fmt", "numerics", "mx_scale_rule", "row_scaled")
+GPU_OPTIONS = ("fmt", "numerics", "mx_scale_rule", "row_scaled", "rounding", "seed", "offset")
+# The fake_quantize kernel's per-call arguments past `out`: stochastic
+# rounding's seed and offset in 32-bit halves (zeros for the other quantizers).
+_SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
 
 
 def gpu_quantizer(global_scale, options: dict, *, mask: bool = False) -> str:
@@ -115,14 +120,18 @@ def gpu_variant(global_scale, options: dict, *, mask: bool = False) -> tuple[str
     if mask and variant == "rht":
         raise ValueError("the saturation mask is not defined with rht=True (it would live in the transformed "
                          "domain, docs/fused_ops.md section 6.3); use the plain straight-through gradient")
-    quantizer = GPU_QUANTIZERS.get((args["fmt"], variant, resolved["rule"]))
-    if quantizer is not None and resolved["seed"] is None and args["tile"] == "1x16":
-        return quantizer, dict(zip(GPU_OPTIONS, (args["fmt"], variant, resolved["rule"], bool(args["row_scaled"]))))
+    rounding = "nearest" if resolved["seed"] is None else "stochastic"
+    quantizer = GPU_QUANTIZERS.get((args["fmt"], variant, resolved["rule"], rounding))
+    if quantizer is not None and args["tile"] == "1x16":
+        if mask and quantizer == "nvfp4_sr":
+            quantizer = "nvfp4_ieee"  # stochastic rounding has round to nearest's scale bytes, and so its mask
+        return quantizer, dict(zip(GPU_OPTIONS, (args["fmt"], variant, resolved["rule"], bool(args["row_scaled"]),
+                                                 rounding, resolved["seed"], resolved["offset"] or 0)))
     chosen = [f"{name}={args[name]!r}" for name in _FAKE_DEFAULTS
               if name not in ("fmt", "global_amax") and args[name] != _FAKE_DEFAULTS[name]]
     raise ValueError(f"fake quantization with {', '.join(chosen)} is not available on the GPU yet (GPU: fmt='nvfp4' "
-                     "with numerics='ieee' or 'te' (1x16 blocks, row_scaled or not) and rounding='nearest', "
-                     "fmt='mxfp4' with every mx_scale_rule); nvfp4_cupy.reference.fused computes it on the CPU")
+                     "with numerics='ieee' (rounding 'nearest' or 'stochastic') or 'te' (1x16 blocks, row_scaled or "
+                     "not), fmt='mxfp4' with every mx_scale_rule); nvfp4_cupy.reference.fused computes it on the CPU")
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,7 @@ def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, 
     static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n,
                   blocks_per_row=blocks_per_row, steps=steps, global_scale_expert_step=expert_step,
                   global_scale_row_step=row_step)
-    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out")
+    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out") + (() if mask else _SR_WORDS)
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(BoundKernel(variant, grid, block_shape, static, dynamic, target=target)
                     if (vectors or not variant.vector) else None for variant in variants)
@@ -178,7 +187,10 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
     device_id = array.device_id
     dtype_name = frontend.dtype_name(array.dtype)
     resolve_padded_n(rows_and_n(array.shape)[1], None)  # n >= 1
-    quantizer = gpu_quantizer(global_scale, options, mask=mask)
+    quantizer, gpu = gpu_variant(global_scale, options, mask=mask)
+    # the kernel's seed and offset halves (the mask kernel takes none)
+    words = () if mask else tuple(half for value in (gpu["seed"] or 0, gpu["offset"])
+                                  for half in (value & 0xFFFFFFFF, value >> 32))
     fmt = FAKE_QUANTIZERS[quantizer].fmt
     te_numerics = quantizer == "nvfp4_te"
     row_scaled = bool(options.get("row_scaled", False))
@@ -217,7 +229,8 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
         scale_launch, computed = (prepare_global_scale(x, row_scaled, stream, like, "te") if te_numerics else
                                   prepare_global_scale(x, False, stream, like))
         scale = global_scale_argument(computed, device_id, array.shape)
-        fake_launch = functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, 0.0, out_pointer)
+        fake_launch = functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, 0.0, out_pointer,
+                                        *words)
 
         def launch(computed=computed) -> None:  # holds the computed scale until both are launched
             scale_launch()
@@ -225,8 +238,9 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
 
         return launch, result
     if scale is None:  # MXFP4: no global scale
-        return functools.partial(kernel, device_id, handle, array.pointer, 0, 0.0, out_pointer), result
-    return functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, out_pointer), result
+        return functools.partial(kernel, device_id, handle, array.pointer, 0, 0.0, out_pointer, *words), result
+    return (functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, out_pointer, *words),
+            result)
 
 
 def te_fake_scale_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
