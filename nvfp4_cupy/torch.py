@@ -389,26 +389,24 @@ def fake_quantize(x, global_scale=None, *, zero_saturated=False, **options):
     no GPU kernel yet are a ValueError. Works under torch.compile (no graph
     break) and in training steps."""
     zero_saturated = check_bool(zero_saturated, "zero_saturated")
-    fmt = options.get("fmt", "nvfp4")
-    _fake_quantize.gpu_quantizer(global_scale, options)  # every option check, before anything runs
+    gpu = _fake_quantize.gpu_variant(global_scale, options)[1]  # every option check, before anything runs
     tensor, value = _optional_scale(global_scale)
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                   for t in (x, global_scale))
     if torch.compiler.is_compiling() or needs_grad:
-        return torch.ops.nvfp4.fake_quantize(x, tensor, value, fmt, zero_saturated)
-    return _fake_quantize.fake_quantize(x, global_scale, fmt=fmt, like=_LIKE)
+        return torch.ops.nvfp4.fake_quantize(x, tensor, value, *_op_options(gpu), zero_saturated)
+    return _fake_quantize.fake_quantize(x, global_scale, **gpu, like=_LIKE)
 
 
 def saturation_mask(x, global_scale=None, **options):
     """nvfp4_cupy.saturation_mask for torch tensors: a bool tensor of x's
     shape (docs/fused_ops.md, section 6.3)."""
-    fmt = options.get("fmt", "nvfp4")
-    _fake_quantize.gpu_quantizer(global_scale, options, mask=True)
+    gpu = _fake_quantize.gpu_variant(global_scale, options, mask=True)[1]
     tensor, value = _optional_scale(global_scale)
     if torch.compiler.is_compiling():
-        return torch.ops.nvfp4.saturation_mask(x, tensor, value, fmt)
+        return torch.ops.nvfp4.saturation_mask(x, tensor, value, *_op_options(gpu))
     # A mask is never differentiated: x's autograd history does not matter here.
-    return _fake_quantize.saturation_mask(x.detach(), global_scale, fmt=fmt, like=_LIKE)
+    return _fake_quantize.saturation_mask(x.detach(), global_scale, **gpu, like=_LIKE)
 
 
 def _optional_scale(global_scale):
@@ -425,46 +423,70 @@ def _scale_of(global_scale: Optional[torch.Tensor], global_scale_value: Optional
     return global_scale.detach() if global_scale is not None else global_scale_value
 
 
+# fmt, numerics, mx_scale_rule, row_scaled, rounding, seed and offset: the
+# options a GPU quantizer depends on (ops/fake_quantize.GPU_OPTIONS), as the
+# ops carry them: the seed and the offset as the int64 of their 64 bits (the
+# seed -1, unread, where rounding is "nearest").
+def _op_options(gpu: dict) -> tuple:
+    seed = -1 if gpu["seed"] is None else _as_int64(gpu["seed"])
+    return (gpu["fmt"], gpu["numerics"], gpu["mx_scale_rule"], gpu["row_scaled"], gpu["rounding"], seed,
+            _as_int64(gpu["offset"]))
+
+
+def _gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset) -> dict:
+    """_op_options' inverse: the keyword options of the launchers."""
+    return dict(fmt=fmt, numerics=numerics, mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, rounding=rounding,
+                seed=None if rounding == "nearest" else seed % _U64, offset=offset % _U64)
+
+
 @torch.library.custom_op("nvfp4::fake_quantize", mutates_args=())
 def _fake_quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
-                      fmt: str, zero_saturated: bool) -> torch.Tensor:
+                      fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
+                      offset: int, zero_saturated: bool) -> torch.Tensor:
     # detach: the backward may run with grad mode on (create_graph), and the
     # launcher refuses tensors that require grad.
-    return _fake_quantize.fake_quantize(x.detach(), _scale_of(global_scale, global_scale_value), fmt=fmt, like=_LIKE)
+    return _fake_quantize.fake_quantize(
+        x.detach(), _scale_of(global_scale, global_scale_value),
+        **_gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset), like=_LIKE)
 
 
 @_fake_quantize_op.register_fake
-def _(x, global_scale, global_scale_value, fmt, zero_saturated):
+def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset,
+      zero_saturated):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("nvfp4::saturation_mask", mutates_args=())
 def _saturation_mask_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
-                        fmt: str) -> torch.Tensor:
-    return _fake_quantize.saturation_mask(x.detach(), _scale_of(global_scale, global_scale_value), fmt=fmt,
-                                          like=_LIKE)
+                        fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
+                        offset: int) -> torch.Tensor:
+    return _fake_quantize.saturation_mask(
+        x.detach(), _scale_of(global_scale, global_scale_value),
+        **_gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset), like=_LIKE)
 
 
 @_saturation_mask_op.register_fake
-def _(x, global_scale, global_scale_value, fmt):
+def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset):
     return torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
 def _fake_quantize_setup_context(ctx, inputs, output):
-    x, global_scale, global_scale_value, fmt, zero_saturated = inputs
+    x, global_scale, global_scale_value, *gpu_options, zero_saturated = inputs
     ctx.zero_saturated = zero_saturated
     if zero_saturated:  # the mask is recomputed from x: keep x only when it is needed
         ctx.save_for_backward(x, global_scale)
-        ctx.global_scale_value, ctx.fmt = global_scale_value, fmt
+        ctx.global_scale_value, ctx.gpu_options = global_scale_value, gpu_options
 
 
 def _fake_quantize_backward(ctx, grad):
-    """The straight-through gradient (docs/fused_ops.md, section 6.3)."""
+    """The straight-through gradient (docs/fused_ops.md, section 6.3): one
+    gradient for x, None for the other ten inputs."""
+    nothing = (None,) * 10
     if not ctx.zero_saturated:
-        return grad, None, None, None, None
+        return grad, *nothing
     x, global_scale = ctx.saved_tensors
-    mask = torch.ops.nvfp4.saturation_mask(x, global_scale, ctx.global_scale_value, ctx.fmt)
-    return torch.where(mask, grad.new_zeros(()), grad), None, None, None, None
+    mask = torch.ops.nvfp4.saturation_mask(x, global_scale, ctx.global_scale_value, *ctx.gpu_options)
+    return torch.where(mask, grad.new_zeros(()), grad), *nothing
 
 
 _fake_quantize_op.register_autograd(_fake_quantize_backward, setup_context=_fake_quantize_setup_context)

@@ -321,7 +321,11 @@ class FakeQuantizer:
 # options of docs/fused_ops.md, section 6.1).
 FAKE_QUANTIZERS = {
     "nvfp4_ieee": FakeQuantizer("nvfp4::IeeeNvfp4Quantizer", "nvfp4"),
+    "nvfp4_te": FakeQuantizer("nvfp4::TeNvfp4Quantizer", "nvfp4"),
+    "nvfp4_sr": FakeQuantizer("nvfp4::SrNvfp4Quantizer", "nvfp4"),
     "mxfp4_floor": FakeQuantizer("nvfp4::FloorMxfp4Quantizer", "mxfp4"),
+    "mxfp4_rceil": FakeQuantizer("nvfp4::RceilMxfp4Quantizer", "mxfp4"),
+    "mxfp4_te_pow2": FakeQuantizer("nvfp4::TePow2Mxfp4Quantizer", "mxfp4"),
 }
 
 
@@ -405,8 +409,9 @@ def all_variants() -> list:
         + [RmsNormVariant(d, vector, op) for d in ELEMENT_STRUCTS for vector in flags for op in RMS_NORM_OPS]
         + [ExpertsVariant(d, fmt) for d in ELEMENT_STRUCTS for fmt in ("nvfp4", "mxfp4")]
         + [SiluAndMulVariant(d) for d in ELEMENT_STRUCTS]
+        # (stochastic rounding has round to nearest's scale bytes, so its mask is nvfp4_ieee's)
         + [FakeQuantizeVariant(d, q, vector, mask) for d in ELEMENT_STRUCTS for q in FAKE_QUANTIZERS
-           for vector in flags for mask in flags]
+           for vector in flags for mask in flags if not (mask and q == "nvfp4_sr")]
     )
 
 

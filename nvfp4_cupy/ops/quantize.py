@@ -222,13 +222,19 @@ def check_options(fmt: str, options) -> tuple[tuple[str, str, str, str], bool]:
     return (numerics, check_mx_scale_rule(mx_scale_rule), "rn", tile), False
 
 
-def te_scale_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
-    """The kind of global scale ("one" or "row") of a numerics="te" call, by
-    the golden model's rules (reference.te, docs/te_numerics.md section 7),
-    read on a stand-in of the device array's shape. TransformerEngine defines
-    no expert batch: per-expert scales are refused here."""
+def te_resolved_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
+    """The kind of global scale of a numerics="te" call ("one", "row",
+    "expert" or "expert_row") by the golden model's rules (reference.te,
+    docs/te_numerics.md section 7), read on a stand-in of the device array's
+    shape."""
     stand_in = scale.value if scale.array is None else np.broadcast_to(np.float32(0), tuple(scale.array.shape))
-    kind = _te._resolve_scales(tuple(x_shape), stand_in, None, False, row_scaled)[0]
+    return _te._resolve_scales(tuple(x_shape), stand_in, None, False, row_scaled)[0]
+
+
+def te_scale_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
+    """te_resolved_kind, "one" or "row": TransformerEngine defines no expert
+    batch, so per-expert scales are refused here."""
+    kind = te_resolved_kind(scale, x_shape, row_scaled)
     if kind not in ("one", "row"):
         raise ValueError("numerics='te' on the GPU takes one global scale, or one per row with row_scaled=True; "
                          f"got one per expert (shape {tuple(scale.array.shape)} for x of shape {tuple(x_shape)}): "
