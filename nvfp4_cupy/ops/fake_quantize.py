@@ -34,7 +34,7 @@ from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_a
 from ..reference.fused import _FAKE_DEFAULTS, _check_fake_options, _fake_options
 from .dequantize import blocks_per_thread
 from .global_scale import prepare_global_scale
-from .quantize import _read_range, te_resolved_kind
+from .quantize import SR_WORDS, _read_range, sr_words, te_resolved_kind
 
 # The mask's vector path stores 8 bytes (8 values) at a time.
 MASK_VECTOR_BYTES = 8
@@ -97,9 +97,6 @@ GPU_QUANTIZERS = {
 # The options a GPU quantizer depends on (the others are at their defaults),
 # in the order the torch ops take them.
 GPU_OPTIONS = ("fmt", "numerics", "mx_scale_rule", "row_scaled", "rounding", "seed", "offset")
-# The fake_quantize kernel's per-call arguments past `out`: stochastic
-# rounding's seed and offset in 32-bit halves (zeros for the other quantizers).
-_SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
 
 
 def gpu_quantizer(global_scale, options: dict, *, mask: bool = False) -> str:
@@ -158,7 +155,8 @@ def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, 
     static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n,
                   blocks_per_row=blocks_per_row, steps=steps, global_scale_expert_step=expert_step,
                   global_scale_row_step=row_step)
-    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out") + (() if mask else _SR_WORDS)
+    # past `out`, the seed and offset halves (zeros for the quantizers without stochastic rounding)
+    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out") + (() if mask else SR_WORDS)
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(BoundKernel(variant, grid, block_shape, static, dynamic, target=target)
                     if (vectors or not variant.vector) else None for variant in variants)
@@ -189,8 +187,7 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
     resolve_padded_n(rows_and_n(array.shape)[1], None)  # n >= 1
     quantizer, gpu = gpu_variant(global_scale, options, mask=mask)
     # the kernel's seed and offset halves (the mask kernel takes none)
-    words = () if mask else tuple(half for value in (gpu["seed"] or 0, gpu["offset"])
-                                  for half in (value & 0xFFFFFFFF, value >> 32))
+    words = () if mask else sr_words(gpu["seed"] or 0, gpu["offset"])
     fmt = FAKE_QUANTIZERS[quantizer].fmt
     te_numerics = quantizer == "nvfp4_te"
     row_scaled = bool(options.get("row_scaled", False))

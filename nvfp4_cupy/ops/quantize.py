@@ -198,11 +198,16 @@ _MAX_PLANS = 4096
 
 # (numerics, mx_scale_rule, rounding, tile) of a kernel: QuantizeVariant's last four fields.
 DEFAULT_ARITHMETIC = ("ieee", "floor", "rn", "1x16")
-# The dynamic arguments of the stochastic-rounding kernel past the outputs:
-# the seed and the offset in 32-bit halves.
-_SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
 # scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled, tile) as given.
 DEFAULT_OPTIONS = ("ieee", None, False, "1x16")
+# The dynamic arguments of the stochastic-rounding kernels past the outputs
+# (quantize_nvfp4_sr, fake_quantize): the seed and the offset in 32-bit halves.
+SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
+
+
+def sr_words(seed: int, offset: int) -> tuple[int, int, int, int]:
+    """SR_WORDS' values: (seed lo, seed hi, offset lo, offset hi)."""
+    return seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32
 
 
 def check_options(fmt: str, options) -> tuple[tuple[str, str, str, str], bool]:
@@ -265,7 +270,7 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
         static["expert_stride"] = view.expert_stride
         dynamic = ("x", "global_scale_ptr", "global_scale_value", "packed", "scales")
         if arithmetic[2] == "sr":
-            dynamic += _SR_WORDS
+            dynamic += SR_WORDS
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(
         BoundKernel(QuantizeVariant(dtype_name, scale_layout, vector, scale_kind, fmt, per_thread, *arithmetic), grid,
@@ -532,8 +537,7 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
                                  *pointers), outputs
     if scale is None:
         return functools.partial(kernel, device_id, handle, array.pointer, *pointers), outputs
-    words = () if stochastic is None else tuple(half for value in stochastic for half in (value & 0xFFFFFFFF,
-                                                                                      value >> 32))
+    words = () if stochastic is None else sr_words(*stochastic)
     return (functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, *pointers, *words),
             outputs)
 
