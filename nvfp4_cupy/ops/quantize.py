@@ -201,6 +201,8 @@ SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
 def sr_words(seed: int, offset: int) -> tuple[int, int, int, int]:
     """SR_WORDS' values: (seed lo, seed hi, offset lo, offset hi)."""
     return seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32
+
+
 # scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled) as given.
 DEFAULT_OPTIONS = ("ieee", None, False)
 
