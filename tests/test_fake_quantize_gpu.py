@@ -405,7 +405,9 @@ def variant_scale_case(x_host: np.ndarray, kind: str, form: str, rng) -> tuple:
     shaped, gs_host, gs = scale_case(x_host, kind, form, rng)
     if kind == "one" and form != "computed":  # TE's own encode scale of x
         value = np.float32(te.compute_global_scale_te(x_host)[0])
-        gs_host, gs = (value, value) if form == "host" else (np.array([value]),) * 2
+        # a NaN or infinite S_enc (x with NaN or inf) can only be passed as an array
+        host_form = form == "host" and np.isfinite(value) and value > 0
+        gs_host, gs = (value, value) if host_form else (np.array([value]),) * 2
     return shaped, gs_host, gs
 
 

@@ -34,7 +34,7 @@ from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_a
 from ..reference.fused import _FAKE_DEFAULTS, _check_fake_options, _fake_options
 from .dequantize import blocks_per_thread
 from .global_scale import prepare_global_scale
-from .quantize import SR_WORDS, _read_range, sr_words, te_resolved_kind
+from .quantize import SR_WORDS, _read_range, sr_words, te_kind_of_shape
 
 # The mask's vector path stores 8 bytes (8 values) at a time.
 MASK_VECTOR_BYTES = 8
@@ -194,9 +194,9 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
     computed_scale = fmt == "nvfp4" and global_scale is None
     scale = None
     if fmt == "nvfp4" and not computed_scale:
+        if te_numerics:  # before the generic shape check, which does not know TE's [E, m] per-row form
+            te_fake_scale_kind(global_scale, array.shape, row_scaled)
         scale = global_scale_argument(global_scale, device_id, array.shape)
-        if te_numerics:
-            te_fake_scale_kind(scale, array.shape, row_scaled)
     # A computed scale is one, or one per row for numerics="te" with row_scaled.
     scale_kind = scale.kind if scale is not None else "row" if computed_scale and te_numerics and row_scaled else "one"
     plan = _plan_for(array, dtype_name, scale_kind, quantizer, mask, target)
@@ -240,16 +240,18 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
             result)
 
 
-def te_fake_scale_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
-    """quantize.te_resolved_kind for fake quantization, which takes one
-    scale, one per row with row_scaled=True, or one per expert of x
-    [E, m, n] (reference.fused does); one per row of each expert is not on
-    the GPU yet."""
-    kind = te_resolved_kind(scale, x_shape, row_scaled)
-    if kind == "expert_row":
+def te_fake_scale_kind(global_scale, x_shape: tuple, row_scaled: bool) -> None:
+    """The golden model's numerics="te" scale rules (reference.te) on the
+    shape of a global scale array (host values are checked later, with the
+    other numerics): fake quantization takes one scale, one per row with
+    row_scaled=True, or one per expert of x [E, m, n] (reference.fused
+    does); one per row of each expert is not on the GPU yet."""
+    shape = getattr(global_scale, "shape", None)
+    if shape is None:
+        return
+    if te_kind_of_shape(tuple(shape), x_shape, row_scaled) == "expert_row":
         raise ValueError("numerics='te' with row_scaled=True and a scale per row of each expert ([E, m]) is not "
                          "available on the GPU yet; nvfp4_cupy.reference.fused computes it on the CPU")
-    return kind
 
 
 def _nothing() -> None:

@@ -232,7 +232,14 @@ def te_resolved_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
     "expert" or "expert_row") by the golden model's rules (reference.te,
     docs/te_numerics.md section 7), read on a stand-in of the device array's
     shape."""
-    stand_in = scale.value if scale.array is None else np.broadcast_to(np.float32(0), tuple(scale.array.shape))
+    if scale.array is not None:
+        return te_kind_of_shape(tuple(scale.array.shape), x_shape, row_scaled)
+    return _te._resolve_scales(tuple(x_shape), scale.value, None, False, row_scaled)[0]
+
+
+def te_kind_of_shape(scale_shape: tuple, x_shape: tuple, row_scaled: bool) -> str:
+    """te_resolved_kind of a global scale array of this shape."""
+    stand_in = np.broadcast_to(np.float32(0), tuple(scale_shape))
     return _te._resolve_scales(tuple(x_shape), stand_in, None, False, row_scaled)[0]
 
 
