@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ._format import DEFAULT_DEQUANTIZE_DTYPE, dtype_name_of, is_host_scalar, quantized_shapes
+from ._format import DEFAULT_DEQUANTIZE_DTYPE, dtype_name_of, is_host_scalar, quantized_shapes, rows_and_n
 from .ops import dequantize as _dequantize
 from .ops import global_scale as _global_scale
 from .ops import quantize as _quantize
@@ -33,18 +33,26 @@ _LIKE = "torch"
 
 
 def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, out=None,
-                     out_scale=None, fmt="nvfp4", numerics="ieee", mx_scale_rule=None, row_scaled=False, tile="1x16"):
+                     out_scale=None, fmt="nvfp4", numerics="ieee", mx_scale_rule=None, row_scaled=False, tile="1x16",
+                     columnwise=False, global_scale_t=None):
     """nvfp4_cupy.scaled_fp4_quant for torch tensors: (packed, scales) as
-    torch uint8 tensors. `global_scale`: a float or a float32 CUDA tensor."""
+    torch uint8 tensors, with columnwise=True (packed, scales, packed_t,
+    scales_t). `global_scale` (and `global_scale_t`): a float or a float32
+    CUDA tensor."""
     if torch.compiler.is_compiling():
         _no_outputs_while_compiling(out=out, out_scale=out_scale)
         layout_name = _layout_name(is_sf_swizzled_layout, layout)
         tensor, value = _split_scale(global_scale)
+        if columnwise is not False or global_scale_t is not None:
+            tensor_t, value_t = (tensor, value) if global_scale_t is None else _split_scale(global_scale_t)
+            return torch.ops.nvfp4.scaled_fp4_quant_columnwise(x, tensor, value, tensor_t, value_t, padded_n,
+                                                               layout_name, numerics, row_scaled, tile, columnwise)
         return torch.ops.nvfp4.scaled_fp4_quant(x, tensor, value, padded_n, layout_name, fmt, numerics, mx_scale_rule,
                                                 row_scaled, tile)
     return _quantize.scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout, out=out,
                                       out_scale=out_scale, like=_LIKE, fmt=fmt, numerics=numerics,
-                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, tile=tile)
+                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, tile=tile,
+                                      columnwise=columnwise, global_scale_t=global_scale_t)
 
 
 def scaled_fp4_quant_sr(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, seed=None,
@@ -147,6 +155,26 @@ def _(x, global_scale, global_scale_value, padded_n, layout, fmt, numerics="ieee
     # row_scaled: one scale per row of x flattened, even where the shape reads per expert ([E, 1, n]).
     kind = "one" if fmt == "mxfp4" else "row" if row_scaled else _scale_kind(global_scale, x.shape)
     return _fake_quantized(x, padded_n, layout, kind, fmt)
+
+
+@torch.library.custom_op("nvfp4::scaled_fp4_quant_columnwise", mutates_args=())
+def _scaled_fp4_quant_columnwise_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
+                                    global_scale_t: Optional[torch.Tensor], global_scale_t_value: float,
+                                    padded_n: Optional[int], layout: str, numerics: str, row_scaled: bool, tile: str,
+                                    columnwise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = global_scale if global_scale is not None else global_scale_value
+    scale_t = global_scale_t if global_scale_t is not None else global_scale_t_value
+    return _quantize.scaled_fp4_quant(x, scale, True, padded_n, layout=layout, like=_LIKE, numerics=numerics,
+                                      row_scaled=row_scaled, tile=tile, columnwise=columnwise, global_scale_t=scale_t)
+
+
+@_scaled_fp4_quant_columnwise_op.register_fake
+def _(x, global_scale, global_scale_value, global_scale_t, global_scale_t_value, padded_n, layout, numerics,
+      row_scaled, tile, columnwise):
+    m, n = rows_and_n(tuple(x.shape))
+    packed, scales = _fake_quantized(x.new_empty((m, n)), padded_n, layout, "one", "nvfp4")
+    packed_t, scales_t = _fake_quantized(x.new_empty((n, m)), -(-m // 16) * 16, layout, "one", "nvfp4")
+    return packed, scales, packed_t, scales_t
 
 
 def _fake_quantized(x, padded_n, layout, kind, fmt):

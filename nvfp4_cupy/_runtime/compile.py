@@ -356,6 +356,25 @@ class FakeQuantizeVariant:
         return (f"nvfp4::fake_quantize<{structs.input}, {structs.output}, {tail}>",)
 
 
+@dataclass(frozen=True)
+class ColumnwiseVariant:
+    """quantize_nvfp4_te_columnwise (columnwise.cu): numerics="te" with 1x16
+    blocks, x and x^T quantized in one pass; one global scale (and one for
+    x^T), or one per row of x (and one per column: row-scaled NVFP4)."""
+
+    dtype_name: str
+    layout: ScaleLayout
+    vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
+    global_scales: str = "one"  # or "row"
+
+    source = "columnwise.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (f"nvfp4::quantize_nvfp4_te_columnwise<{ELEMENT_STRUCTS[self.dtype_name].input}, "
+                f"{self.layout.cuda_struct}, {_flag(self.vector_loads)}, {GLOBAL_SCALES[self.global_scales]}>",)
+
+
 def numerics_variants() -> list:
     """The quantize kernels of numerics="te" (one scale or one per row), of
     the MXFP4 scale rules "rceil" and "te_pow2" and of stochastic rounding
@@ -412,6 +431,8 @@ def all_variants() -> list:
         # (stochastic rounding has round to nearest's scale bytes, so its mask is nvfp4_ieee's)
         + [FakeQuantizeVariant(d, q, vector, mask) for d in ELEMENT_STRUCTS for q in FAKE_QUANTIZERS
            for vector in flags for mask in flags if not (mask and q == "nvfp4_sr")]
+        + [ColumnwiseVariant(d, layout, vector, scales) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
+           for vector in flags for scales in TE_GLOBAL_SCALES]
     )
 
 

@@ -39,6 +39,7 @@ from ..reference import stochastic as _stochastic
 from ..reference import te as _te
 from ..reference.mx_rules import check_mx_scale_rule
 from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
+from . import columnwise as _columnwise
 from .global_scale import prepare_global_scale
 
 
@@ -58,6 +59,8 @@ def scaled_fp4_quant(
     mx_scale_rule=None,
     row_scaled=False,
     tile="1x16",
+    columnwise=False,
+    global_scale_t=None,
 ):
     """Quantize x [..., n] (float16, bfloat16 or float32 on the GPU) to NVFP4
     (or, with fmt="mxfp4" and global_scale None, to OCP MXFP4).
@@ -84,7 +87,16 @@ def scaled_fp4_quant(
     "rceil" or "te_pow2", the bytes of
     nvfp4_cupy.reference.mx_rules.scaled_mxfp4_quant
     (docs/stochastic_rounding_and_mx_rules.md, section 3).
+
+    `columnwise=True` (numerics="te", 1x16 blocks): x and x^T from one read
+    of x, returned as (packed, scales, packed_t, scales_t), the bytes of
+    scaled_fp4_quant_te(..., columnwise=True) (docs/te_numerics.md section
+    5); `global_scale_t` is x^T's global scale (ops/columnwise.py). No
+    out/out_scale buffers there.
     """
+    if columnwise is not False or global_scale_t is not None:
+        return _columnwise_call(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream,
+                                like, fmt, numerics, mx_scale_rule, row_scaled, tile, columnwise, global_scale_t)
     options = (numerics, mx_scale_rule, row_scaled, tile)
     if stream is None:
         if out is None and out_scale is None:
@@ -98,6 +110,23 @@ def scaled_fp4_quant(
             return outputs
     return _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt=fmt,
                      options=options)
+
+
+def _columnwise_call(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt,
+                     numerics, mx_scale_rule, row_scaled, tile, columnwise, global_scale_t):
+    """scaled_fp4_quant with columnwise=True, or with global_scale_t (which
+    needs it: the golden model's message)."""
+    _te.check_numerics(numerics, fmt=fmt, tile=tile, columnwise=columnwise, row_scaled=row_scaled)
+    if not columnwise:
+        _te._resolve_scales((1, 1), 1.0, global_scale_t, False, False)  # raises: global_scale_t needs columnwise
+    if mx_scale_rule is not None:
+        raise ValueError(f"mx_scale_rule is the scale rule of fmt='mxfp4', got mx_scale_rule={mx_scale_rule!r} with "
+                         f"fmt={fmt!r}")
+    if out is not None or out_scale is not None:
+        raise ValueError("out and out_scale are not supported with columnwise=True; use the four returned arrays")
+    return _columnwise.scaled_fp4_quant_columnwise(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout,
+                                                   global_scale_t=global_scale_t, row_scaled=row_scaled, tile=tile,
+                                                   stream=stream, like=like)
 
 
 def _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like=None,
