@@ -21,7 +21,6 @@ from test_reference_te import make_input as te_corpus_input
 from nvfp4_cupy._format import LAYOUTS
 from nvfp4_cupy.reference import te
 
-pytestmark = pytest.mark.gpu
 cp = import_cupy()
 
 LAYOUT_NAMES = sorted(LAYOUTS)
@@ -80,6 +79,7 @@ def assert_columnwise_matches_golden(x_host, form, layout, padded_n, what, x=Non
 CASES = boundary_cases()
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"m{c[0]}-n{c[1]}-p{c[2]}-{c[3]}" for c in CASES])
 def test_columnwise_bit_exact_at_the_boundaries(dtype, case):
@@ -92,6 +92,7 @@ def test_columnwise_bit_exact_at_the_boundaries(dtype, case):
                                      f"{dtype} [{m}, {n}] {kind}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("name", CORPUS)
 def test_columnwise_corpus_in_every_scale_form(dtype, name):
@@ -104,6 +105,7 @@ def test_columnwise_corpus_in_every_scale_form(dtype, name):
         assert_columnwise_matches_golden(x_host, form, layout, 256 + 32 * (i % 3), f"{dtype} {name}")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("shape", [(64, 256), (1, 16), (300, 1000), (129, 4100), (1000, 48)])
 def test_columnwise_tiles_in_both_directions(dtype, shape):
@@ -116,6 +118,7 @@ def test_columnwise_tiles_in_both_directions(dtype, shape):
         assert_columnwise_matches_golden(x_host, form, layout, None, f"{dtype} [{m}, {n}]")
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 def test_columnwise_strided_unaligned_and_3d_inputs(dtype):
     """Rows with a stride (a column slice: 16-byte loads), an unaligned base
@@ -130,6 +133,7 @@ def test_columnwise_strided_unaligned_and_3d_inputs(dtype):
     assert_columnwise_matches_golden(x3, "host", "linear", None, "3-D")
 
 
+@pytest.mark.gpu
 def test_columnwise_empty_and_invalid_scales():
     """m = 0 gives empty outputs of the golden shapes; a NaN S and S_t, and
     an infinite S_t, give the golden model's bytes (0x7F scale bytes)."""
@@ -179,6 +183,7 @@ def _bad_calls():
     ]
 
 
+@pytest.mark.gpu
 def test_bad_input_is_refused_before_anything_is_allocated():
     """Each bad call raises its error before any output is allocated (so
     before any launch)."""
@@ -189,6 +194,7 @@ def test_bad_input_is_refused_before_anything_is_allocated():
         assert not pointers, f"{what}: allocated before refusing"
 
 
+@pytest.mark.gpu
 def test_torch_eager_and_compiled(torch_cuda):
     """nvfp4_cupy.torch.scaled_fp4_quant(..., columnwise=True) eager and
     under torch.compile (torch.ops.nvfp4.scaled_fp4_quant_columnwise, no
@@ -216,3 +222,23 @@ def test_torch_eager_and_compiled(torch_cuda):
             for name, g, w in zip(OUTPUTS, got, want):
                 assert g.device.type == "cuda" and g.dtype == torch.uint8
                 assert_bytes_equal(g.cpu().numpy(), w, f"torch {label} row_scaled={row_scaled}: {name}")
+
+
+@pytest.mark.parametrize("shape, padded_n, layout", [((129, 96), None, "swizzled"), ((2, 70, 48), 64, "8x4"),
+                                                     ((1, 16), None, "linear")])
+def test_torch_fake_shapes_are_the_golden_shapes(shape, padded_n, layout):
+    """The registered fake of torch.ops.nvfp4.scaled_fp4_quant_columnwise
+    (what torch.compile traces with) gives the golden model's four shapes;
+    no GPU needed."""
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    import nvfp4_cupy.torch  # noqa: F401  (registers torch.ops.nvfp4)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    want = te.scaled_fp4_quant_te(np.zeros(shape, np.float32), 1.0, padded_n=padded_n, layout=layout,
+                                  columnwise=True)
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.zeros(shape, dtype=torch.bfloat16))
+        fake = torch.ops.nvfp4.scaled_fp4_quant_columnwise(x, None, 1.0, None, 1.0, padded_n, layout, "te", False,
+                                                           "1x16", True)
+    assert [tuple(t.shape) for t in fake] == [w.shape for w in want]
+    assert all(t.dtype == torch.uint8 for t in fake)
