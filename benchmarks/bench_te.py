@@ -79,8 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
-    ceiling = _bench.copy_ceiling_gbps()["copy_kernel_gbps"]
-    card = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+    card, ceiling = _bench.card_and_copy_ceiling()
     print(f"{card}: copy ceiling {ceiling:.0f} GB/s; {DTYPE} input, swizzled scales")
     print(f"{'shape':>14}  {'variant':<14} {'us':>8} {'% copy':>7} {'vs baseline':>12}")
     rows = []
