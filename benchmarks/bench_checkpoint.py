@@ -220,9 +220,9 @@ def main(argv=None) -> int:
     if args.cpu:
         card = "cpu (golden model)"
     else:
-        import cupy as cp
+        from nvfp4_cupy._bench import card_name
 
-        card = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+        card = card_name()
     work = Path(tempfile.mkdtemp(prefix="bench_checkpoint_", dir=args.dir))
     try:
         started = time.perf_counter()

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvfp4_cupy._bench import _inputs, copy_ceiling_gbps, graph_time_us  # noqa: E402
+from nvfp4_cupy._bench import _inputs, card_name, copy_ceiling_gbps, graph_time_us  # noqa: E402
 
 SILU_SHAPES = ((4096, 7168), (16384, 7168))  # (m, n): x is [m, 2n]
 EXPERTS, TOKENS, EXPERT_N = 64, 8192, 7168
@@ -102,9 +102,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
-    import cupy as cp
-
-    card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    card = card_name()
     ceiling = copy_ceiling_gbps()["copy_kernel_gbps"]
     print(f"{card}: copy ceiling {ceiling:.0f} GB/s")
     silu = bench_silu(ceiling)

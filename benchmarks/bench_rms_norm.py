@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvfp4_cupy._bench import _inputs, copy_ceiling_gbps, graph_time_us  # noqa: E402
+from nvfp4_cupy._bench import _inputs, card_name, copy_ceiling_gbps, graph_time_us  # noqa: E402
 
 SHAPES = ((4096, 7168), (16384, 7168))
 EPS = 1e-6
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     import cupy as cp
 
-    card = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
+    card = card_name()
     ceiling = copy_ceiling_gbps()["copy_kernel_gbps"]
     print(f"{card}: copy ceiling {ceiling:.0f} GB/s (copy kernel, read + write)")
     print(f"{'op':<28}{'m x n':>14}{'fused us':>10}{'unfused us':>12}{'speedup':>9}{'GB/s':>7}{'% copy':>8}")

@@ -1,7 +1,7 @@
-"""numerics="te" and stochastic rounding (scaled_fp4_quant_sr) against
-numerics="ieee", and the MXFP4 scale rules "rceil" and "te_pow2" against
-"floor", in one run on one card: the quantize kernel
-alone (bf16 input, swizzled scales, a host global scale), device time from
+"""numerics="te" (1x16 blocks and 16x16 tiles) and stochastic rounding
+(scaled_fp4_quant_sr) against numerics="ieee", and the MXFP4 scale rules
+"rceil" and "te_pow2" against "floor", in one run on one card: the quantize
+kernel alone (bf16 input, swizzled scales, a host global scale), device time from
 CUDA-graph replays with inputs rotated over 256 MiB (nvfp4_cupy._bench), the
 copy ceiling measured in the same run. Each row is checked against the golden
 model once on a slice before it is timed. Targets: te within a few % of
@@ -33,6 +33,7 @@ GLOBAL_SCALE = 10.0
 VARIANTS = {
     "nvfp4 ieee": ("nvfp4", {}),
     "nvfp4 te": ("nvfp4", {"numerics": "te"}),
+    "nvfp4 te 16x16": ("nvfp4", {"numerics": "te", "tile": "16x16"}),
     "nvfp4 sr": ("nvfp4", {"seed": 1234, "offset": 5}),  # scaled_fp4_quant_sr
     "mxfp4 floor": ("mxfp4", {}),
     "mxfp4 rceil": ("mxfp4", {"mx_scale_rule": "rceil"}),
@@ -57,7 +58,8 @@ def check_against_golden(x, fmt: str, options: dict) -> None:
     if "seed" in options:
         want = stochastic.scaled_fp4_quant_sr(host, GLOBAL_SCALE, layout="linear", **options)
     elif fmt == "nvfp4":
-        want = (te.scaled_fp4_quant_te(host, GLOBAL_SCALE, layout="linear") if options else
+        want = (te.scaled_fp4_quant_te(host, GLOBAL_SCALE, layout="linear", tile=options.get("tile", "1x16"))
+                if options else
                 nv.reference.scaled_fp4_quant(host, GLOBAL_SCALE, layout="linear"))
     else:
         want = mx_rules.scaled_mxfp4_quant(host, options.get("mx_scale_rule", "floor"), layout="linear")
@@ -77,8 +79,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
-    ceiling = _bench.copy_ceiling_gbps()["copy_kernel_gbps"]
-    card = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+    card, ceiling = _bench.card_and_copy_ceiling()
     print(f"{card}: copy ceiling {ceiling:.0f} GB/s; {DTYPE} input, swizzled scales")
     print(f"{'shape':>14}  {'variant':<14} {'us':>8} {'% copy':>7} {'vs baseline':>12}")
     rows = []

@@ -6,8 +6,8 @@
 // the block scale, then pack_block's codes) and decoded in registers exactly
 // as dequantize.cu decodes it (decode.cuh): codes and scale bytes never leave
 // the thread. Which quantizer runs is a template argument (the *Quantizer
-// structs below); a new variant (TE numerics, stochastic rounding, another MX
-// scale rule) is a new struct, not a new kernel.
+// structs below); a new variant (Four Over Six) is a new struct, not a new
+// kernel.
 //
 // Thread mapping, as dequantize.cu's: threadIdx.y / blockIdx.x walk rows,
 // threadIdx.x / blockIdx.y a row's blocks (16 values for NVFP4, 32 for MXFP4),
@@ -30,25 +30,35 @@ namespace nvfp4 {
 
 // ---------------------------------------------------------------------------
 // The quantizers: a block format of blocks.cuh (kValues, scale(amax_bits),
-// Codes) made once a thread from its row's global scale, and what decoding
+// Codes) made once a thread from its row's QuantizerArgs, and what decoding
 // and the mask need besides:
 //   kMx          whether its scale bytes are E8M0 (how they are decoded);
 //   kScaleBytes  scale bytes 0 .. kScaleBytes - 1 are all it can write (the
 //                decode tables cover these);
-//   codes<Input>(words, scale)  the packed codes of a 16-value piece;
+//   codes<Input>(words, scale, k)  the packed codes of a 16-value piece of
+//                block k of the row;
 //   saturates(scale_byte), largest()  section 6.3's mask: a value of a block
 //                whose scale byte saturates() is saturated where its
 //                magnitude lies beyond largest() (infinities included).
 // ---------------------------------------------------------------------------
+
+// What a thread's quantizer is made from: its row's global scale and, for
+// stochastic rounding, the seed and the offset in 32-bit halves and the
+// element group of the row's block 0 (block k is group row_group + k).
+struct QuantizerArgs {
+  float gs;
+  u32 seed_lo, seed_hi, offset_lo, offset_hi;
+  unsigned long long row_group;
+};
 
 // NVFP4, numerics "ieee", round to nearest (docs/format.md, sections 2 and 3).
 struct IeeeNvfp4Quantizer : Nvfp4Blocks {
   static constexpr bool kMx = false;
   static constexpr int kScaleBytes = 128;  // 0x00 .. 0x7e, and 0x7f for NaN blocks
 
-  __device__ explicit IeeeNvfp4Quantizer(float gs) : Nvfp4Blocks(Nvfp4Blocks::from_global_scale(gs)) {}
+  __device__ explicit IeeeNvfp4Quantizer(const QuantizerArgs& a) : Nvfp4Blocks(Nvfp4Blocks::from_global_scale(a.gs)) {}
   template <typename Input>
-  __device__ uint2 codes(const u32* words, const BlockScale& scale) const {
+  __device__ uint2 codes(const u32* words, const BlockScale& scale, int) const {
     return pack_block<Input, Codes>(words, scale);
   }
   // Only a block at E4M3's largest scale (448) clips; an invalid global
@@ -59,19 +69,64 @@ struct IeeeNvfp4Quantizer : Nvfp4Blocks {
   __device__ float largest() const { return div_rn(2688.0f, global.value); }
 };
 
-// MXFP4 with the floor scale rule (docs/format.md, section 9).
-struct FloorMxfp4Quantizer : Mxfp4Blocks {
+// NVFP4, numerics "te": TransformerEngine's arithmetic (docs/te_numerics.md),
+// 1x16 blocks, under the encode scale S_enc. Its scale bytes are E4M3 as
+// ieee's (0x00 .. 0x7e, 0x7f for NaN blocks and for every block of an
+// invalid S_enc) and decode alike (docs/fused_ops.md, section 6.1), and its
+// mask is section 6.3's NVFP4 rule, which holds for every numerics.
+struct TeNvfp4Quantizer : Nvfp4TeBlocks {
+  static constexpr bool kMx = false;
+  static constexpr int kScaleBytes = 128;
+  float encode_scale;
+
+  __device__ explicit TeNvfp4Quantizer(const QuantizerArgs& a)
+      : Nvfp4TeBlocks(Nvfp4TeBlocks::from_global_scale(a.gs)), encode_scale(a.gs) {}
+  template <typename Input>
+  __device__ uint2 codes(const u32* words, const BlockScale& scale, int) const {
+    return pack_block<Input, Codes>(words, scale);
+  }
+  __device__ static bool saturates(u32 scale_byte) { return scale_byte == kE4M3Max; }
+  __device__ float largest() const { return div_rn(2688.0f, encode_scale); }
+};
+
+// NVFP4 "ieee" with stochastic rounding of the codes
+// (docs/stochastic_rounding_and_mx_rules.md, section 2): round to nearest's
+// scales and products, each block's codes rounded with the Philox words of
+// its element group, rows counted over all experts (docs/fused_ops.md,
+// section 6.1). Its scale bytes, and so its mask, are round to nearest's.
+struct SrNvfp4Quantizer : Nvfp4SrBlocks {
+  static constexpr bool kMx = false;
+  static constexpr int kScaleBytes = 128;
+
+  __device__ explicit SrNvfp4Quantizer(const QuantizerArgs& a)
+      : Nvfp4SrBlocks{global_scale(a.gs), a.seed_lo, a.seed_hi, a.offset_lo, a.offset_hi, a.row_group} {}
+  template <typename Input>
+  __device__ uint2 codes(const u32* words, const BlockScale& scale, int k) const {
+    return pack<Input>(words, scale, k);
+  }
+  __device__ static bool saturates(u32 scale_byte) { return scale_byte == kE4M3Max; }
+  __device__ float largest() const { return div_rn(2688.0f, global.value); }
+};
+
+// MXFP4 with one of blocks.cuh's scale rules: "floor" (docs/format.md,
+// section 9), "rceil" and "te_pow2" (docs/stochastic_rounding_and_mx_rules.md,
+// section 3). Each writes E8M0 bytes, decoded alike.
+template <typename Blocks>
+struct Mxfp4Quantizer : Blocks {
   static constexpr bool kMx = true;
   static constexpr int kScaleBytes = 256;  // 0x00 .. 0xfe, and 0xff for NaN
-  __device__ explicit FloorMxfp4Quantizer(float) {}
+  __device__ explicit Mxfp4Quantizer(const QuantizerArgs&) {}
   template <typename Input>
-  __device__ uint2 codes(const u32* words, const BlockScale& scale) const {
-    return pack_block<Input, Codes>(words, scale);
+  __device__ uint2 codes(const u32* words, const BlockScale& scale, int) const {
+    return pack_block<Input, typename Blocks::Codes>(words, scale);
   }
   // E8M0 reaches 2^127: no finite value is beyond MXFP4's range, only +-inf.
   __device__ static bool saturates(u32) { return true; }
   __device__ float largest() const { return __uint_as_float(kF32MaxBits); }
 };
+typedef Mxfp4Quantizer<Mxfp4Blocks> FloorMxfp4Quantizer;
+typedef Mxfp4Quantizer<Mxfp4RceilBlocks> RceilMxfp4Quantizer;
+typedef Mxfp4Quantizer<Mxfp4TePow2Blocks> TePow2Mxfp4Quantizer;
 
 // ---------------------------------------------------------------------------
 // The kernels.
@@ -107,6 +162,7 @@ template <typename Input, typename Output, typename Quantizer, bool kVector, boo
 __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* __restrict__ x,
                                                    const float* __restrict__ global_scale_ptr,
                                                    float global_scale_value, Out* __restrict__ out,
+                                                   u32 seed_lo, u32 seed_hi, u32 offset_lo, u32 offset_hi,
                                                    long long row_stride, long long expert_stride, int m, int n,
                                                    int blocks_per_row, int steps, long long global_scale_expert_step,
                                                    int global_scale_row_step) {
@@ -150,7 +206,8 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
                      ? __ldg(global_scale_ptr + (expert * global_scale_expert_step +
                                                  (in_rows ? row : 0) * global_scale_row_step))
                      : global_scale_value;
-  const Quantizer quantizer(gs);
+  const Quantizer quantizer(QuantizerArgs{gs, seed_lo, seed_hi, offset_lo, offset_hi,
+                                           (unsigned long long)(expert * m + row) * (unsigned long long)blocks_per_row});
 
   const int step_values = span * Quantizer::kValues;
   int limit = in_rows ? n - first * Quantizer::kValues : 0;  // values of the row from the step's first on
@@ -240,7 +297,7 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
       for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[s][h]));
       const BlockScale scale = quantizer.scale(amax_bits);
 #pragma unroll
-      for (int h = 0; h < kHalves; ++h) codes[s][h] = quantizer.template codes<Input>(words[s][h], scale);
+      for (int h = 0; h < kHalves; ++h) codes[s][h] = quantizer.template codes<Input>(words[s][h], scale, k + s * span);
       scale_bytes[s] = scale.scale_byte;
     }
 
@@ -308,16 +365,17 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
 }
 
 // The per-call arguments come first (the launcher packs only those), then
-// the ones fixed by the call's shape.
+// the ones fixed by the call's shape. The seed and the offset (32-bit
+// halves) are read by stochastic rounding's quantizer only.
 template <typename Input, typename Output, typename Quantizer, bool kVector, int kMaxSteps>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 fake_quantize(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
-              float global_scale_value, typename Output::raw_t* __restrict__ out, long long row_stride,
-              long long expert_stride, int m, int n, int blocks_per_row, int steps, long long global_scale_expert_step,
-              int global_scale_row_step) {
+              float global_scale_value, typename Output::raw_t* __restrict__ out, unsigned seed_lo, unsigned seed_hi,
+              unsigned offset_lo, unsigned offset_hi, long long row_stride, long long expert_stride, int m, int n,
+              int blocks_per_row, int steps, long long global_scale_expert_step, int global_scale_row_step) {
   fake_quantize_rows<Input, Output, Quantizer, kVector, false, kMaxSteps>(
-      x, global_scale_ptr, global_scale_value, out, row_stride, expert_stride, m, n, blocks_per_row, steps,
-      global_scale_expert_step, global_scale_row_step);
+      x, global_scale_ptr, global_scale_value, out, seed_lo, seed_hi, offset_lo, offset_hi, row_stride, expert_stride,
+      m, n, blocks_per_row, steps, global_scale_expert_step, global_scale_row_step);
 }
 
 // out: one byte a value of x, 1 where saturated (docs/fused_ops.md, section 6.3).
@@ -327,8 +385,8 @@ saturation_mask(const typename Input::raw_t* __restrict__ x, const float* __rest
                 float global_scale_value, u8* __restrict__ out, long long row_stride, long long expert_stride, int m,
                 int n, int blocks_per_row, int steps, long long global_scale_expert_step, int global_scale_row_step) {
   fake_quantize_rows<Input, Float32Output, Quantizer, kVector, true, kMaxSteps>(
-      x, global_scale_ptr, global_scale_value, out, row_stride, expert_stride, m, n, blocks_per_row, steps,
-      global_scale_expert_step, global_scale_row_step);
+      x, global_scale_ptr, global_scale_value, out, 0u, 0u, 0u, 0u, row_stride, expert_stride, m, n, blocks_per_row,
+      steps, global_scale_expert_step, global_scale_row_step);
 }
 
 }  // namespace nvfp4

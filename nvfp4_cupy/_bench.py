@@ -78,6 +78,18 @@ def graph_time_us(launch, buffers: int, repeats: int = 15) -> float:
     return statistics.median(times)
 
 
+def card_name() -> str:
+    """The current CUDA device's name, as benchmark reports print it."""
+    import cupy as cp
+
+    return cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+
+
+def card_and_copy_ceiling() -> tuple[str, float]:
+    """(card_name(), the copy kernel's GB/s): the head of a benchmark's report."""
+    return card_name(), copy_ceiling_gbps()["copy_kernel_gbps"]
+
+
 def copy_ceiling_gbps(nbytes: int = 2**30) -> dict:
     """Device-to-device copy of 1 GiB, bytes read + written: by a plain
     16-byte-per-thread kernel (the ceiling used) and by cudaMemcpyAsync."""
@@ -700,7 +712,7 @@ def run(argv: list[str]) -> int:
     import cupy as cp
 
     device = cp.cuda.Device()
-    card = cp.cuda.runtime.getDeviceProperties(device.id)["name"].decode()
+    card = card_name()
     copies = copy_ceiling_gbps()
     ceiling = max(copies.values())
     print(f"card {card} (sm_{device.compute_capability}), CuPy {cp.__version__}, {time.strftime('%Y-%m-%d')}; "

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ._format import DEFAULT_DEQUANTIZE_DTYPE, dtype_name_of, is_host_scalar, quantized_shapes
+from ._format import DEFAULT_DEQUANTIZE_DTYPE, dtype_name_of, is_host_scalar, quantized_shapes, rows_and_n
 from .ops import dequantize as _dequantize
 from .ops import global_scale as _global_scale
 from .ops import quantize as _quantize
@@ -33,18 +33,26 @@ _LIKE = "torch"
 
 
 def scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, out=None,
-                     out_scale=None, fmt="nvfp4", numerics="ieee", mx_scale_rule=None, row_scaled=False):
+                     out_scale=None, fmt="nvfp4", numerics="ieee", mx_scale_rule=None, row_scaled=False, tile="1x16",
+                     columnwise=False, global_scale_t=None):
     """nvfp4_cupy.scaled_fp4_quant for torch tensors: (packed, scales) as
-    torch uint8 tensors. `global_scale`: a float or a float32 CUDA tensor."""
+    torch uint8 tensors, with columnwise=True (packed, scales, packed_t,
+    scales_t). `global_scale` (and `global_scale_t`): a float or a float32
+    CUDA tensor."""
     if torch.compiler.is_compiling():
         _no_outputs_while_compiling(out=out, out_scale=out_scale)
         layout_name = _layout_name(is_sf_swizzled_layout, layout)
         tensor, value = _split_scale(global_scale)
+        if columnwise is not False or global_scale_t is not None:
+            tensor_t, value_t = (tensor, value) if global_scale_t is None else _split_scale(global_scale_t)
+            return torch.ops.nvfp4.scaled_fp4_quant_columnwise(x, tensor, value, tensor_t, value_t, padded_n,
+                                                               layout_name, numerics, row_scaled, tile, columnwise)
         return torch.ops.nvfp4.scaled_fp4_quant(x, tensor, value, padded_n, layout_name, fmt, numerics, mx_scale_rule,
-                                                row_scaled)
+                                                row_scaled, tile)
     return _quantize.scaled_fp4_quant(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout, out=out,
                                       out_scale=out_scale, like=_LIKE, fmt=fmt, numerics=numerics,
-                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled)
+                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, tile=tile,
+                                      columnwise=columnwise, global_scale_t=global_scale_t)
 
 
 def scaled_fp4_quant_sr(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, seed=None,
@@ -84,13 +92,14 @@ def compute_global_scale(x, per_row=False, *, numerics="ieee"):
 
 
 def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_row=False, out=None, out_scale=None,
-             numerics="ieee"):
+             numerics="ieee", tile="1x16"):
     """nvfp4_cupy.quantize for torch tensors: (packed, scales, global_scale)."""
     if torch.compiler.is_compiling():
         _no_outputs_while_compiling(out=out, out_scale=out_scale)
-        return torch.ops.nvfp4.quantize(x, padded_n, _layout_name(is_sf_swizzled_layout, layout), per_row, numerics)
+        return torch.ops.nvfp4.quantize(x, padded_n, _layout_name(is_sf_swizzled_layout, layout), per_row, numerics,
+                                        tile)
     return _quantize.quantize(x, is_sf_swizzled_layout, padded_n, layout=layout, per_row=per_row, out=out,
-                              out_scale=out_scale, like=_LIKE, numerics=numerics)
+                              out_scale=out_scale, like=_LIKE, numerics=numerics, tile=tile)
 
 
 def _layout_name(is_sf_swizzled_layout, layout) -> str:
@@ -132,20 +141,40 @@ def _scale_kind(global_scale: Optional[torch.Tensor], x_shape) -> str:
 @torch.library.custom_op("nvfp4::scaled_fp4_quant", mutates_args=())
 def _scaled_fp4_quant_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
                          padded_n: Optional[int], layout: str, fmt: str, numerics: str = "ieee",
-                         mx_scale_rule: Optional[str] = None,
-                         row_scaled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         mx_scale_rule: Optional[str] = None, row_scaled: bool = False,
+                         tile: str = "1x16") -> tuple[torch.Tensor, torch.Tensor]:
     scale = None if fmt == "mxfp4" else (global_scale if global_scale is not None else global_scale_value)
     # Through the public function: a repeated call takes its hot path.
     return _quantize.scaled_fp4_quant(x, scale, True, padded_n, layout=layout, like=_LIKE, fmt=fmt, numerics=numerics,
-                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled)
+                                      mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, tile=tile)
 
 
 @_scaled_fp4_quant_op.register_fake
 def _(x, global_scale, global_scale_value, padded_n, layout, fmt, numerics="ieee", mx_scale_rule=None,
-      row_scaled=False):
+      row_scaled=False, tile="1x16"):
     # row_scaled: one scale per row of x flattened, even where the shape reads per expert ([E, 1, n]).
     kind = "one" if fmt == "mxfp4" else "row" if row_scaled else _scale_kind(global_scale, x.shape)
     return _fake_quantized(x, padded_n, layout, kind, fmt)
+
+
+@torch.library.custom_op("nvfp4::scaled_fp4_quant_columnwise", mutates_args=())
+def _scaled_fp4_quant_columnwise_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: float,
+                                    global_scale_t: Optional[torch.Tensor], global_scale_t_value: float,
+                                    padded_n: Optional[int], layout: str, numerics: str, row_scaled: bool, tile: str,
+                                    columnwise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = global_scale if global_scale is not None else global_scale_value
+    scale_t = global_scale_t if global_scale_t is not None else global_scale_t_value
+    return _quantize.scaled_fp4_quant(x, scale, True, padded_n, layout=layout, like=_LIKE, numerics=numerics,
+                                      row_scaled=row_scaled, tile=tile, columnwise=columnwise, global_scale_t=scale_t)
+
+
+@_scaled_fp4_quant_columnwise_op.register_fake
+def _(x, global_scale, global_scale_value, global_scale_t, global_scale_t_value, padded_n, layout, numerics,
+      row_scaled, tile, columnwise):
+    m, n = rows_and_n(tuple(x.shape))
+    packed, scales = _fake_quantized(x.new_empty((m, n)), padded_n, layout, "one", "nvfp4")
+    packed_t, scales_t = _fake_quantized(x.new_empty((n, m)), -(-m // 16) * 16, layout, "one", "nvfp4")
+    return packed, scales, packed_t, scales_t
 
 
 def _fake_quantized(x, padded_n, layout, kind, fmt):
@@ -206,13 +235,14 @@ def _(x, per_row, numerics="ieee"):
 
 
 @torch.library.custom_op("nvfp4::quantize", mutates_args=())
-def _quantize_op(x: torch.Tensor, padded_n: Optional[int], layout: str, per_row: bool,
-                 numerics: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _quantize.quantize(x, True, padded_n, layout=layout, per_row=per_row, like=_LIKE, numerics=numerics)
+def _quantize_op(x: torch.Tensor, padded_n: Optional[int], layout: str, per_row: bool, numerics: str = "ieee",
+                 tile: str = "1x16") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _quantize.quantize(x, True, padded_n, layout=layout, per_row=per_row, like=_LIKE, numerics=numerics,
+                              tile=tile)
 
 
 @_quantize_op.register_fake
-def _(x, padded_n, layout, per_row, numerics="ieee"):
+def _(x, padded_n, layout, per_row, numerics="ieee", tile="1x16"):
     from ._format import rows_and_n
 
     packed_shape, scale_shape = quantized_shapes(tuple(x.shape), padded_n, True, layout, "one", "nvfp4")
@@ -387,26 +417,24 @@ def fake_quantize(x, global_scale=None, *, zero_saturated=False, **options):
     no GPU kernel yet are a ValueError. Works under torch.compile (no graph
     break) and in training steps."""
     zero_saturated = check_bool(zero_saturated, "zero_saturated")
-    fmt = options.get("fmt", "nvfp4")
-    _fake_quantize.gpu_quantizer(global_scale, options)  # every option check, before anything runs
+    gpu = _fake_quantize.gpu_variant(global_scale, options)[1]  # every option check, before anything runs
     tensor, value = _optional_scale(global_scale)
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                   for t in (x, global_scale))
     if torch.compiler.is_compiling() or needs_grad:
-        return torch.ops.nvfp4.fake_quantize(x, tensor, value, fmt, zero_saturated)
-    return _fake_quantize.fake_quantize(x, global_scale, fmt=fmt, like=_LIKE)
+        return torch.ops.nvfp4.fake_quantize(x, tensor, value, *_op_options(gpu), zero_saturated)
+    return _fake_quantize.fake_quantize(x, global_scale, **gpu, like=_LIKE)
 
 
 def saturation_mask(x, global_scale=None, **options):
     """nvfp4_cupy.saturation_mask for torch tensors: a bool tensor of x's
     shape (docs/fused_ops.md, section 6.3)."""
-    fmt = options.get("fmt", "nvfp4")
-    _fake_quantize.gpu_quantizer(global_scale, options, mask=True)
+    gpu = _fake_quantize.gpu_variant(global_scale, options, mask=True)[1]
     tensor, value = _optional_scale(global_scale)
     if torch.compiler.is_compiling():
-        return torch.ops.nvfp4.saturation_mask(x, tensor, value, fmt)
+        return torch.ops.nvfp4.saturation_mask(x, tensor, value, *_op_options(gpu))
     # A mask is never differentiated: x's autograd history does not matter here.
-    return _fake_quantize.saturation_mask(x.detach(), global_scale, fmt=fmt, like=_LIKE)
+    return _fake_quantize.saturation_mask(x.detach(), global_scale, **gpu, like=_LIKE)
 
 
 def _optional_scale(global_scale):
@@ -423,46 +451,70 @@ def _scale_of(global_scale: Optional[torch.Tensor], global_scale_value: Optional
     return global_scale.detach() if global_scale is not None else global_scale_value
 
 
+# fmt, numerics, mx_scale_rule, row_scaled, rounding, seed and offset: the
+# options a GPU quantizer depends on (ops/fake_quantize.GPU_OPTIONS), as the
+# ops carry them: the seed and the offset as the int64 of their 64 bits (the
+# seed -1, unread, where rounding is "nearest").
+def _op_options(gpu: dict) -> tuple:
+    seed = -1 if gpu["seed"] is None else _as_int64(gpu["seed"])
+    return (gpu["fmt"], gpu["numerics"], gpu["mx_scale_rule"], gpu["row_scaled"], gpu["rounding"], seed,
+            _as_int64(gpu["offset"]))
+
+
+def _gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset) -> dict:
+    """_op_options' inverse: the keyword options of the launchers."""
+    return dict(fmt=fmt, numerics=numerics, mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, rounding=rounding,
+                seed=None if rounding == "nearest" else seed % _U64, offset=offset % _U64)
+
+
 @torch.library.custom_op("nvfp4::fake_quantize", mutates_args=())
 def _fake_quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
-                      fmt: str, zero_saturated: bool) -> torch.Tensor:
+                      fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
+                      offset: int, zero_saturated: bool) -> torch.Tensor:
     # detach: the backward may run with grad mode on (create_graph), and the
     # launcher refuses tensors that require grad.
-    return _fake_quantize.fake_quantize(x.detach(), _scale_of(global_scale, global_scale_value), fmt=fmt, like=_LIKE)
+    return _fake_quantize.fake_quantize(
+        x.detach(), _scale_of(global_scale, global_scale_value),
+        **_gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset), like=_LIKE)
 
 
 @_fake_quantize_op.register_fake
-def _(x, global_scale, global_scale_value, fmt, zero_saturated):
+def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset,
+      zero_saturated):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("nvfp4::saturation_mask", mutates_args=())
 def _saturation_mask_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
-                        fmt: str) -> torch.Tensor:
-    return _fake_quantize.saturation_mask(x.detach(), _scale_of(global_scale, global_scale_value), fmt=fmt,
-                                          like=_LIKE)
+                        fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
+                        offset: int) -> torch.Tensor:
+    return _fake_quantize.saturation_mask(
+        x.detach(), _scale_of(global_scale, global_scale_value),
+        **_gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset), like=_LIKE)
 
 
 @_saturation_mask_op.register_fake
-def _(x, global_scale, global_scale_value, fmt):
+def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset):
     return torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
 def _fake_quantize_setup_context(ctx, inputs, output):
-    x, global_scale, global_scale_value, fmt, zero_saturated = inputs
+    x, global_scale, global_scale_value, *gpu_options, zero_saturated = inputs
     ctx.zero_saturated = zero_saturated
     if zero_saturated:  # the mask is recomputed from x: keep x only when it is needed
         ctx.save_for_backward(x, global_scale)
-        ctx.global_scale_value, ctx.fmt = global_scale_value, fmt
+        ctx.global_scale_value, ctx.gpu_options = global_scale_value, gpu_options
 
 
 def _fake_quantize_backward(ctx, grad):
-    """The straight-through gradient (docs/fused_ops.md, section 6.3)."""
+    """The straight-through gradient (docs/fused_ops.md, section 6.3): one
+    gradient for x, None for the other ten inputs."""
+    nothing = (None,) * 10
     if not ctx.zero_saturated:
-        return grad, None, None, None, None
+        return grad, *nothing
     x, global_scale = ctx.saved_tensors
-    mask = torch.ops.nvfp4.saturation_mask(x, global_scale, ctx.global_scale_value, ctx.fmt)
-    return torch.where(mask, grad.new_zeros(()), grad), None, None, None, None
+    mask = torch.ops.nvfp4.saturation_mask(x, global_scale, ctx.global_scale_value, *ctx.gpu_options)
+    return torch.where(mask, grad.new_zeros(()), grad), *nothing
 
 
 _fake_quantize_op.register_autograd(_fake_quantize_backward, setup_context=_fake_quantize_setup_context)

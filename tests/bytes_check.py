@@ -28,13 +28,13 @@ def assert_bytes_equal(actual, expected, what: str, limit: int = 5) -> None:
 
 
 def quantize_poisoned(x, global_scale, *, target=None, fmt="nvfp4", num_experts=None, numerics="ieee",
-                      mx_scale_rule=None, row_scaled=False, stochastic=None, **kwargs):
+                      mx_scale_rule=None, row_scaled=False, tile="1x16", stochastic=None, **kwargs):
     """Quantize the CuPy array x on the GPU (the launcher's _quantize, so
     `target` can force the conversion path) into output buffers filled with
     each of POISONS in turn; both runs must agree (an unwritten byte cannot).
     kwargs: padded_n, layout, is_sf_swizzled_layout, stream. With
-    num_experts, x is [E, m, n]. numerics, mx_scale_rule, row_scaled: as
-    scaled_fp4_quant's; stochastic: (seed, offset) of scaled_fp4_quant_sr.
+    num_experts, x is [E, m, n]. numerics, mx_scale_rule, row_scaled, tile:
+    as scaled_fp4_quant's; stochastic: (seed, offset) of scaled_fp4_quant_sr.
     Returns host (packed, scales)."""
     import cupy as cp
 
@@ -62,7 +62,7 @@ def quantize_poisoned(x, global_scale, *, target=None, fmt="nvfp4", num_experts=
             kwargs.get("stream"),
             target=target,
             fmt=fmt,
-            options=(numerics, mx_scale_rule, row_scaled),
+            options=(numerics, mx_scale_rule, row_scaled, tile),
             stochastic=stochastic,
         )
         assert packed is out and scales is out_scale

@@ -110,6 +110,14 @@ def fused_and_variants(rng) -> int:
         check(nv.fake_quantize(x, cp.asarray(want_gs)), fused.fake_quantize(host, want_gs), f"fake_quantize {name}")
         check(nv.saturation_mask(x, cp.asarray(want_gs)), fused.saturation_mask(host, want_gs),
               f"saturation mask {name}")
+        check(nv.fake_quantize(x, numerics="te", row_scaled=True), fused.fake_quantize(host, numerics="te",
+                                                                                       row_scaled=True),
+              f"te row-scaled fake_quantize {name}")
+        check(nv.fake_quantize(x, cp.asarray(want_gs), rounding="stochastic", seed=2**40 + 3, offset=9),
+              fused.fake_quantize(host, want_gs, rounding="stochastic", seed=2**40 + 3, offset=9),
+              f"sr fake_quantize {name}")
+        check(nv.fake_quantize(x, fmt="mxfp4", mx_scale_rule="rceil"),
+              fused.fake_quantize(host, fmt="mxfp4", mx_scale_rule="rceil"), f"rceil fake_quantize {name}")
         weight = rng.standard_normal(40).astype(dtype)
         residual_host = rng.standard_normal((3, 40)).astype(dtype)
         residual = cp.asarray(residual_host)

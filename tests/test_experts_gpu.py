@@ -228,6 +228,53 @@ def test_unchecked_offsets_are_sanitized_on_the_device(silu):
             assert_outputs_equal(run_poisoned(call), want, label)
 
 
+# Rows of at least a warp of threads (n = 2304: 36 threads of 4 or 2
+# blocks a row) take quantize_grouped's per-warp search (grouped_row) instead
+# of the shared-memory staging of the narrow rows above; 70 experts are three
+# chunks of 32 offsets, and the garbage offsets need the running maximum in
+# the second and third chunks.
+WIDE_N = 2304
+WIDE_COUNTS = [0, 1, 130, 0, 0, 17, 128, 3] * 8 + [0, 60, 2, 0, 0, 1]  # 70 experts, a count of 1, empty ones
+
+
+def _garbage_offsets(m: int) -> np.ndarray:
+    rng = np.random.default_rng(17)
+    raw = np.sort(rng.integers(0, m, 70)).astype(np.int64)
+    raw[40], raw[41], raw[66] = raw[45] + 3, -5, m + 100  # decreasing, negative, past m
+    return np.concatenate([[0], raw]).astype(np.int32)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_grouped_wide_rows_per_warp_search(dtype, fmt, silu):
+    """The per-warp search against the golden model: uneven counts over 70
+    experts with trailing rows, and validate=False's sanitized garbage
+    offsets, in every layout, with every output poisoned."""
+    offsets = offsets_of(WIDE_COUNTS)
+    m = int(offsets[-1]) + 6
+    x_host = make_tokens(m, 2 * WIDE_N if silu else WIDE_N, dtype, seed=23)
+    x = cp.asarray(x_host)
+    for label, offsets, validate in (("uneven", offsets, True), ("garbage", _garbage_offsets(m), False)):
+        gs_host = None if fmt == "mxfp4" else expert_scales(x_host[:, :WIDE_N], np.maximum.accumulate(
+            np.clip(offsets, 0, m)))
+        gs = None if gs_host is None else cp.asarray(gs_host)
+        device_offsets = cp.asarray(offsets)
+        for layout in sorted(LAYOUTS):
+            what = f"{dtype} {fmt} silu={silu} {label} {layout}"
+            if silu:
+                want = golden.silu_and_mul_quant(x_host, gs_host, layout=layout, fmt=fmt, expert_offsets=offsets,
+                                                 validate=validate)
+                got = run_poisoned(lambda: nv.silu_and_mul_quant(x, gs, layout=layout, fmt=fmt,
+                                                                 expert_offsets=device_offsets, validate=validate))
+            else:
+                want = golden.scaled_fp4_experts_quant(x_host, gs_host, offsets, layout=layout, fmt=fmt,
+                                                       validate=validate)
+                got = run_poisoned(lambda: nv.scaled_fp4_experts_quant(x, gs, device_offsets, layout=layout, fmt=fmt,
+                                                                       validate=validate))
+            assert_outputs_equal(got, want, what)
+
+
 # ---------------------------------------------------------------------------
 # The masked batch
 # ---------------------------------------------------------------------------

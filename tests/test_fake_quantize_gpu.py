@@ -22,6 +22,7 @@ import pytest
 from bytes_check import POISONS, assert_bytes_equal
 from conftest import gpu_unavailable_reason
 from gpu_inputs import HOST_DTYPES, boundary_cases, global_scale_for, make_input
+from nvfp4_cupy import reference as ref
 from nvfp4_cupy.reference import fused
 
 BITS = {2: np.uint16, 4: np.uint32}
@@ -70,30 +71,31 @@ def _cupy_ops():
     ({"fmt": "nvfp4", "rounding": "nearest"}, "nvfp4_ieee"),
     ({"fmt": "mxfp4"}, "mxfp4_floor"),
     ({"fmt": "mxfp4", "mx_scale_rule": "floor"}, "mxfp4_floor"),
+    ({"numerics": "te"}, "nvfp4_te"),
+    ({"numerics": "te", "row_scaled": True}, "nvfp4_te"),
+    ({"fmt": "mxfp4", "mx_scale_rule": "rceil"}, "mxfp4_rceil"),
+    ({"fmt": "mxfp4", "mx_scale_rule": "te_pow2"}, "mxfp4_te_pow2"),
+    ({"rounding": "stochastic", "seed": 7}, "nvfp4_sr"),
 ])
 def test_supported_options_pick_their_quantizer(options, quantizer):
+    """Stochastic rounding's mask is round to nearest's (the same scale bytes)."""
     ops = _cupy_ops()
     assert ops.gpu_quantizer(None, options) == quantizer
-    assert ops.gpu_quantizer(None, options, mask=True) == quantizer
+    assert ops.gpu_quantizer(None, options, mask=True) == ("nvfp4_ieee" if quantizer == "nvfp4_sr" else quantizer)
 
 
 @pytest.mark.parametrize("options", [
-    {"numerics": "te"},
     {"numerics": "te", "tile": "16x16"},
-    {"numerics": "te", "row_scaled": True},
-    {"rounding": "stochastic", "seed": 7},
     {"numerics": "te", "four_over_six": True},
     {"numerics": "te", "rht": True},
-    {"fmt": "mxfp4", "mx_scale_rule": "rceil"},
-    {"fmt": "mxfp4", "mx_scale_rule": "te_pow2"},
 ])
 def test_variants_without_a_gpu_kernel_are_refused_by_name(options):
     ops = _cupy_ops()
     fused.fake_quantize(np.ones((2, 16), np.float32), **options)  # the golden model computes them
     with pytest.raises(ValueError, match="not available on the GPU yet") as error:
         ops.gpu_quantizer(None, options)
-    first = next(iter(options.items())) if "fmt" not in options else list(options.items())[1]
-    assert f"{first[0]}={first[1]!r}" in str(error.value)
+    last = list(options.items())[-1]
+    assert f"{last[0]}={last[1]!r}" in str(error.value)
 
 
 @pytest.mark.parametrize("global_scale, options", [
@@ -235,6 +237,38 @@ def test_torch_compile_plumbing_traces_forward_and_backward(golden_torch_ops):
         assert_bytes_equal(bits(_torch_to_host(x.grad)), bits(want), f"gradient through {run.__name__}")
 
 
+@pytest.mark.parametrize("options", [{"numerics": "te"}, {"numerics": "te", "row_scaled": True},
+                                     {"fmt": "mxfp4", "mx_scale_rule": "rceil"},
+                                     {"fmt": "mxfp4", "mx_scale_rule": "te_pow2"},
+                                     {"rounding": "stochastic", "seed": 2**63 + 5, "offset": 2**64 - 1}], ids=str)
+def test_torch_ops_carry_the_variant_options(golden_torch_ops, options):
+    """The options a GPU quantizer depends on reach it through the
+    registered ops (torch.compile) and the backward's mask, not only
+    through the eager call."""
+    torch, nvt = golden_torch_ops
+    from nvfp4_cupy.reference import te
+
+    host = make_input("specials", 6, 80, seed=8).astype(np.float32)
+    gs = None
+    if options.get("numerics") == "te":  # 4x TE's scale: values beyond a quarter of amax saturate
+        gs = np.float32(4) * te.compute_global_scale_te(host, per_row=options.get("row_scaled", False))
+    elif "rounding" in options:
+        gs = np.float32(4) * ref.compute_global_scale(host)
+    want = fused.fake_quantize(host, gs, **options)
+    want_grad = fused.fake_quantize_backward(np.ones_like(host), host, gs, zero_saturated=True, **options)
+
+    def step(x, scale):
+        return nvt.fake_quantize(x, scale, zero_saturated=True, **options)
+
+    scale = None if gs is None else torch.from_numpy(gs)
+    for run in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        x = _host_to_torch(host).requires_grad_()
+        y = run(x, scale)
+        assert_bytes_equal(bits(_torch_to_host(y)), bits(want), f"{options} forward through {run}")
+        y.sum().backward()
+        assert_bytes_equal(bits(_torch_to_host(x.grad)), bits(want_grad), f"{options} gradient through {run}")
+
+
 def _train(torch, nvt, model, steps: int = 3) -> list:
     torch.manual_seed(5)
     inputs = torch.randn(8, 64, device=model.weight.device)
@@ -349,6 +383,86 @@ def test_fake_quantize_matches_golden_and_the_unfused_ops(cp, case, dtype, fmt):
                            f"{label}: vs unfused GPU ops")
 
 
+# The variants beyond ieee / floor: (options, the kinds of global scale each takes).
+VARIANTS = {
+    "te": ({"numerics": "te"}, ("one", "expert")),
+    "te row_scaled": ({"numerics": "te", "row_scaled": True}, ("row", "computed")),
+    "mxfp4 rceil": ({"fmt": "mxfp4", "mx_scale_rule": "rceil"}, ("mx",)),
+    "mxfp4 te_pow2": ({"fmt": "mxfp4", "mx_scale_rule": "te_pow2"}, ("mx",)),
+    "sr": ({"rounding": "stochastic", "seed": 2**40 + 5, "offset": 2**63 + 3}, ("one", "row", "expert")),
+}
+
+
+def variant_scale_case(x_host: np.ndarray, kind: str, form: str, rng) -> tuple:
+    """scale_case, with numerics="te"'s own forms: a computed scale per row
+    ("computed" with row_scaled) and TE's S_enc for the one-scale forms."""
+    from nvfp4_cupy.reference import te
+
+    if kind == "mx":
+        return x_host, None, None
+    if kind == "computed":
+        return x_host, None, None
+    shaped, gs_host, gs = scale_case(x_host, kind, form, rng)
+    if kind == "one" and form != "computed":  # TE's own encode scale of x
+        value = np.float32(te.compute_global_scale_te(x_host)[0])
+        # a NaN or infinite S_enc (x with NaN or inf) can only be passed as an array
+        host_form = form == "host" and np.isfinite(value) and value > 0
+        gs_host, gs = (value, value) if host_form else (np.array([value]),) * 2
+    return shaped, gs_host, gs
+
+
+def unfused_variant(cp, x, gs, options: dict):
+    """scaled_fp4_quant (or scaled_fp4_quant_sr) then dequantize_fp4 with
+    the variant's options (no expert batch for numerics="te": TE defines
+    none)."""
+    import nvfp4_cupy as nv
+
+    fmt = options.get("fmt", "nvfp4")
+    if fmt == "nvfp4" and gs is None:
+        gs = nv.compute_global_scale(x, per_row=options.get("row_scaled", False),
+                                     numerics=options.get("numerics", "ieee"))
+    if options.get("rounding") == "stochastic":
+        packed, scales = nv.scaled_fp4_quant_sr(x, gs, layout="linear", seed=options["seed"], offset=options["offset"])
+    else:
+        packed, scales = nv.scaled_fp4_quant(x, gs if fmt == "nvfp4" else None, layout="linear", fmt=fmt,
+                                             **{k: v for k, v in options.items() if k != "fmt"})
+    dtype_name = "bfloat16" if x.dtype == HOST_DTYPES["bfloat16"] else x.dtype.name
+    return nv.dequantize_fp4(packed, scales, gs if fmt == "nvfp4" else None, n=x.shape[-1], layout="linear",
+                             dtype=dtype_name, fmt=fmt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("dtype", sorted(HOST_DTYPES))
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "{}x{}-{}".format(*CASES[i][:2], CASES[i][3]))
+def test_te_and_mx_rule_variants_match_golden_and_the_unfused_ops(cp, case, dtype, variant):
+    """numerics="te" (one scale, host, device or computed; per expert; per
+    row with row_scaled, given or computed) and the MXFP4 rules "rceil" and
+    "te_pow2", on the boundary cases; and their saturation masks under 4x
+    the scales (NVFP4) or with infinities (MXFP4)."""
+    options, kinds = VARIANTS[variant]
+    m, n, _, kind = CASES[case]
+    rng = np.random.default_rng(case)
+    x_host = make_input(kind, m, n, seed=m * 31 + n).astype(HOST_DTYPES[dtype])
+    for scale_kind in kinds:
+        form = ONE_FORMS[case % len(ONE_FORMS)]
+        shaped, gs_host, gs = variant_scale_case(x_host, scale_kind, form, rng)
+        label = f"{dtype} {variant} {m}x{n} {kind} scale={scale_kind}" + (f"/{form}" if scale_kind == "one" else "")
+        want = fused.fake_quantize(shaped, gs_host, **options)
+        x = cp.asarray(shaped)
+        got = fake_quantize_poisoned(cp, x, device_scale(cp, gs), **options)
+        assert got.shape == shaped.shape and got.dtype == shaped.dtype
+        assert_bytes_equal(bits(got), bits(want), f"{label}: vs golden")
+        if scale_kind != "expert" or "rounding" in options:
+            assert_bytes_equal(bits(got), bits(cp.asnumpy(unfused_variant(cp, x, device_scale(cp, gs), options))),
+                               f"{label}: vs unfused GPU ops")
+        saturating = None if gs_host is None else np.atleast_1d(np.float32(4) * np.asarray(gs_host, np.float32))
+        if saturating is not None or "fmt" in options:
+            want_mask = fused.saturation_mask(shaped, saturating, **options).astype(np.uint8)
+            got_mask = fake_quantize_poisoned(cp, x, device_scale(cp, saturating), mask=True, **options)
+            assert_bytes_equal(got_mask, want_mask, f"{label}: saturation mask")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", sorted(HOST_DTYPES))
@@ -369,13 +483,16 @@ def test_software_path_and_special_global_scales(cp, dtype, fmt):
                              1e-36, 1e30], np.float32)
         calibrated = global_scale_for(x_host.astype(np.float32))
         gs = np.concatenate([specials, np.full(40 - len(specials), calibrated, np.float32)])
-        want = fused.fake_quantize(x_host, gs)
-        want_mask = fused.saturation_mask(x_host, gs).astype(np.uint8)
-        for target in (None, SOFTWARE):
-            got = fake_quantize_poisoned(cp, cp.asarray(x_host), cp.asarray(gs), target=target)
-            assert_bytes_equal(bits(got), bits(want), f"{dtype} n={n} special per-row scales, target {target}")
-            mask = fake_quantize_poisoned(cp, cp.asarray(x_host), cp.asarray(gs), mask=True, target=target)
-            assert_bytes_equal(mask, want_mask, f"{dtype} n={n} special-scale mask, target {target}")
+        for options in ({}, {"numerics": "te", "row_scaled": True}):  # TE NaN-scales the invalid rows
+            want = fused.fake_quantize(x_host, gs, **options)
+            want_mask = fused.saturation_mask(x_host, gs, **options).astype(np.uint8)
+            for target in (None, SOFTWARE):
+                label = f"{dtype} n={n} {options} special per-row scales, target {target}"
+                got = fake_quantize_poisoned(cp, cp.asarray(x_host), cp.asarray(gs), target=target, **options)
+                assert_bytes_equal(bits(got), bits(want), label)
+                mask = fake_quantize_poisoned(cp, cp.asarray(x_host), cp.asarray(gs), mask=True, target=target,
+                                              **options)
+                assert_bytes_equal(mask, want_mask, f"{label}: mask")
 
 
 @pytest.mark.gpu
@@ -452,11 +569,14 @@ def _bad_calls(cp):
         ("n = 0", lambda: nv.fake_quantize(cp.ones((4, 0), cp.float16), 1.0), ValueError, "must be positive"),
         ("strided last dim", lambda: nv.fake_quantize(cp.ones((4, 64), cp.float16)[:, ::2], 1.0), ValueError,
          "last dimension must be contiguous"),
-        ("te numerics", lambda: nv.fake_quantize(x, numerics="te"), ValueError, "not available on the GPU yet"),
-        ("stochastic", lambda: nv.fake_quantize(x, rounding="stochastic", seed=1), ValueError,
+        ("te 16x16 tiles", lambda: nv.fake_quantize(x, numerics="te", tile="16x16"), ValueError,
          "not available on the GPU yet"),
-        ("rceil", lambda: nv.fake_quantize(x, fmt="mxfp4", mx_scale_rule="rceil"), ValueError,
-         "not available on the GPU yet"),
+        ("stochastic without a seed", lambda: nv.fake_quantize(x, rounding="stochastic"), ValueError, "seed"),
+        ("te per-row scale without row_scaled", lambda: nv.fake_quantize(x, cp.ones(4, cp.float32), numerics="te"),
+         ValueError, "row_scaled"),
+        ("te per-row scales of each expert", lambda: nv.fake_quantize(
+            cp.ones((2, 4, 32), cp.float16), cp.ones((2, 4), cp.float32), numerics="te", row_scaled=True),
+         ValueError, "not available on the GPU yet"),
         ("scale with mxfp4", lambda: nv.fake_quantize(x, 1.0, fmt="mxfp4"), ValueError, "global_scale must be None"),
         ("host scale value", lambda: nv.fake_quantize(x, float("nan")), ValueError, "finite and > 0"),
         ("scale dtype", lambda: nv.fake_quantize(x, cp.ones(1, cp.float16)), TypeError, "must be float32"),
@@ -587,6 +707,6 @@ def test_torch_bad_input_is_refused_before_launch(nvt):
     with pytest.raises(TypeError, match="zero_saturated must be a bool"):
         nvt.fake_quantize(x, zero_saturated=1)
     with pytest.raises(ValueError, match="not available on the GPU yet"):
-        nvt.fake_quantize(x, numerics="te")
+        nvt.fake_quantize(x, numerics="te", tile="16x16")
     with pytest.raises(TypeError, match="unexpected keyword"):
         nvt.fake_quantize(x, numeric="te")

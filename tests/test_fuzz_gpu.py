@@ -124,7 +124,8 @@ def test_stochastic_rounding_matches_golden(case, seed, offset):
     assert_bytes_equal(scales, want[1], f"{case} seed={seed} offset={offset}: scales")
 
 
-FUSED_OPS = ("fake_quantize", "rms_norm_quant", "silu_and_mul_quant")
+FUSED_OPS = ("fake_quantize", "fake_quantize_variant", "rms_norm_quant", "silu_and_mul_quant")
+MX_RULES = ("floor", "rceil", "te_pow2")
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -132,7 +133,9 @@ FUSED_OPS = ("fake_quantize", "rms_norm_quant", "silu_and_mul_quant")
 @given(case=cases(), op=st.sampled_from(FUSED_OPS))
 def test_fused_ops_match_golden(case, op):
     """The fused ops of issue 16 on the same drawn inputs, outputs poisoned:
-    fake quantization reads x as drawn (row stride, base offset); RMSNorm
+    fake quantization reads x as drawn (row stride, base offset), with the
+    default quantizer or a variant (numerics="te", stochastic rounding, an MX
+    scale rule); RMSNorm
     (with a weight) and SiLU-and-mul read a contiguous copy, SiLU-and-mul
     its even part ([m, 2 * (n // 2)])."""
     from test_experts_gpu import run_poisoned
@@ -143,9 +146,14 @@ def test_fused_ops_match_golden(case, op):
     x, x_host, rng = drawn_input(case)
     gs, gs_host = drawn_scale(case, x_host, rng)
     fmt, layout, padded_n = case["fmt"], case["layout"], case["padded_n"]
-    if op == "fake_quantize":
-        want = (fused.fake_quantize(x_host, gs_host, fmt=fmt),)
-        got = run_poisoned(lambda: (nv.fake_quantize(x, gs, fmt=fmt),))
+    if op in ("fake_quantize", "fake_quantize_variant"):
+        options = {"fmt": fmt}
+        if op == "fake_quantize_variant":  # an MX rule; numerics="te" (row-scaled for a per-row scale) or SR
+            options |= ({"mx_scale_rule": MX_RULES[case["seed"] % 3]} if fmt == "mxfp4" else
+                        {"numerics": "te", "row_scaled": case["scale_kind"] == "row"} if case["seed"] % 2 else
+                        {"rounding": "stochastic", "seed": case["seed"] * 2**31 + 7, "offset": case["seed"] ** 2})
+        want = (fused.fake_quantize(x_host, gs_host, **options),)
+        got = run_poisoned(lambda: (nv.fake_quantize(x, gs, **options),))
     elif op == "rms_norm_quant":
         weight_host = rng.standard_normal(case["n"]).astype(x_host.dtype)
         want = fused.rms_norm_quant(x_host, weight_host, 1e-6, gs_host, padded_n=padded_n, layout=layout, fmt=fmt)

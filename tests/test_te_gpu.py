@@ -322,6 +322,67 @@ def test_te_quantize_is_quantize_te(dtype, per_row, shape, padded_n):
 
 
 # ---------------------------------------------------------------------------
+# numerics="te" with 16x16 tiles (TE's weight recipe, docs/te_numerics.md section 4)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"m{c[0]}-n{c[1]}-p{c[2]}-{c[3]}" for c in CASES])
+def test_te_16x16_tiles_at_the_boundaries(dtype, case):
+    """Each boundary shape (m not a multiple of 16 included: the last tile's
+    missing rows are zeros) in a host or device scale form and one of the
+    three layouts, with K padding where the case has it."""
+    m, n, padded_n, kind = CASES[case]
+    x_host = make_input(kind, m, n, seed=m * 7919 + n + 1).astype(HOST_DTYPES[dtype])
+    turn = case + DTYPE_NAMES.index(dtype)
+    form, layout = SCALE_FORMS[turn % 2], LAYOUT_NAMES[(turn // 2) % 3]
+    gpu_scale, golden_scale, _ = te_scale_forms(x_host, form)
+    want = te.scaled_fp4_quant_te(x_host, golden_scale, padded_n=padded_n, layout=layout, tile="16x16")
+    got = quantize_poisoned(cp.asarray(x_host), gpu_scale, numerics="te", tile="16x16", padded_n=padded_n,
+                            layout=layout)
+    assert_bytes_equal(got[0], want[0], f"{dtype} [{m}, {n}] {form} {layout}: tiles packed")
+    assert_bytes_equal(got[1], want[1], f"{dtype} [{m}, {n}] {form} {layout}: tiles scales")
+
+
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("name", CORPUS)
+def test_te_16x16_tiles_on_the_corpus(dtype, name):
+    """TE's test corpus (NaN, inf, -0.0, subnormals, ties, huge values) in
+    tiles, every layout, with and without K padding, 16-byte and element
+    loads (an odd row stride), and the sm_80 software path."""
+    x_host = te_corpus_input(name, HOST_DTYPES[dtype], 150, 256)
+    gs = te.compute_global_scale_te(x_host)
+    for i, layout in enumerate(LAYOUT_NAMES):
+        want = te.scaled_fp4_quant_te(x_host, gs, padded_n=256 + 32 * i, layout=layout, tile="16x16")
+        got = quantize_poisoned(cp.asarray(x_host), cp.asarray(gs), numerics="te", tile="16x16",
+                                padded_n=256 + 32 * i, layout=layout, target=SOFTWARE if i == 2 else None)
+        assert_bytes_equal(got[0], want[0], f"{dtype} {name} {layout}: packed")
+        assert_bytes_equal(got[1], want[1], f"{dtype} {name} {layout}: scales")
+    wide = cp.zeros((150, 259), x_host.dtype)
+    wide[:, :256] = cp.asarray(x_host)
+    got = quantize_poisoned(wide[:, :256], cp.asarray(gs), numerics="te", tile="16x16", layout="linear")
+    want = te.scaled_fp4_quant_te(x_host, gs, layout="linear", tile="16x16")
+    assert_bytes_equal(got[0], want[0], f"{dtype} {name} strided rows: packed")
+    assert_bytes_equal(got[1], want[1], f"{dtype} {name} strided rows: scales")
+
+
+@pytest.mark.parametrize("shape, padded_n", [((16, 16), None), ((33, 100), 128), ((2, 24, 64), None),
+                                             ((1000, 7168), None), ((0, 64), None)])
+def test_te_quantize_with_tiles_is_quantize_te(shape, padded_n):
+    """quantize(numerics="te", tile="16x16") == reference.quantize_te(tile="16x16")."""
+    import nvfp4_cupy as nv
+
+    m, n = math.prod(shape[:-1]), shape[-1]
+    x_host = (make_input("outliers", m, n, seed=m + n) if m else np.zeros((m, n), np.float32)).reshape(shape)
+    x_host = x_host.astype(HOST_DTYPES["bfloat16"])
+    packed_want, scales_want, gs_want = te.quantize_te(x_host, padded_n=padded_n, tile="16x16")
+    for poison in POISONS:
+        with poisoned_allocations(poison):
+            packed, scales, gs = nv.quantize(cp.asarray(x_host), padded_n=padded_n, numerics="te", tile="16x16")
+        assert_scales_equal(cp.asnumpy(gs), gs_want, f"{shape} global scale")
+        assert_bytes_equal(cp.asnumpy(packed), packed_want, f"{shape} packed")
+        assert_bytes_equal(cp.asnumpy(scales), scales_want, f"{shape} scales")
+
+
+# ---------------------------------------------------------------------------
 # MXFP4 scale rules against reference.mx_rules.scaled_mxfp4_quant
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("rule", mx_rules.MX_SCALE_RULES)
@@ -415,6 +476,12 @@ def _bad_calls():
          "row_scaled=True needs one global scale per row"),
         ("te per-expert scales", lambda nv, **o: nv.scaled_fp4_quant(x(2, 4, 64), scales(2), numerics="te", **o),
          ValueError, "numerics='te' on the GPU takes one global scale"),
+        ("tiles with ieee", lambda nv, **o: nv.scaled_fp4_quant(x(), 1.0, tile="16x16", **o), ValueError, "tile"),
+        ("unknown tile", lambda nv, **o: nv.scaled_fp4_quant(x(), 1.0, numerics="te", tile="32x32", **o), ValueError,
+         "tile must be one of"),
+        ("tiles with row_scaled",
+         lambda nv, **o: nv.scaled_fp4_quant(x(), scales(4), numerics="te", row_scaled=True, tile="16x16", **o),
+         ValueError, "row_scaled=True supports tile='1x16' only"),
     ]
 
 
@@ -487,6 +554,18 @@ def test_torch_entries(torch_cuda, entry, dtype):
         want = te.scaled_fp4_quant_te(x_host, gs_host, layout="8x4", row_scaled=row_scaled)
         assert_bytes_equal(packed.cpu().numpy(), want[0], f"row_scaled={row_scaled}: packed")
         assert_bytes_equal(scales.cpu().numpy(), want[1], f"row_scaled={row_scaled}: scales")
+    # 16x16 tiles
+    gs = torch.from_numpy(gs_one).cuda()
+    packed, scales = nvt.scaled_fp4_quant(x, gs, layout="linear", numerics="te", tile="16x16") if eager else \
+        ops.scaled_fp4_quant(x, gs, 0.0, None, "linear", "nvfp4", "te", None, False, "16x16")
+    want = te.scaled_fp4_quant_te(x_host, gs_one, layout="linear", tile="16x16")
+    assert_bytes_equal(packed.cpu().numpy(), want[0], "tiles: packed")
+    assert_bytes_equal(scales.cpu().numpy(), want[1], "tiles: scales")
+    packed, scales, gs = nvt.quantize(x, numerics="te", tile="16x16") if eager else \
+        ops.quantize(x, None, "swizzled", False, "te", "16x16")
+    want = te.quantize_te(x_host, tile="16x16")
+    assert_bytes_equal(packed.cpu().numpy(), want[0], "quantize tiles: packed")
+    assert_bytes_equal(scales.cpu().numpy(), want[1], "quantize tiles: scales")
     # an MX rule
     packed, scales = nvt.scaled_fp4_quant(x, None, fmt="mxfp4", mx_scale_rule="rceil", padded_n=128) if eager else \
         ops.scaled_fp4_quant(x, None, 0.0, 128, "swizzled", "mxfp4", "ieee", "rceil", False)

@@ -166,6 +166,9 @@ class QuantizeVariant:
     # NVFP4 "ieee": "rn" (round to nearest), or "sr" (stochastic rounding of
     # the codes, quantize_nvfp4_sr: docs/stochastic_rounding_and_mx_rules.md)
     rounding: str = "rn"
+    # NVFP4 "te": "1x16" blocks, or "16x16" tiles (quantize_nvfp4_te_tiles: one
+    # global scale, one block a thread)
+    tile: str = "1x16"
 
     source = "quantize.cu"
 
@@ -177,6 +180,8 @@ class QuantizeVariant:
             return (f"nvfp4::quantize_mxfp4<{types}, {self.blocks_per_thread}{rule}>",)
         if self.global_scales == "own":
             return (f"nvfp4::quantize_nvfp4_own_scale<{types}, {self.blocks_per_thread}>",)
+        if self.tile == "16x16":
+            return (f"nvfp4::quantize_nvfp4_te_tiles<{types}>",)
         if self.rounding == "sr":
             return (f"nvfp4::quantize_nvfp4_sr<{types}, {GLOBAL_SCALES[self.global_scales]}, "
                     f"{self.blocks_per_thread}>",)
@@ -316,7 +321,11 @@ class FakeQuantizer:
 # options of docs/fused_ops.md, section 6.1).
 FAKE_QUANTIZERS = {
     "nvfp4_ieee": FakeQuantizer("nvfp4::IeeeNvfp4Quantizer", "nvfp4"),
+    "nvfp4_te": FakeQuantizer("nvfp4::TeNvfp4Quantizer", "nvfp4"),
+    "nvfp4_sr": FakeQuantizer("nvfp4::SrNvfp4Quantizer", "nvfp4"),
     "mxfp4_floor": FakeQuantizer("nvfp4::FloorMxfp4Quantizer", "mxfp4"),
+    "mxfp4_rceil": FakeQuantizer("nvfp4::RceilMxfp4Quantizer", "mxfp4"),
+    "mxfp4_te_pow2": FakeQuantizer("nvfp4::TePow2Mxfp4Quantizer", "mxfp4"),
 }
 
 
@@ -347,11 +356,31 @@ class FakeQuantizeVariant:
         return (f"nvfp4::fake_quantize<{structs.input}, {structs.output}, {tail}>",)
 
 
+@dataclass(frozen=True)
+class ColumnwiseVariant:
+    """quantize_nvfp4_te_columnwise (columnwise.cu): numerics="te" with 1x16
+    blocks, x and x^T quantized in one pass; one global scale (and one for
+    x^T), or one per row of x (and one per column: row-scaled NVFP4)."""
+
+    dtype_name: str
+    layout: ScaleLayout
+    vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
+    global_scales: str = "one"  # or "row"
+
+    source = "columnwise.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (f"nvfp4::quantize_nvfp4_te_columnwise<{ELEMENT_STRUCTS[self.dtype_name].input}, "
+                f"{self.layout.cuda_struct}, {_flag(self.vector_loads)}, {GLOBAL_SCALES[self.global_scales]}>",)
+
+
 def numerics_variants() -> list:
     """The quantize kernels of numerics="te" (one scale or one per row), of
     the MXFP4 scale rules "rceil" and "te_pow2" and of stochastic rounding
     (every kind of global scale): the default kernels' shapes, with other
-    Blocks."""
+    Blocks; and numerics="te"'s 16x16 tiles (one scale, one block a
+    thread)."""
     options = (("nvfp4", TE_GLOBAL_SCALES, {"numerics": "te"}), ("mxfp4", ("one",), {"mx_scale_rule": "rceil"}),
                ("mxfp4", ("one",), {"mx_scale_rule": "te_pow2"}), ("nvfp4", tuple(GLOBAL_SCALES), {"rounding": "sr"}))
     return [
@@ -362,6 +391,11 @@ def numerics_variants() -> list:
         for fmt, all_scales, option in options
         for scales in all_scales
         for per_thread in sorted({1, wide_blocks_per_thread(dtype_name, fmt)})
+    ] + [
+        QuantizeVariant(dtype_name, layout, vector, "one", "nvfp4", 1, "te", tile="16x16")
+        for dtype_name in ELEMENT_STRUCTS
+        for layout in LAYOUTS.values()
+        for vector in (False, True)
     ]
 
 
@@ -394,8 +428,11 @@ def all_variants() -> list:
         + [RmsNormVariant(d, vector, op) for d in ELEMENT_STRUCTS for vector in flags for op in RMS_NORM_OPS]
         + [ExpertsVariant(d, fmt) for d in ELEMENT_STRUCTS for fmt in ("nvfp4", "mxfp4")]
         + [SiluAndMulVariant(d) for d in ELEMENT_STRUCTS]
+        # (stochastic rounding has round to nearest's scale bytes, so its mask is nvfp4_ieee's)
         + [FakeQuantizeVariant(d, q, vector, mask) for d in ELEMENT_STRUCTS for q in FAKE_QUANTIZERS
-           for vector in flags for mask in flags]
+           for vector in flags for mask in flags if not (mask and q == "nvfp4_sr")]
+        + [ColumnwiseVariant(d, layout, vector, scales) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
+           for vector in flags for scales in TE_GLOBAL_SCALES]
     )
 
 

@@ -34,7 +34,7 @@ from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_a
 from ..reference.fused import _FAKE_DEFAULTS, _check_fake_options, _fake_options
 from .dequantize import blocks_per_thread
 from .global_scale import prepare_global_scale
-from .quantize import _read_range
+from .quantize import SR_WORDS, _read_range, sr_words, te_kind_of_shape
 
 # The mask's vector path stores 8 bytes (8 values) at a time.
 MASK_VECTOR_BYTES = 8
@@ -50,12 +50,16 @@ def fake_quantize(x, global_scale=None, *, fmt="nvfp4", numerics="ieee", tile="1
     which are also those of dequantize_fp4(*scaled_fp4_quant(x, gs,
     layout="linear"), gs, n, layout="linear", dtype=x.dtype).
 
-    On the GPU now: NVFP4 with numerics="ieee" and round to nearest, and
-    MXFP4 with mx_scale_rule="floor". The other options of the golden model
-    are checked as it checks them, then refused with a ValueError (not on
-    the GPU yet). `global_scale`: a host float, or a float32 device array of
-    one element, one per row, or one per expert for x [E, m, n]; None computes
-    448 * 6 / amax(|x|) on the device first (one more read of x). `out`: a
+    On the GPU now: NVFP4 with numerics="ieee" (rounding="nearest", or
+    "stochastic" with a seed and an offset) or "te" (1x16 blocks; with
+    row_scaled=True one S_enc per row), and MXFP4 with every mx_scale_rule
+    ("floor", "rceil", "te_pow2"). The other options of
+    the golden model are checked as it checks them, then refused with a
+    ValueError (not on the GPU yet). `global_scale`: a host float, or a
+    float32 device array of one element, one per row, or one per expert for
+    x [E, m, n]; None computes the global scale on the device first (one
+    more read of x): 448 * 6 / amax(|x|), or for numerics="te" TE's S_enc
+    (compute_global_scale(x, per_row=row_scaled, numerics="te")). `out`: a
     C-contiguous buffer of x's dtype and shape (every element is written).
     `stream` and `like` as for scaled_fp4_quant."""
     options = dict(fmt=fmt, numerics=numerics, tile=tile, row_scaled=row_scaled, rounding=rounding, seed=seed,
@@ -79,25 +83,52 @@ def saturation_mask(x, global_scale=None, *, out=None, stream=None, like=None, *
     return result
 
 
+# The quantizers on the GPU, by (fmt, variant, MX scale rule, rounding) of
+# the resolved options (reference.fused._check_fake_options); the tile must
+# be "1x16" (16x16 tiles, Four Over Six and the RHT are not on the GPU yet).
+GPU_QUANTIZERS = {
+    ("nvfp4", "ieee", "floor", "nearest"): "nvfp4_ieee",
+    ("nvfp4", "ieee", "floor", "stochastic"): "nvfp4_sr",
+    ("nvfp4", "te", "floor", "nearest"): "nvfp4_te",
+    ("mxfp4", "ieee", "floor", "nearest"): "mxfp4_floor",
+    ("mxfp4", "ieee", "rceil", "nearest"): "mxfp4_rceil",
+    ("mxfp4", "ieee", "te_pow2", "nearest"): "mxfp4_te_pow2",
+}
+# The options a GPU quantizer depends on (the others are at their defaults),
+# in the order the torch ops take them.
+GPU_OPTIONS = ("fmt", "numerics", "mx_scale_rule", "row_scaled", "rounding", "seed", "offset")
+
+
 def gpu_quantizer(global_scale, options: dict, *, mask: bool = False) -> str:
     """The fake_quantize.cu quantizer (a key of FAKE_QUANTIZERS) for these
     options, after the golden model's checks of section 6.4 (`options`: any
     of fake_quantize's keyword options; unknown ones are a TypeError).
     A ValueError for the options whose quantizer has no GPU kernel yet, and
     for the mask with rht=True (not defined, section 6.3)."""
+    return gpu_variant(global_scale, options, mask=mask)[0]
+
+
+def gpu_variant(global_scale, options: dict, *, mask: bool = False) -> tuple[str, dict]:
+    """(gpu_quantizer's quantizer, the call's GPU_OPTIONS in canonical form:
+    what the torch ops carry)."""
     args = _fake_options(global_scale, options)
     resolved = _check_fake_options(**args)
     variant = resolved["variant"]
     if mask and variant == "rht":
         raise ValueError("the saturation mask is not defined with rht=True (it would live in the transformed "
                          "domain, docs/fused_ops.md section 6.3); use the plain straight-through gradient")
-    if variant == "ieee" and resolved["seed"] is None and resolved["rule"] == "floor":
-        return "nvfp4_ieee" if args["fmt"] == "nvfp4" else "mxfp4_floor"
+    rounding = "nearest" if resolved["seed"] is None else "stochastic"
+    quantizer = GPU_QUANTIZERS.get((args["fmt"], variant, resolved["rule"], rounding))
+    if quantizer is not None and args["tile"] == "1x16":
+        if mask and quantizer == "nvfp4_sr":
+            quantizer = "nvfp4_ieee"  # stochastic rounding has round to nearest's scale bytes, and so its mask
+        return quantizer, dict(zip(GPU_OPTIONS, (args["fmt"], variant, resolved["rule"], bool(args["row_scaled"]),
+                                                 rounding, resolved["seed"], resolved["offset"] or 0)))
     chosen = [f"{name}={args[name]!r}" for name in _FAKE_DEFAULTS
               if name not in ("fmt", "global_amax") and args[name] != _FAKE_DEFAULTS[name]]
     raise ValueError(f"fake quantization with {', '.join(chosen)} is not available on the GPU yet (GPU: fmt='nvfp4' "
-                     "with numerics='ieee' and rounding='nearest', fmt='mxfp4' with mx_scale_rule='floor'); "
-                     "nvfp4_cupy.reference.fused computes it on the CPU")
+                     "with numerics='ieee' (rounding 'nearest' or 'stochastic') or 'te' (1x16 blocks, row_scaled or "
+                     "not), fmt='mxfp4' with every mx_scale_rule); nvfp4_cupy.reference.fused computes it on the CPU")
 
 
 @dataclass(frozen=True)
@@ -124,7 +155,8 @@ def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, 
     static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n,
                   blocks_per_row=blocks_per_row, steps=steps, global_scale_expert_step=expert_step,
                   global_scale_row_step=row_step)
-    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out")
+    # past `out`, the seed and offset halves (zeros for the quantizers without stochastic rounding)
+    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out") + (() if mask else SR_WORDS)
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(BoundKernel(variant, grid, block_shape, static, dynamic, target=target)
                     if (vectors or not variant.vector) else None for variant in variants)
@@ -153,13 +185,21 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
     device_id = array.device_id
     dtype_name = frontend.dtype_name(array.dtype)
     resolve_padded_n(rows_and_n(array.shape)[1], None)  # n >= 1
-    quantizer = gpu_quantizer(global_scale, options, mask=mask)
+    quantizer, gpu = gpu_variant(global_scale, options, mask=mask)
+    # the kernel's seed and offset halves (the mask kernel takes none)
+    words = () if mask else sr_words(gpu["seed"] or 0, gpu["offset"])
     fmt = FAKE_QUANTIZERS[quantizer].fmt
+    te_numerics = quantizer == "nvfp4_te"
+    row_scaled = bool(options.get("row_scaled", False))
     computed_scale = fmt == "nvfp4" and global_scale is None
     scale = None
     if fmt == "nvfp4" and not computed_scale:
+        if te_numerics:  # before the generic shape check, which does not know TE's [E, m] per-row form
+            te_fake_scale_kind(global_scale, array.shape, row_scaled)
         scale = global_scale_argument(global_scale, device_id, array.shape)
-    plan = _plan_for(array, dtype_name, "one" if scale is None else scale.kind, quantizer, mask, target)
+    # A computed scale is one, or one per row for numerics="te" with row_scaled.
+    scale_kind = scale.kind if scale is not None else "row" if computed_scale and te_numerics and row_scaled else "one"
+    plan = _plan_for(array, dtype_name, scale_kind, quantizer, mask, target)
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
     out_dtype = "bool" if mask else dtype_name
@@ -182,10 +222,12 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
     alignment = MASK_VECTOR_BYTES if mask else VECTOR_BYTES
     kernel = plan.kernels[plan.kernels[1] is not None and array.pointer % VECTOR_BYTES == 0
                           and out_pointer % alignment == 0]
-    if computed_scale:
-        scale_launch, computed = prepare_global_scale(x, False, stream, like)
+    if computed_scale:  # TE's S_enc for numerics="te" (one per row with row_scaled), else ours
+        scale_launch, computed = (prepare_global_scale(x, row_scaled, stream, like, "te") if te_numerics else
+                                  prepare_global_scale(x, False, stream, like))
         scale = global_scale_argument(computed, device_id, array.shape)
-        fake_launch = functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, 0.0, out_pointer)
+        fake_launch = functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, 0.0, out_pointer,
+                                        *words)
 
         def launch(computed=computed) -> None:  # holds the computed scale until both are launched
             scale_launch()
@@ -193,8 +235,23 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
 
         return launch, result
     if scale is None:  # MXFP4: no global scale
-        return functools.partial(kernel, device_id, handle, array.pointer, 0, 0.0, out_pointer), result
-    return functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, out_pointer), result
+        return functools.partial(kernel, device_id, handle, array.pointer, 0, 0.0, out_pointer, *words), result
+    return (functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, out_pointer, *words),
+            result)
+
+
+def te_fake_scale_kind(global_scale, x_shape: tuple, row_scaled: bool) -> None:
+    """The golden model's numerics="te" scale rules (reference.te) on the
+    shape of a global scale array (host values are checked later, with the
+    other numerics): fake quantization takes one scale, one per row with
+    row_scaled=True, or one per expert of x [E, m, n] (reference.fused
+    does); one per row of each expert is not on the GPU yet."""
+    shape = getattr(global_scale, "shape", None)
+    if shape is None:
+        return
+    if te_kind_of_shape(tuple(shape), x_shape, row_scaled) == "expert_row":
+        raise ValueError("numerics='te' with row_scaled=True and a scale per row of each expert ([E, m]) is not "
+                         "available on the GPU yet; nvfp4_cupy.reference.fused computes it on the CPU")
 
 
 def _nothing() -> None:

@@ -39,6 +39,7 @@ from ..reference import stochastic as _stochastic
 from ..reference import te as _te
 from ..reference.mx_rules import check_mx_scale_rule
 from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
+from . import columnwise as _columnwise
 from .global_scale import prepare_global_scale
 
 
@@ -57,6 +58,9 @@ def scaled_fp4_quant(
     numerics="ieee",
     mx_scale_rule=None,
     row_scaled=False,
+    tile="1x16",
+    columnwise=False,
+    global_scale_t=None,
 ):
     """Quantize x [..., n] (float16, bfloat16 or float32 on the GPU) to NVFP4
     (or, with fmt="mxfp4" and global_scale None, to OCP MXFP4).
@@ -76,13 +80,24 @@ def scaled_fp4_quant(
     `numerics="te"` (NVFP4): TransformerEngine's arithmetic, the bytes of
     nvfp4_cupy.reference.scaled_fp4_quant_te (docs/te_numerics.md): one
     global scale (host float or one-element array), or with row_scaled=True
-    one per row, [m] (row-scaled NVFP4); no per-expert scales.
+    one per row, [m] (row-scaled NVFP4); no per-expert scales. With it,
+    tile="16x16" (one global scale) gives one scale per 16x16 tile, on each
+    of the tile's rows (TE's weight recipe, docs/te_numerics.md section 4).
     `mx_scale_rule` (MXFP4 only): None or "floor" (OCP, the default),
     "rceil" or "te_pow2", the bytes of
     nvfp4_cupy.reference.mx_rules.scaled_mxfp4_quant
     (docs/stochastic_rounding_and_mx_rules.md, section 3).
+
+    `columnwise=True` (numerics="te", 1x16 blocks): x and x^T from one read
+    of x, returned as (packed, scales, packed_t, scales_t), the bytes of
+    scaled_fp4_quant_te(..., columnwise=True) (docs/te_numerics.md section
+    5); `global_scale_t` is x^T's global scale (ops/columnwise.py). No
+    out/out_scale buffers there.
     """
-    options = (numerics, mx_scale_rule, row_scaled)
+    if columnwise is not False or global_scale_t is not None:
+        return _columnwise_call(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream,
+                                like, fmt, numerics, mx_scale_rule, row_scaled, tile, columnwise, global_scale_t)
+    options = (numerics, mx_scale_rule, row_scaled, tile)
     if stream is None:
         if out is None and out_scale is None:
             outputs = _repeat(x, global_scale, is_sf_swizzled_layout, padded_n, layout, like, fmt, options)
@@ -97,6 +112,23 @@ def scaled_fp4_quant(
                      options=options)
 
 
+def _columnwise_call(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, fmt,
+                     numerics, mx_scale_rule, row_scaled, tile, columnwise, global_scale_t):
+    """scaled_fp4_quant with columnwise=True, or with global_scale_t (which
+    needs it: the golden model's message)."""
+    _te.check_numerics(numerics, fmt=fmt, tile=tile, columnwise=columnwise, row_scaled=row_scaled)
+    if not columnwise:
+        _te._resolve_scales((1, 1), 1.0, global_scale_t, False, False)  # raises: global_scale_t needs columnwise
+    if mx_scale_rule is not None:
+        raise ValueError(f"mx_scale_rule is the scale rule of fmt='mxfp4', got mx_scale_rule={mx_scale_rule!r} with "
+                         f"fmt={fmt!r}")
+    if out is not None or out_scale is not None:
+        raise ValueError("out and out_scale are not supported with columnwise=True; use the four returned arrays")
+    return _columnwise.scaled_fp4_quant_columnwise(x, global_scale, is_sf_swizzled_layout, padded_n, layout=layout,
+                                                   global_scale_t=global_scale_t, row_scaled=row_scaled, tile=tile,
+                                                   stream=stream, like=like)
+
+
 def _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like=None,
               target: Target | None = None, fmt="nvfp4", options=None, stochastic=None):
     """scaled_fp4_quant with the conversion target forced when given (tests
@@ -109,7 +141,7 @@ def _quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out
 
 
 def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_row=False, out=None, out_scale=None,
-             stream=None, like=None, numerics="ieee"):
+             stream=None, like=None, numerics="ieee", tile="1x16"):
     """compute_global_scale then scaled_fp4_quant, all on the device:
     returns (packed, scales, global_scale), the bytes of those two calls.
     A small x (at most ONE_LAUNCH_MAX_BLOCKS blocks, one global scale) takes
@@ -118,9 +150,10 @@ def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_r
     compute_global_scale.
 
     numerics="te": TransformerEngine's global scale and arithmetic, always
-    two launches: the bytes of nvfp4_cupy.reference.quantize_te, and with
-    per_row=True those of quantize_te(x, row_scaled=True) (row-scaled NVFP4)."""
-    if per_row is False and numerics == "ieee":
+    two launches: the bytes of nvfp4_cupy.reference.quantize_te, with
+    per_row=True those of quantize_te(x, row_scaled=True) (row-scaled NVFP4),
+    with tile="16x16" those of quantize_te(x, tile="16x16")."""
+    if per_row is False and numerics == "ieee" and tile == "1x16":
         if out is None and out_scale is None and stream is None:
             outputs = _repeat(x, OWN_SCALE, is_sf_swizzled_layout, padded_n, layout, like, "nvfp4")
             if outputs is not None:
@@ -131,7 +164,8 @@ def quantize(x, is_sf_swizzled_layout=True, padded_n=None, *, layout=None, per_r
             launch()
             return outputs
     scale_launch, global_scale = prepare_global_scale(x, per_row, stream, like, numerics)
-    options = (numerics, None, per_row if numerics == "te" else False)  # a per-row "te" scale is row-scaled NVFP4
+    # a per-row "te" scale is row-scaled NVFP4
+    options = (numerics, None, per_row if numerics == "te" else False, tile)
     quantize_launch, (packed, scales) = prepare_quantize(
         x, global_scale, is_sf_swizzled_layout, padded_n, layout, out, out_scale, stream, like, "nvfp4",
         options=options
@@ -191,37 +225,57 @@ class _Plan:
 _plans: dict = {}
 _MAX_PLANS = 4096
 
-# (numerics, mx_scale_rule, rounding) of a kernel: QuantizeVariant's last three fields.
-DEFAULT_ARITHMETIC = ("ieee", "floor", "rn")
-# The dynamic arguments of the stochastic-rounding kernel past the outputs:
-# the seed and the offset in 32-bit halves.
-_SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
-# scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled) as given.
-DEFAULT_OPTIONS = ("ieee", None, False)
+# (numerics, mx_scale_rule, rounding, tile) of a kernel: QuantizeVariant's last four fields.
+DEFAULT_ARITHMETIC = ("ieee", "floor", "rn", "1x16")
+# scaled_fp4_quant's (numerics, mx_scale_rule, row_scaled, tile) as given.
+DEFAULT_OPTIONS = ("ieee", None, False, "1x16")
+# The dynamic arguments of the stochastic-rounding kernels past the outputs
+# (quantize_nvfp4_sr, fake_quantize): the seed and the offset in 32-bit halves.
+SR_WORDS = ("seed_lo", "seed_hi", "offset_lo", "offset_hi")
 
 
-def check_options(fmt: str, options) -> tuple[tuple[str, str, str], bool]:
-    """((numerics, mx_scale_rule, "rn"), row_scaled) of a call, after the
-    golden model's checks (reference.te.check_numerics,
-    mx_rules.check_mx_scale_rule): numerics="te" is NVFP4 only and row_scaled
-    needs it; mx_scale_rule is MXFP4 only."""
-    numerics, mx_scale_rule, row_scaled = DEFAULT_OPTIONS if options is None else options
-    numerics = _te.check_numerics(numerics, fmt=fmt, row_scaled=row_scaled)
+def sr_words(seed: int, offset: int) -> tuple[int, int, int, int]:
+    """SR_WORDS' values: (seed lo, seed hi, offset lo, offset hi)."""
+    return seed & 0xFFFFFFFF, seed >> 32, offset & 0xFFFFFFFF, offset >> 32
+
+
+def check_options(fmt: str, options) -> tuple[tuple[str, str, str, str], bool]:
+    """((numerics, mx_scale_rule, "rn", tile), row_scaled) of a call, after
+    the golden model's checks (reference.te.check_numerics and
+    _check_te_options, mx_rules.check_mx_scale_rule): numerics="te" is NVFP4
+    only, and row_scaled and 16x16 tiles need it (not together);
+    mx_scale_rule is MXFP4 only."""
+    numerics, mx_scale_rule, row_scaled, tile = DEFAULT_OPTIONS if options is None else options
+    numerics = _te.check_numerics(numerics, fmt=fmt, tile=tile, row_scaled=row_scaled)
+    _te._check_te_options(tile, False, row_scaled)
     if mx_scale_rule is None:
-        return (numerics, "floor", "rn"), bool(row_scaled)
+        return (numerics, "floor", "rn", tile), bool(row_scaled)
     if fmt != "mxfp4":
         raise ValueError(f"mx_scale_rule is the scale rule of fmt='mxfp4', got mx_scale_rule={mx_scale_rule!r} with "
                          f"fmt={fmt!r}")
-    return (numerics, check_mx_scale_rule(mx_scale_rule), "rn"), False
+    return (numerics, check_mx_scale_rule(mx_scale_rule), "rn", tile), False
+
+
+def te_resolved_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
+    """The kind of global scale of a numerics="te" call ("one", "row",
+    "expert" or "expert_row") by the golden model's rules (reference.te,
+    docs/te_numerics.md section 7), read on a stand-in of the device array's
+    shape."""
+    if scale.array is not None:
+        return te_kind_of_shape(tuple(scale.array.shape), x_shape, row_scaled)
+    return _te._resolve_scales(tuple(x_shape), scale.value, None, False, row_scaled)[0]
+
+
+def te_kind_of_shape(scale_shape: tuple, x_shape: tuple, row_scaled: bool) -> str:
+    """te_resolved_kind of a global scale array of this shape."""
+    stand_in = np.broadcast_to(np.float32(0), tuple(scale_shape))
+    return _te._resolve_scales(tuple(x_shape), stand_in, None, False, row_scaled)[0]
 
 
 def te_scale_kind(scale, x_shape: tuple, row_scaled: bool) -> str:
-    """The kind of global scale ("one" or "row") of a numerics="te" call, by
-    the golden model's rules (reference.te, docs/te_numerics.md section 7),
-    read on a stand-in of the device array's shape. TransformerEngine defines
-    no expert batch: per-expert scales are refused here."""
-    stand_in = scale.value if scale.array is None else np.broadcast_to(np.float32(0), tuple(scale.array.shape))
-    kind = _te._resolve_scales(tuple(x_shape), stand_in, None, False, row_scaled)[0]
+    """te_resolved_kind, "one" or "row": TransformerEngine defines no expert
+    batch, so per-expert scales are refused here."""
+    kind = te_resolved_kind(scale, x_shape, row_scaled)
     if kind not in ("one", "row"):
         raise ValueError("numerics='te' on the GPU takes one global scale, or one per row with row_scaled=True; "
                          f"got one per expert (shape {tuple(scale.array.shape)} for x of shape {tuple(x_shape)}): "
@@ -237,8 +291,10 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
     padded_n = resolve_padded_n(view.n, padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     scale_rows, scale_cols = scale_layout.scale_shape(view.m, padded_n, block_size)
-    per_thread = 1 if scale_kind == "own" else blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt)
-    grid, block = _geometry(scale_rows, scale_cols, view.experts, padded_n, per_thread,
+    tile_rows = _te.check_tile(arithmetic[3])  # 16x16 tiles: a thread per 16 rows of a column block
+    per_thread = (1 if scale_kind == "own" or tile_rows > 1 else
+                  blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt))
+    grid, block = _geometry(-(-scale_rows // tile_rows), scale_cols, view.experts, padded_n, per_thread,
                             f"x: shape {x.shape} with padded_n={padded_n}")
     static = dict(m=view.m, n=view.n, padded_n=padded_n, scale_rows=scale_rows, scale_cols=scale_cols,
                   row_stride=view.row_stride)
@@ -250,7 +306,7 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
         static["expert_stride"] = view.expert_stride
         dynamic = ("x", "global_scale_ptr", "global_scale_value", "packed", "scales")
         if arithmetic[2] == "sr":
-            dynamic += _SR_WORDS
+            dynamic += SR_WORDS
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(
         BoundKernel(QuantizeVariant(dtype_name, scale_layout, vector, scale_kind, fmt, per_thread, *arithmetic), grid,
@@ -476,7 +532,7 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
         if arithmetic[0] == "te":
             scale_kind = te_scale_kind(scale, array.shape, row_scaled)
         if stochastic is not None:  # scaled_fp4_quant_sr: NVFP4, default numerics
-            arithmetic = (*arithmetic[:2], "sr")
+            arithmetic = (*arithmetic[:2], "sr", arithmetic[3])
     plan = _plan_for(frontend, array, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target, arithmetic)
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
@@ -517,8 +573,7 @@ def prepare_quantize(x, global_scale, is_sf_swizzled_layout, padded_n, layout, o
                                  *pointers), outputs
     if scale is None:
         return functools.partial(kernel, device_id, handle, array.pointer, *pointers), outputs
-    words = () if stochastic is None else tuple(half for value in stochastic for half in (value & 0xFFFFFFFF,
-                                                                                      value >> 32))
+    words = () if stochastic is None else sr_words(*stochastic)
     return (functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, *pointers, *words),
             outputs)
 
