@@ -19,13 +19,14 @@
 
 namespace nvfp4 {
 
-constexpr int kTileRows = 64;  // four column blocks of x^T a tile column
+constexpr int kTileRows = 64;  // four column blocks of x^T a tile column (ops/columnwise.py reads this)
+constexpr int kTileRowBytes = 512;  // of each row: 32 KiB of x a tile (ops/columnwise.py reads this)
 constexpr int kThreadsPerRow = 4;  // rowwise: threads sharing a row of the tile
 
 template <typename Input>
 struct ColumnwiseTile {
   typedef typename Input::raw_t raw_t;
-  static constexpr int kCols = 512 / sizeof(raw_t);  // 32 KiB of x a tile: 256 16-bit or 128 float32 values
+  static constexpr int kCols = kTileRowBytes / sizeof(raw_t);  // 256 16-bit or 128 float32 values
   // 16 bytes of padding a row: a quarter warp's 16-byte stores of four rows
   // land in different banks.
   static constexpr int kPitch = kCols + 16 / sizeof(raw_t);

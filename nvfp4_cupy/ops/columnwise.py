@@ -22,8 +22,9 @@ _kernels: dict = {}
 
 def tile_shape(itemsize: int) -> tuple[int, int]:
     """(rows, columns) of x a thread block of the kernel reads: columnwise.cu's
-    kTileRows and ColumnwiseTile::kCols (512 bytes of a row)."""
-    return kernel_constant(ColumnwiseVariant.source, "kTileRows"), 512 // itemsize
+    kTileRows and ColumnwiseTile::kCols (kTileRowBytes of a row)."""
+    source = ColumnwiseVariant.source
+    return kernel_constant(source, "kTileRows"), kernel_constant(source, "kTileRowBytes") // itemsize
 
 
 def scaled_fp4_quant_columnwise(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
