@@ -34,7 +34,6 @@ struct ColumnwiseTile {
   // Blocks a thread quantizes in each direction (the tile has kTileRows *
   // kCols / 16 of each, shared by kThreadsPerBlock threads).
   static constexpr int kBlocksPerThread = kTileRows * kCols / kBlockSize / kThreadsPerBlock;
-  static constexpr int kColumnGroups = kThreadsPerBlock / kCols;  // threads sharing a column
 };
 
 // The raw bits of rows [16 * g, 16 * g + 16) of column c of the tile, as
