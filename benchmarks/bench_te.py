@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 import nvfp4_cupy as nv  # noqa: E402
 from nvfp4_cupy import _bench  # noqa: E402
-from nvfp4_cupy.reference import mx_rules, stochastic, te  # noqa: E402
+from nvfp4_cupy.reference import mx_rules, stochastic, te, te_rht  # noqa: E402
 
 SHAPES = ((16384, 16384), (16384, 7168), (4096, 7168))
 DTYPE = "bfloat16"
@@ -74,6 +74,28 @@ def time_variant(inputs, m: int, n: int, fmt: str, options: dict) -> float:
     return _bench.graph_time_us(lambda i: quantize(inputs[i], scale, out=out, out_scale=out_scale), len(inputs))
 
 
+def bench_rht(inputs, m: int, n: int, ceiling: float, baseline_us: float) -> list[dict]:
+    """scaled_fp4_quant_rht: with the amax computed on the device (two
+    launches: the post-transform amax, then the quantizer) and with a given
+    device amax (the quantizer alone), each checked against the golden model
+    on 64 rows first. Target (issue 15): >= 80% of copy."""
+    rows_host = cp.asnumpy(inputs[0][:64])
+    got = nv.scaled_fp4_quant_rht(inputs[0][:64], layout="linear")
+    want = te_rht.scaled_fp4_quant_rht(rows_host, layout="linear")
+    if not all(np.array_equal(cp.asnumpy(g), w) for g, w in zip(got[:2], want[:2])):
+        raise SystemExit("bench_te: scaled_fp4_quant_rht differs from the golden model; not timing it")
+    amax = cp.asarray(np.array([40.0], np.float32))
+    moved = _bench.fp4_bytes(m, n, n, DTYPE, "swizzled", "nvfp4")
+    rows = []
+    for name, given in (("nvfp4 te + RHT", None), ("nvfp4 te + RHT, amax given", amax)):
+        us = _bench.graph_time_us(lambda i: nv.scaled_fp4_quant_rht(inputs[i], given), len(inputs))
+        row = {"m": m, "n": n, "dtype": DTYPE, "variant": name, "us": us, "bytes": moved,
+               "pct_copy": 100 * moved / us / 1e3 / ceiling, "vs_baseline": us / baseline_us}
+        rows.append(row)
+        print(f"{m:>6} x {n:<6}  {name:<14} {us:8.1f} {row['pct_copy']:6.1f}% {row['vs_baseline']:11.3f}x")
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the results here")
@@ -95,6 +117,7 @@ def main(argv=None) -> int:
                    "pct_copy": 100 * moved / us / 1e3 / ceiling, "vs_baseline": us / baseline[fmt]}
             rows.append(row)
             print(f"{m:>6} x {n:<6}  {name:<14} {us:8.1f} {row['pct_copy']:6.1f}% {row['vs_baseline']:11.3f}x")
+        rows += bench_rht(inputs, m, n, ceiling, baseline["nvfp4"])
         del inputs
         cp.get_default_memory_pool().free_all_blocks()
     if args.json:

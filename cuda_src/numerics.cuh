@@ -73,6 +73,13 @@ __device__ __forceinline__ float add_rn(float a, float b) {
   return d;
 }
 
+// (a - b as add_rn(a, -b) lets the compiler write neg.ftz under -ftz=true.)
+__device__ __forceinline__ float sub_rn(float a, float b) {
+  float d;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));
+  return d;
+}
+
 // ---------------------------------------------------------------------------
 // Input element types. Each knows its raw storage, how to widen one value to
 // float32 exactly, and how to find the float32 bits of a block's max |v| from

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "scaled_fp4_quant",
     "scaled_fp4_quant_sr",
+    "scaled_fp4_quant_rht",
     "create_fp4_output_tensors",
     "dequantize_fp4",
     "compute_global_scale",
@@ -36,6 +37,7 @@ __all__ = [
 _GPU_NAMES = {
     "scaled_fp4_quant": ".ops.quantize",
     "scaled_fp4_quant_sr": ".ops.quantize",
+    "scaled_fp4_quant_rht": ".ops.rht",
     "create_fp4_output_tensors": ".ops.quantize",
     "quantize": ".ops.quantize",
     "dequantize_fp4": ".ops.dequantize",

@@ -375,6 +375,29 @@ class ColumnwiseVariant:
                 f"{self.layout.cuda_struct}, {_flag(self.vector_loads)}, {GLOBAL_SCALES[self.global_scales]}>",)
 
 
+@dataclass(frozen=True)
+class RhtVariant:
+    """rht.cu's two kernels for one input dtype, layout and form: the
+    post-transform amax and the RHT + numerics="te" quantizer
+    (docs/te_rht_and_4over6.md, part A)."""
+
+    dtype_name: str
+    layout: ScaleLayout
+    vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
+    per_row: bool = False  # one amax per row (else one for the tensor)
+    to_input: bool = True  # the transform rounded to x's dtype (transform_dtype="input")
+
+    source = "rht.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        element, vector, to_input = (ELEMENT_STRUCTS[self.dtype_name].input, _flag(self.vector_loads),
+                                     _flag(self.to_input))
+        return (f"nvfp4::rht_amax<{element}, {vector}, {to_input}>",
+                f"nvfp4::quantize_nvfp4_rht<{element}, {self.layout.cuda_struct}, {vector}, {_flag(self.per_row)}, "
+                f"{to_input}>")
+
+
 def numerics_variants() -> list:
     """The quantize kernels of numerics="te" (one scale or one per row), of
     the MXFP4 scale rules "rceil" and "te_pow2" and of stochastic rounding
@@ -433,6 +456,8 @@ def all_variants() -> list:
            for vector in flags for mask in flags if not (mask and q == "nvfp4_sr")]
         + [ColumnwiseVariant(d, layout, vector, scales) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
            for vector in flags for scales in TE_GLOBAL_SCALES]
+        + [RhtVariant(d, layout, vector, per_row, to_input) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
+           for vector in flags for per_row in flags for to_input in flags]
     )
 
 

@@ -1,0 +1,145 @@
+// TransformerEngine's random Hadamard transform (RHT) before NVFP4
+// quantization with numerics="te" (docs/te_rht_and_4over6.md, part A and
+// E.1-E.2), for x [m, K] with K (a multiple of 16) last: the operand as the
+// GEMM reads it. Two kernels:
+// - rht_amax: max |y| over the transformed values, per tensor or per row,
+//   as float32 bits atomically maxed into a zeroed device array (a bit max
+//   over |y|: exact and NaN-propagating, NaN bit patterns sort above inf);
+// - quantize_nvfp4_rht: each 16-value block is one chunk: loaded, transformed,
+//   rounded to x's dtype (kToInput) or kept in float32, and quantized with
+//   numerics="te" under S_enc = encode(amax) (A.4). The grid covers the
+//   scale tensor, layout padding included, as quantize.cu's does.
+#include "numerics.cuh"
+#include "load.cuh"
+#include "layouts.cuh"
+#include "blocks.cuh"
+#include "output.cuh"
+
+namespace nvfp4 {
+
+// TE's sign vector (A.1) as bits: bit i set where s_i = -1. tests/test_compile.py
+// checks it against reference.te_rht.RHT_SIGNS.
+constexpr u32 kRhtNegativeSigns = 0xD7E8u;
+
+// The transform of one 16-value chunk, in place (A.2): t_i = RN(v_i * (+-0.25)),
+// then four butterfly stages with partners 1, 2, 4 and 8 apart, each pair
+// (a, b) becoming (RN(a + b), RN(a - b)), in that order, no reassociation.
+__device__ __forceinline__ void rht16(float (&v)[kBlockSize]) {
+#pragma unroll
+  for (int i = 0; i < kBlockSize; ++i) v[i] = mul_rn(v[i], ((kRhtNegativeSigns >> i) & 1u) ? -0.25f : 0.25f);
+#pragma unroll
+  for (int half = 1; half < kBlockSize; half <<= 1) {
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) {
+      if (i & half) continue;
+      const float a = v[i];
+      const float b = v[i + half];
+      v[i] = add_rn(a, b);
+      v[i + half] = sub_rn(a, b);
+    }
+  }
+}
+
+// The transformed chunk at columns [col, col + 16) of a row (col < n, n a
+// multiple of 16), as the quantizer reads it: kToInput and 16-bit x: the
+// values rounded to x's dtype (cvt.rn, overflow to inf), two a word, in
+// Input's words; else float32 bits, one a word (Float32Input's).
+template <bool kNarrow, typename Input>
+struct RhtQuantized {  // the Input struct the quantizer reads the transformed words with
+  typedef Float32Input type;
+};
+template <typename Input>
+struct RhtQuantized<true, Input> {
+  typedef Input type;
+};
+
+template <typename Input, bool kToInput>
+struct RhtChunk {
+  static constexpr bool kNarrow = kToInput && sizeof(typename Input::raw_t) == 2;
+  typedef typename RhtQuantized<kNarrow, Input>::type Quantized;
+  static constexpr int kWords = kNarrow ? 8 : 16;
+  u32 words[kWords];
+
+  template <bool kVectorLoads>
+  __device__ __forceinline__ void load(const typename Input::raw_t* __restrict__ row, int col, int n) {
+    u32 raw[4 * sizeof(typename Input::raw_t)];
+    load_block<Input, kVectorLoads>(row, col, n, raw);
+    float v[kBlockSize];
+#pragma unroll
+    for (int j = 0; j < kBlockSize; ++j) v[j] = Input::element(raw, j);
+    rht16(v);
+    if constexpr (kNarrow) {
+      typedef typename OutputOf<Input>::type Output;
+#pragma unroll
+      for (int w = 0; w < 8; ++w) words[w] = Output::from_f32x2(v[2 * w], v[2 * w + 1]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kBlockSize; ++j) words[j] = __float_as_uint(v[j]);
+    }
+  }
+};
+
+// S_enc = min(RN(2688 / A), FLT_MAX) (NaN-propagating), 1 where that is 0
+// (A.4; reference.te.encode_scale_from_amax_te with e4m3_max = 448), from the
+// amax as given: any float32, a negative or NaN one giving an invalid S_enc.
+// On the bits (float compares would take .ftz under -ftz=true): only +inf
+// lies above FLT_MAX, and +-0 (A = +-inf) becomes 1; a NaN stays.
+__device__ __forceinline__ float te_encode_scale(float amax) {
+  const float s = div_rn(448.0f * 6.0f, amax);
+  const u32 bits = __float_as_uint(s);
+  if ((bits & 0x7fffffffu) == 0u) return 1.0f;
+  return bits == kF32InfBits ? __uint_as_float(kF32MaxBits) : s;
+}
+
+// Grid: x over a row's chunks, y over rows (threads as quantize.cu's).
+// amax: [1] (per_row = 0) or [m], zeroed before the launch.
+template <typename Input, bool kVectorLoads, bool kToInput>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+rht_amax(const typename Input::raw_t* __restrict__ x, u32* __restrict__ amax, long long row_stride, int m, int n,
+         int per_row) {
+  const int row = blockIdx.x * blockDim.y + threadIdx.y;
+  const int k = blockIdx.y * blockDim.x + threadIdx.x;
+  u32 bits = 0;
+  if (row < m && k * kBlockSize < n) {
+    RhtChunk<Input, kToInput> chunk;
+    chunk.template load<kVectorLoads>(x + row * row_stride, k * kBlockSize, n);
+    bits = RhtChunk<Input, kToInput>::Quantized::abs_max_bits(chunk.words);
+  }
+  if (per_row) {
+    if (bits) atomicMax(amax + row, bits);
+    return;
+  }
+  bits = __reduce_max_sync(0xffffffffu, bits);  // every lane is here: no return above
+  if ((threadIdx.x & 31) == 0 && bits) atomicMax(amax, bits);
+}
+
+// The grid covers the scale tensor (scale_rows x scale_cols), one block a
+// thread: blocks of rows < m and columns < padded_n are quantized (those past
+// n are zeros, which the transform keeps), every other scale byte is 0x00.
+// The amax comes from amax_ptr ([1], or [m] with kPerRow) or, without it,
+// amax_value.
+template <typename Input, typename Layout, bool kVectorLoads, bool kPerRow, bool kToInput>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+quantize_nvfp4_rht(const typename Input::raw_t* __restrict__ x, const float* __restrict__ amax_ptr,
+                   float amax_value, uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride, int m,
+                   int n, int padded_n, int scale_rows, int scale_cols) {
+  typedef RhtChunk<Input, kToInput> Chunk;
+  const int row = blockIdx.x * blockDim.y + threadIdx.y;
+  const int k = blockIdx.y * blockDim.x + threadIdx.x;
+  if (row >= scale_rows || k >= scale_cols) return;
+  u8* scale_at = scales + Layout::row_offset(row, scale_cols) + Layout::column_offset(k);
+  if (row >= m || k * kBlockSize >= padded_n) {
+    *scale_at = 0;
+    return;
+  }
+  Chunk chunk;
+  chunk.template load<kVectorLoads>(x + row * row_stride, k * kBlockSize, n);
+  const float amax = amax_ptr ? __ldg(amax_ptr + (kPerRow ? row : 0)) : amax_value;
+  const Nvfp4TeBlocks blocks = Nvfp4TeBlocks::from_global_scale(te_encode_scale(amax));
+  const BlockScale scale = blocks.scale(Chunk::Quantized::abs_max_bits(chunk.words));
+  packed[(long long)row * (padded_n / kBlockSize) + k] =
+      pack_block<typename Chunk::Quantized, Nvfp4TeBlocks::Codes>(chunk.words, scale);
+  *scale_at = scale.scale_byte;
+}
+
+}  // namespace nvfp4
