@@ -13,7 +13,6 @@ ieee, SR <= 1.3x ieee (issue 15).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -97,8 +96,7 @@ def main(argv=None) -> int:
             print(f"{m:>6} x {n:<6}  {name:<14} {us:8.1f} {row['pct_copy']:6.1f}% {row['vs_baseline']:11.3f}x")
         del inputs
         cp.get_default_memory_pool().free_all_blocks()
-    if args.json:
-        args.json.write_text(json.dumps({"card": card, "copy_ceiling_gbps": ceiling, "rows": rows}, indent=1))
+    _bench.write_report(args.json, card, ceiling, rows=rows)
     return 0
 
 
