@@ -20,7 +20,6 @@ checked against the golden model on its first 128 rows before it is timed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -91,8 +90,7 @@ def main(argv=None) -> int:
               f"{row['speedup_two_calls']:7.2f}x {row['transpose_two_calls_us']:13.1f} "
               f"{row['speedup_transpose_two_calls']:7.2f}x")
         cp.get_default_memory_pool().free_all_blocks()
-    if args.json:
-        args.json.write_text(json.dumps({"card": card, "copy_ceiling_gbps": ceiling, "rows": rows}, indent=1))
+    _bench.write_report(args.json, card, ceiling, rows=rows)
     return 0
 
 

@@ -19,7 +19,6 @@ rotated over 256 MiB so that they come from HBM, medians).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvfp4_cupy._bench import _inputs, card_name, copy_ceiling_gbps, graph_time_us  # noqa: E402
+from nvfp4_cupy._bench import _inputs, card_name, copy_ceiling_gbps, graph_time_us, write_report  # noqa: E402
 
 SILU_SHAPES = ((4096, 7168), (16384, 7168))  # (m, n): x is [m, 2n]
 EXPERTS, TOKENS, EXPERT_N = 64, 8192, 7168
@@ -116,9 +115,7 @@ def main(argv=None) -> int:
           f"({grouped['grouped_over_dense']:.3f}x), {grouped['pct_copy']:.1f}% of copy")
     print(f"silu_and_mul_quant with expert_offsets, same experts, x {TOKENS} x {2 * EXPERT_N}: "
           f"{silu_grouped['us']:.1f} us, {silu_grouped['pct_copy']:.1f}% of copy")
-    if args.json:
-        args.json.write_text(json.dumps({"card": card, "copy_ceiling_gbps": ceiling, "silu_and_mul_quant": silu,
-                                         "grouped": [grouped, silu_grouped]}, indent=2))
+    write_report(args.json, card, ceiling, silu_and_mul_quant=silu, grouped=[grouped, silu_grouped])
     return 0
 
 

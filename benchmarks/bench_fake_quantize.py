@@ -17,7 +17,6 @@ replays, inputs rotated over 256 MiB so that they come from HBM, medians).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvfp4_cupy._bench import _inputs, card_name, copy_ceiling_gbps, graph_time_us  # noqa: E402
+from nvfp4_cupy._bench import _inputs, card_name, copy_ceiling_gbps, graph_time_us, write_report  # noqa: E402
 
 SHAPES = ((16384, 16384, "nvfp4"), (16384, 7168, "nvfp4"), (4096, 7168, "nvfp4"), (16384, 16384, "mxfp4"))
 DTYPE = "bfloat16"
@@ -76,9 +75,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{row['op']:<15}{fmt:<7}{m:>7} x {n:<5}{row['fused_us']:>10.1f}{row['unfused_us']:>12.1f}"
               f"{row['speedup']:>8.2f}x{row['pct_copy']:>7.1f}%{'yes' if row['fused_equals_unfused'] else 'NO':>7}")
-    if args.json:
-        args.json.write_text(json.dumps({"card": card, "copy_ceiling_gbps": ceiling, "fake_quantize": rows},
-                                        indent=2))
+    write_report(args.json, card, ceiling, fake_quantize=rows)
     return 0 if all(row["fused_equals_unfused"] for row in rows) else 1
 
 

@@ -16,14 +16,13 @@ launches, inputs rotated over 256 MiB so that they come from HBM, medians of
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nvfp4_cupy._bench import _inputs, card_name, copy_ceiling_gbps, graph_time_us  # noqa: E402
+from nvfp4_cupy._bench import _inputs, card_name, copy_ceiling_gbps, graph_time_us, write_report  # noqa: E402
 
 SHAPES = ((4096, 7168), (16384, 7168))
 EPS = 1e-6
@@ -85,9 +84,7 @@ def main(argv=None) -> int:
             print(f"{r['op']:<28}{r['m']:>7} x {r['n']:<5}{r['fused_us']:>10.1f}{r['unfused_us']:>12.1f}"
                   f"{r['speedup']:>8.2f}x{r['gbps']:>7.0f}{r['pct_copy']:>7.1f}%", flush=True)
         cp.get_default_memory_pool().free_all_blocks()
-    if args.json:
-        args.json.write_text(json.dumps({"card": card, "copy_ceiling_gbps": ceiling, "eps": EPS,
-                                         "global_scale": GLOBAL_SCALE, "rms_norm_quant": results}, indent=2))
+    write_report(args.json, card, ceiling, eps=EPS, global_scale=GLOBAL_SCALE, rms_norm_quant=results)
     return 0
 
 

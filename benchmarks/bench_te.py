@@ -13,7 +13,6 @@ ieee, SR <= 1.3x ieee (issue 15).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -120,8 +119,7 @@ def main(argv=None) -> int:
         rows += bench_rht(inputs, m, n, ceiling, baseline["nvfp4"])
         del inputs
         cp.get_default_memory_pool().free_all_blocks()
-    if args.json:
-        args.json.write_text(json.dumps({"card": card, "copy_ceiling_gbps": ceiling, "rows": rows}, indent=1))
+    _bench.write_report(args.json, card, ceiling, rows=rows)
     return 0
 
 

@@ -90,6 +90,13 @@ def card_and_copy_ceiling() -> tuple[str, float]:
     return card_name(), copy_ceiling_gbps()["copy_kernel_gbps"]
 
 
+def write_report(path, card: str, ceiling_gbps: float, **results) -> None:
+    """A benchmark's --json file, when asked for: the card, the copy
+    ceiling of the same run and the benchmark's own results."""
+    if path:
+        path.write_text(json.dumps({"card": card, "copy_ceiling_gbps": ceiling_gbps, **results}, indent=1))
+
+
 def copy_ceiling_gbps(nbytes: int = 2**30) -> dict:
     """Device-to-device copy of 1 GiB, bytes read + written: by a plain
     16-byte-per-thread kernel (the ceiling used) and by cudaMemcpyAsync."""
