@@ -4,8 +4,10 @@
 kernel alone (bf16 input, swizzled scales, a host global scale), device time from
 CUDA-graph replays with inputs rotated over 256 MiB (nvfp4_cupy._bench), the
 copy ceiling measured in the same run. Each row is checked against the golden
-model once on a slice before it is timed. Targets: te within a few % of
-ieee, SR <= 1.3x ieee (issue 15).
+model once on a slice before it is timed. TE's quantizers that take a global
+amax (the RHT, Four Over Six) run with it computed on the device and given.
+Targets (issue 15): te within a few % of ieee, SR <= 1.3x ieee, RHT +
+quantize >= 80% of copy, Four Over Six <= 1.5x ieee.
 
     python benchmarks/bench_te.py [--json F]
 """
@@ -23,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import nvfp4_cupy as nv  # noqa: E402
 from nvfp4_cupy import _bench  # noqa: E402
-from nvfp4_cupy.reference import mx_rules, stochastic, te, te_rht  # noqa: E402
+from nvfp4_cupy.reference import mx_rules, stochastic, te, te_4over6, te_rht  # noqa: E402
 
 SHAPES = ((16384, 16384), (16384, 7168), (4096, 7168))
 DTYPE = "bfloat16"
@@ -73,25 +75,40 @@ def time_variant(inputs, m: int, n: int, fmt: str, options: dict) -> float:
     return _bench.graph_time_us(lambda i: quantize(inputs[i], scale, out=out, out_scale=out_scale), len(inputs))
 
 
-def bench_rht(inputs, m: int, n: int, ceiling: float, baseline_us: float) -> list[dict]:
-    """scaled_fp4_quant_rht: with the amax computed on the device (two
-    launches: the post-transform amax, then the quantizer) and with a given
-    device amax (the quantizer alone), each checked against the golden model
-    on 64 rows first. Target (issue 15): >= 80% of copy."""
+# name -> (the GPU quantizer, its golden twin, its keyword arguments); each
+# runs with the amax computed on the device (the amax kernel, then the
+# quantizer) and with a given device amax (the quantizer alone).
+AMAX_VARIANTS = {
+    "te + RHT": (lambda: nv.scaled_fp4_quant_rht, te_rht.scaled_fp4_quant_rht, {}),
+    "te 4/6 MAE": (lambda: nv.scaled_fp4_quant_4over6, te_4over6.scaled_fp4_quant_4over6, {}),
+    "te 4/6 MSE 256": (lambda: nv.scaled_fp4_quant_4over6, te_4over6.scaled_fp4_quant_4over6,
+                       {"err_mode": "MSE", "e4m3_max": 256}),
+    "te 4/6 MAE fast": (lambda: nv.scaled_fp4_quant_4over6, te_4over6.scaled_fp4_quant_4over6,
+                        {"err_use_fast_math": True}),
+}
+
+
+def bench_amax_variants(inputs, m: int, n: int, ceiling: float, baseline_us: float) -> list[dict]:
+    """TE's quantizers that take a global amax (RHT, Four Over Six): with
+    the amax computed and given, each checked against the golden model on 64
+    rows first. Targets (issue 15): RHT + quantize >= 80% of copy, Four Over
+    Six <= 1.5x plain quantize."""
     rows_host = cp.asnumpy(inputs[0][:64])
-    got = nv.scaled_fp4_quant_rht(inputs[0][:64], layout="linear")
-    want = te_rht.scaled_fp4_quant_rht(rows_host, layout="linear")
-    if not all(np.array_equal(cp.asnumpy(g), w) for g, w in zip(got[:2], want[:2])):
-        raise SystemExit("bench_te: scaled_fp4_quant_rht differs from the golden model; not timing it")
     amax = cp.asarray(np.array([40.0], np.float32))
     moved = _bench.fp4_bytes(m, n, n, DTYPE, "swizzled", "nvfp4")
     rows = []
-    for name, given in (("nvfp4 te + RHT", None), ("nvfp4 te + RHT, amax given", amax)):
-        us = _bench.graph_time_us(lambda i: nv.scaled_fp4_quant_rht(inputs[i], given), len(inputs))
-        row = {"m": m, "n": n, "dtype": DTYPE, "variant": name, "us": us, "bytes": moved,
-               "pct_copy": 100 * moved / us / 1e3 / ceiling, "vs_baseline": us / baseline_us}
-        rows.append(row)
-        print(f"{m:>6} x {n:<6}  {name:<14} {us:8.1f} {row['pct_copy']:6.1f}% {row['vs_baseline']:11.3f}x")
+    for variant, (gpu, golden, options) in AMAX_VARIANTS.items():
+        quantize = gpu()
+        got = quantize(inputs[0][:64], layout="linear", **options)
+        want = golden(rows_host, layout="linear", **options)
+        if not all(np.array_equal(cp.asnumpy(g), w) for g, w in zip(got, want)):
+            raise SystemExit(f"bench_te: {variant} differs from the golden model; not timing it")
+        for name, given in ((f"nvfp4 {variant}", None), (f"nvfp4 {variant}, amax given", amax)):
+            us = _bench.graph_time_us(lambda i: quantize(inputs[i], given, **options), len(inputs))
+            row = {"m": m, "n": n, "dtype": DTYPE, "variant": name, "us": us, "bytes": moved,
+                   "pct_copy": 100 * moved / us / 1e3 / ceiling, "vs_baseline": us / baseline_us}
+            rows.append(row)
+            print(f"{m:>6} x {n:<6}  {name:<14} {us:8.1f} {row['pct_copy']:6.1f}% {row['vs_baseline']:11.3f}x")
     return rows
 
 
@@ -116,7 +133,7 @@ def main(argv=None) -> int:
                    "pct_copy": 100 * moved / us / 1e3 / ceiling, "vs_baseline": us / baseline[fmt]}
             rows.append(row)
             print(f"{m:>6} x {n:<6}  {name:<14} {us:8.1f} {row['pct_copy']:6.1f}% {row['vs_baseline']:11.3f}x")
-        rows += bench_rht(inputs, m, n, ceiling, baseline["nvfp4"])
+        rows += bench_amax_variants(inputs, m, n, ceiling, baseline["nvfp4"])
         del inputs
         cp.get_default_memory_pool().free_all_blocks()
     _bench.write_report(args.json, card, ceiling, rows=rows)

@@ -133,6 +133,10 @@ struct IeeeScaleFromAmax {
 struct TeScaleFromAmax {
   __device__ static float scale(u32 amax) { return global_scale_from_amax_te(amax); }
 };
+// Four Over Six's error step needs the amax A itself (docs/te_rht_and_4over6.md, B.2).
+struct AmaxItself {
+  __device__ static float scale(u32 amax) { return __uint_as_float(amax); }
+};
 
 // After this thread's atomicMax into accumulator[0]: count it in
 // accumulator[1]; the thread that counts `arrivals` finishes, writing the

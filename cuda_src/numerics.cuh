@@ -416,47 +416,65 @@ __device__ __forceinline__ TeGlobalScale te_global_scale(float gs) {
   return TeGlobalScale{mul_rn(gs, kSixth), decode, is_valid_global_scale(gs), in_fast_division_range(decode)};
 }
 
-// Steps 3-5 for a global scale outside the fast range (S outside about
+// A NaN-scaled block: scale byte 0x7F, every code 0x0.
+__device__ __forceinline__ BlockScale te_nan_block() {
+  BlockScale out;
+  out.inf_times_zero = false;
+  out.scale_byte = kE4M3NaN;
+  out.reciprocal = 0.0f;
+  out.zero_codes = true;
+  return out;
+}
+
+// Step 5 for a global scale outside the fast range (S outside about
 // [2^-60, 2^60]: all-zero tensors get FLT_MAX), with div.rn. RN(sf * d) may
 // be 0 (sf = 0x00: r = 1 / 0 = inf, clamped), subnormal, or overflow: then
 // r = 0 and every product is +-0 or inf * 0 = NaN, all code 0x0. A
 // subnormal S below 2^-128 has d = inf: r is 0, or NaN (0 * inf) for
-// sf = 0x00, and every code is 0x0 too. S of 2^-149 or 2^-148 has p = 0:
-// an inf block then has s = inf * 0 = NaN, a NaN-scaled block.
-__device__ __noinline__ BlockScale te_block_scale_exact(u32 amax_bits, float multiplier, float decode) {
+// sf = 0x00, and every code is 0x0 too.
+__device__ __noinline__ BlockScale te_scale_from_byte_exact(u8 scale_byte, float decode) {
   BlockScale out;
   out.inf_times_zero = false;
-  const float s = mul_rn(__uint_as_float(amax_bits), multiplier);
-  if (__float_as_uint(s) > kF32InfBits) {
-    out.scale_byte = kE4M3NaN;
-    out.reciprocal = 0.0f;
-    out.zero_codes = true;
-    return out;
-  }
-  out.scale_byte = e4m3_from_f32(s);
-  const u32 r = __float_as_uint(div_rn(1.0f, mul_rn(e4m3_to_f32(out.scale_byte), decode)));  // +0 .. +inf, or NaN
+  out.scale_byte = scale_byte;
+  const u32 r = __float_as_uint(div_rn(1.0f, mul_rn(e4m3_to_f32(scale_byte), decode)));  // +0 .. +inf, or NaN
   out.reciprocal = __uint_as_float(min(r, kF32MaxBits));
   out.zero_codes = r == 0u || r > kF32InfBits;
   return out;
 }
 
+// Step 5 in the fast range (TeGlobalScale::fast): r = RN(1 / RN(sf * d)),
+// FLT_MAX for sf = 0.
+__device__ __forceinline__ BlockScale te_scale_from_byte_fast(u8 scale_byte, float decode) {
+  BlockScale out;
+  out.inf_times_zero = false;
+  out.zero_codes = false;
+  out.scale_byte = scale_byte;
+  out.reciprocal = scale_byte ? reciprocal_rn(mul_rn(e4m3_to_f32(scale_byte), decode)) : __uint_as_float(kF32MaxBits);
+  return out;
+}
+
+// Step 5: the encode factor r = min(RN(1 / RN(sf * d)), FLT_MAX) of a scale
+// byte (never NaN) under a valid S. Four Over Six (four_over_six.cu) makes
+// its two candidates' bytes its own way and shares this step.
+__device__ __forceinline__ BlockScale te_scale_from_byte(u8 scale_byte, const TeGlobalScale& gs) {
+  return gs.fast ? te_scale_from_byte_fast(scale_byte, gs.decode) : te_scale_from_byte_exact(scale_byte, gs.decode);
+}
+
+// Steps 3-5 outside the fast range. There S of 2^-149 or 2^-148 has p = 0:
+// an inf block then has s = inf * 0 = NaN, a NaN-scaled block (in the fast
+// range p is finite and > 0, and s never NaN).
+__device__ __noinline__ BlockScale te_block_scale_exact(u32 amax_bits, float multiplier, float decode) {
+  const float s = mul_rn(__uint_as_float(amax_bits), multiplier);
+  if (__float_as_uint(s) > kF32InfBits) return te_nan_block();
+  return te_scale_from_byte_exact(e4m3_from_f32(s), decode);
+}
+
 // amax_bits: float32 bits of max |v_i| over the block (NaN bit patterns above
 // inf). s's clamp to FLT_MAX is left out: e4m3_from_f32 saturates inf to 448.
 __device__ __forceinline__ BlockScale te_block_scale(u32 amax_bits, const TeGlobalScale& gs) {
-  BlockScale out;
-  out.inf_times_zero = false;
-  if (!gs.valid || amax_bits > kF32InfBits) {
-    out.scale_byte = kE4M3NaN;
-    out.reciprocal = 0.0f;
-    out.zero_codes = true;
-    return out;
-  }
+  if (!gs.valid || amax_bits > kF32InfBits) return te_nan_block();
   if (!gs.fast) return te_block_scale_exact(amax_bits, gs.multiplier, gs.decode);
-  out.zero_codes = false;
-  out.scale_byte = e4m3_from_f32(mul_rn(__uint_as_float(amax_bits), gs.multiplier));
-  out.reciprocal = out.scale_byte ? reciprocal_rn(mul_rn(e4m3_to_f32(out.scale_byte), gs.decode))
-                                  : __uint_as_float(kF32MaxBits);
-  return out;
+  return te_scale_from_byte_fast(e4m3_from_f32(mul_rn(__uint_as_float(amax_bits), gs.multiplier)), gs.decode);
 }
 
 // amax bits -> TE's global encode scale (compute_global_scale_te):
@@ -467,6 +485,19 @@ __device__ __forceinline__ float global_scale_from_amax_te(u32 amax) {
   if (amax == kF32InfBits) return 1.0f;
   const float gs = div_rn(448.0f * 6.0f, __uint_as_float(amax));
   return __uint_as_float(min(__float_as_uint(gs), kF32MaxBits));
+}
+
+// S_enc = min(RN(numerator / A), FLT_MAX) (NaN-propagating), 1 where that is
+// 0, from a global amax A as given (docs/te_rht_and_4over6.md, A.4 and B.2;
+// reference.te.encode_scale_from_amax_te): numerator = 6 * e4m3_max, 2688
+// or 1536. Any float32 A: a negative or NaN one gives an invalid S_enc. On
+// the bits (float compares would take .ftz under -ftz=true): only +inf lies
+// above FLT_MAX, and +-0 (A = +-inf) becomes 1; a NaN stays.
+__device__ __forceinline__ float te_encode_scale(float amax, float numerator) {
+  const float s = div_rn(numerator, amax);
+  const u32 bits = __float_as_uint(s);
+  if ((bits & kF32AbsMask) == 0u) return 1.0f;
+  return bits == kF32InfBits ? __uint_as_float(kF32MaxBits) : s;
 }
 
 // ---------------------------------------------------------------------------

@@ -79,38 +79,47 @@ struct RhtChunk {
   }
 };
 
-// S_enc = min(RN(2688 / A), FLT_MAX) (NaN-propagating), 1 where that is 0
-// (A.4; reference.te.encode_scale_from_amax_te with e4m3_max = 448), from the
-// amax as given: any float32, a negative or NaN one giving an invalid S_enc.
-// On the bits (float compares would take .ftz under -ftz=true): only +inf
-// lies above FLT_MAX, and +-0 (A = +-inf) becomes 1; a NaN stays.
-__device__ __forceinline__ float te_encode_scale(float amax) {
-  const float s = div_rn(448.0f * 6.0f, amax);
-  const u32 bits = __float_as_uint(s);
-  if ((bits & 0x7fffffffu) == 0u) return 1.0f;
-  return bits == kF32InfBits ? __uint_as_float(kF32MaxBits) : s;
-}
-
-// Grid: x over a row's chunks, y over rows (threads as quantize.cu's).
+// Threads x over a row's chunks (a power of two, so that a warp never spans
+// part of a row), y over rows; grid y over a row's chunks, grid x over row
+// groups, each thread block looping over rows gridDim.x * blockDim.y apart
+// (the host caps grid x: fewer atomics on one address). The max over a row's
+// lanes is a shuffle reduction within the warp's row segment; then one
+// atomicMax a warp a row (per_row), or one a thread block for the tensor.
 // amax: [1] (per_row = 0) or [m], zeroed before the launch.
 template <typename Input, bool kVectorLoads, bool kToInput>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 rht_amax(const typename Input::raw_t* __restrict__ x, u32* __restrict__ amax, long long row_stride, int m, int n,
          int per_row) {
-  const int row = blockIdx.x * blockDim.y + threadIdx.y;
+  __shared__ u32 warp_max[kThreadsPerBlock / 32];
   const int k = blockIdx.y * blockDim.x + threadIdx.x;
-  u32 bits = 0;
-  if (row < m && k * kBlockSize < n) {
-    RhtChunk<Input, kToInput> chunk;
-    chunk.template load<kVectorLoads>(x + row * row_stride, k * kBlockSize, n);
-    bits = RhtChunk<Input, kToInput>::Quantized::abs_max_bits(chunk.words);
+  const int segment = blockDim.x < 32 ? blockDim.x : 32;  // lanes of one row in a warp
+  const int lane = threadIdx.x & (segment - 1);
+  u32 tensor_bits = 0;
+  for (int first = blockIdx.x * blockDim.y; first < m; first += gridDim.x * blockDim.y) {
+    const int row = first + threadIdx.y;
+    u32 bits = 0;
+    if (row < m && k * kBlockSize < n) {
+      RhtChunk<Input, kToInput> chunk;
+      chunk.template load<kVectorLoads>(x + row * row_stride, k * kBlockSize, n);
+      bits = RhtChunk<Input, kToInput>::Quantized::abs_max_bits(chunk.words);
+    }
+    if (per_row) {  // every lane is here: the loop bound is the block's
+      for (int offset = 1; offset < segment; offset <<= 1) bits = max(bits, __shfl_xor_sync(0xffffffffu, bits, offset));
+      if (lane == 0 && row < m && bits) atomicMax(amax + row, bits);
+    } else {
+      tensor_bits = max(tensor_bits, bits);
+    }
   }
-  if (per_row) {
-    if (bits) atomicMax(amax + row, bits);
-    return;
+  if (per_row) return;
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+  tensor_bits = __reduce_max_sync(0xffffffffu, tensor_bits);
+  if ((thread & 31) == 0) warp_max[thread >> 5] = tensor_bits;
+  __syncthreads();
+  if (thread < 32) {
+    tensor_bits = thread < (int)(blockDim.x * blockDim.y) / 32 ? warp_max[thread] : 0u;
+    tensor_bits = __reduce_max_sync(0xffffffffu, tensor_bits);
+    if (thread == 0 && tensor_bits) atomicMax(amax, tensor_bits);
   }
-  bits = __reduce_max_sync(0xffffffffu, bits);  // every lane is here: no return above
-  if ((threadIdx.x & 31) == 0 && bits) atomicMax(amax, bits);
 }
 
 // The grid covers the scale tensor (scale_rows x scale_cols), one block a
@@ -135,7 +144,7 @@ quantize_nvfp4_rht(const typename Input::raw_t* __restrict__ x, const float* __r
   Chunk chunk;
   chunk.template load<kVectorLoads>(x + row * row_stride, k * kBlockSize, n);
   const float amax = amax_ptr ? __ldg(amax_ptr + (kPerRow ? row : 0)) : amax_value;
-  const Nvfp4TeBlocks blocks = Nvfp4TeBlocks::from_global_scale(te_encode_scale(amax));
+  const Nvfp4TeBlocks blocks = Nvfp4TeBlocks::from_global_scale(te_encode_scale(amax, 448.0f * 6.0f));
   const BlockScale scale = blocks.scale(Chunk::Quantized::abs_max_bits(chunk.words));
   packed[(long long)row * (padded_n / kBlockSize) + k] =
       pack_block<typename Chunk::Quantized, Nvfp4TeBlocks::Codes>(chunk.words, scale);

@@ -626,3 +626,98 @@ def _fused_add_rms_norm_quant_op(x: torch.Tensor, weight: Optional[torch.Tensor]
 @_fused_add_rms_norm_quant_op.register_fake
 def _(x, weight, eps, global_scale, global_scale_value, padded_n, layout, fmt, residual):
     return _rms_norm_quant_fake(x, global_scale, padded_n, layout, fmt)
+
+
+# ---------------------------------------------------------------------------
+# TE's random Hadamard transform and Four Over Six (issue 15, items 4 and 5;
+# ops/rht.py, ops/four_over_six.py): eager functions and
+# torch.ops.nvfp4.{scaled_fp4_quant_rht, scaled_fp4_quant_4over6}. The ops
+# always return three tensors: the third is the computed amax, or empty where
+# one was given (the functions then return the given one, as in eager mode).
+# ---------------------------------------------------------------------------
+from .ops import four_over_six as _four_over_six  # noqa: E402  (kept with its block)
+from .ops import rht as _rht  # noqa: E402
+
+__all__ += ["scaled_fp4_quant_rht", "scaled_fp4_quant_4over6"]
+
+
+def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
+                         per_row=False, transform_dtype="input"):
+    """nvfp4_cupy.scaled_fp4_quant_rht for torch tensors: (packed, scales,
+    global_amax). `global_amax`: None (computed), a float or a float32 CUDA
+    tensor."""
+    if torch.compiler.is_compiling():
+        tensor, value = _split_amax(global_amax)
+        packed, scales, amax = torch.ops.nvfp4.scaled_fp4_quant_rht(
+            x, tensor, value, padded_n, _layout_name(is_sf_swizzled_layout, layout), per_row, transform_dtype)
+        return packed, scales, amax if global_amax is None else global_amax
+    return _rht.scaled_fp4_quant_rht(x, global_amax, is_sf_swizzled_layout, padded_n, layout=layout, per_row=per_row,
+                                     transform_dtype=transform_dtype, like=_LIKE)
+
+
+def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
+                            err_mode="MAE", e4m3_max=448, err_use_fast_math=False, per_row=False):
+    """nvfp4_cupy.scaled_fp4_quant_4over6 for torch tensors: (packed, scales,
+    global_amax). `global_amax`: None (computed), a float or a float32 CUDA
+    tensor."""
+    if torch.compiler.is_compiling():
+        tensor, value = _split_amax(global_amax)
+        packed, scales, amax = torch.ops.nvfp4.scaled_fp4_quant_4over6(
+            x, tensor, value, padded_n, _layout_name(is_sf_swizzled_layout, layout), err_mode, e4m3_max,
+            err_use_fast_math, per_row)
+        return packed, scales, amax if global_amax is None else global_amax
+    return _four_over_six.scaled_fp4_quant_4over6(
+        x, global_amax, is_sf_swizzled_layout, padded_n, layout=layout, err_mode=err_mode, e4m3_max=e4m3_max,
+        err_use_fast_math=err_use_fast_math, per_row=per_row, like=_LIKE)
+
+
+def _split_amax(global_amax):
+    """(tensor or None, host value or None): None and None for a computed amax."""
+    return (None, None) if global_amax is None else _split_scale(global_amax)
+
+
+def _amax_of(tensor: Optional[torch.Tensor], value: Optional[float]):
+    return tensor if tensor is not None else value
+
+
+def _fake_te_quantized(x, tensor, value, padded_n, layout, per_row):
+    packed, scales = _fake_quantized(x, padded_n, layout, "one", "nvfp4")
+    computed = tensor is None and value is None
+    amax_shape = ((rows_and_n(tuple(x.shape))[0] if per_row else 1) if computed else 0,)
+    return packed, scales, x.new_empty(amax_shape, dtype=torch.float32)
+
+
+def _amax_or_empty(x, returned, computed: bool) -> torch.Tensor:
+    return returned if computed else x.new_empty((0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("nvfp4::scaled_fp4_quant_rht", mutates_args=())
+def _scaled_fp4_quant_rht_op(x: torch.Tensor, global_amax: Optional[torch.Tensor], global_amax_value: Optional[float],
+                             padded_n: Optional[int], layout: str, per_row: bool,
+                             transform_dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    amax = _amax_of(global_amax, global_amax_value)
+    packed, scales, returned = _rht.scaled_fp4_quant_rht(x, amax, True, padded_n, layout=layout, per_row=per_row,
+                                                         transform_dtype=transform_dtype, like=_LIKE)
+    return packed, scales, _amax_or_empty(x, returned, amax is None)
+
+
+@_scaled_fp4_quant_rht_op.register_fake
+def _(x, global_amax, global_amax_value, padded_n, layout, per_row, transform_dtype):
+    return _fake_te_quantized(x, global_amax, global_amax_value, padded_n, layout, per_row)
+
+
+@torch.library.custom_op("nvfp4::scaled_fp4_quant_4over6", mutates_args=())
+def _scaled_fp4_quant_4over6_op(x: torch.Tensor, global_amax: Optional[torch.Tensor],
+                                global_amax_value: Optional[float], padded_n: Optional[int], layout: str,
+                                err_mode: str, e4m3_max: int, err_use_fast_math: bool,
+                                per_row: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    amax = _amax_of(global_amax, global_amax_value)
+    packed, scales, returned = _four_over_six.scaled_fp4_quant_4over6(
+        x, amax, True, padded_n, layout=layout, err_mode=err_mode, e4m3_max=e4m3_max,
+        err_use_fast_math=err_use_fast_math, per_row=per_row, like=_LIKE)
+    return packed, scales, _amax_or_empty(x, returned, amax is None)
+
+
+@_scaled_fp4_quant_4over6_op.register_fake
+def _(x, global_amax, global_amax_value, padded_n, layout, err_mode, e4m3_max, err_use_fast_math, per_row):
+    return _fake_te_quantized(x, global_amax, global_amax_value, padded_n, layout, per_row)

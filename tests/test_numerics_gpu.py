@@ -24,6 +24,8 @@ CHECKS = {
     "check_scale_divisions": (0x5D800000 - 0x21800000 + 1) * 126,  # 2^-60 <= gs <= 2^60, every E4M3 > 0
     "check_reciprocal": 0x62000000 - 0x1D000000 + 1,  # 2^-69 <= q <= 2^69
     "check_e2m1_magnitude": 0x80000000,  # every non-negative float32 bit pattern
+    # 2 divisors x (+0, and 2^-100 <= |y| <= 2^112 of either sign)
+    "check_divide_by_4over6_denominators": 2 * (1 + 2 * (0x77800000 - 0x0D800000 + 1)),
 }
 
 

@@ -149,7 +149,7 @@ def _bad_calls():
     import nvfp4_cupy as nv
 
     x, odd = cp.ones((4, 32), cp.float16), cp.ones((4, 40), cp.float16)
-    half_amax, rows = cp.ones(1, cp.float16), cp.ones(4, cp.float32)
+    half_amax, rows, three = cp.ones(1, cp.float16), cp.ones(4, cp.float32), cp.ones(3, cp.float32)
     return [
         ("K not a multiple of 16", lambda: nv.scaled_fp4_quant_rht(odd), ValueError, "multiple of 16"),
         ("per_row with a given amax", lambda: nv.scaled_fp4_quant_rht(x, rows, per_row=True), ValueError,
@@ -157,7 +157,7 @@ def _bad_calls():
         ("amax dtype", lambda: nv.scaled_fp4_quant_rht(x, half_amax), TypeError, "float32"),
         ("host amax NaN", lambda: nv.scaled_fp4_quant_rht(x, float("nan")), ValueError, "finite and >= 0"),
         ("host amax negative", lambda: nv.scaled_fp4_quant_rht(x, -1.0), ValueError, "finite and >= 0"),
-        ("amax shape", lambda: nv.scaled_fp4_quant_rht(x, cp.ones(3, cp.float32)), ValueError, "global_amax"),
+        ("amax shape", lambda: nv.scaled_fp4_quant_rht(x, three), ValueError, "global_amax"),
         ("mxfp4", lambda: nv.scaled_fp4_quant_rht(x, fmt="mxfp4"), ValueError, "Hadamard"),
         ("transform dtype", lambda: nv.scaled_fp4_quant_rht(x, transform_dtype="bfloat16"), ValueError,
          "transform_dtype"),
@@ -181,3 +181,28 @@ def test_kernel_signs_are_te_signs():
     assert found, "rht.cu defines no kRhtNegativeSigns"
     bits = int(found.group(1), 16)
     assert [-1.0 if bits >> i & 1 else 1.0 for i in range(16)] == te_rht.RHT_SIGNS.tolist()
+
+
+@pytest.mark.gpu
+def test_rht_torch_eager_and_compiled(torch_cuda):
+    """nvfp4_cupy.torch.scaled_fp4_quant_rht eager and under torch.compile
+    (torch.ops.nvfp4.scaled_fp4_quant_rht, no graph break): the golden bytes,
+    with the amax computed per tensor and given as a device tensor per row."""
+    torch = torch_cuda
+    import nvfp4_cupy.torch as nvt
+
+    x_host = te_corpus_input("heavy_tailed", HOST_DTYPES["bfloat16"], 129, 96)
+    x = torch.from_numpy(x_host.view(np.int16).copy()).cuda().view(torch.bfloat16)
+    rows = te_rht.rht_global_amax(x_host, per_row=True)
+
+    def quantize(x, amax):
+        return nvt.scaled_fp4_quant_rht(x, amax, layout="8x4", transform_dtype="float32")
+
+    for label, run in (("eager", quantize), ("compiled", torch.compile(quantize, fullgraph=True))):
+        for amax, golden in ((None, None), (torch.from_numpy(rows).cuda(), rows)):
+            got = run(x, amax)
+            want = te_rht.scaled_fp4_quant_rht(x_host, golden, layout="8x4", transform_dtype="float32")
+            for name, g, w in zip(("packed", "scales"), got, want):
+                assert g.device.type == "cuda" and g.dtype == torch.uint8
+                assert_bytes_equal(g.cpu().numpy(), w, f"torch {label} amax given={amax is not None}: {name}")
+            assert_amax_equal(got[2].cpu().numpy(), want[2], f"torch {label}: amax")

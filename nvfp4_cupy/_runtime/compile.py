@@ -220,7 +220,7 @@ class DequantizeVariant:
 class GlobalScaleVariant:
     """The global scale of one input dtype: the amax reduction and the amax
     -> scale step in one kernel (whole tensor or per row), the step of
-    numerics "ieee" or "te"."""
+    numerics "ieee" or "te", or "amax": the amax itself (Four Over Six's A)."""
 
     dtype_name: str
     vector_loads: bool
@@ -230,7 +230,7 @@ class GlobalScaleVariant:
 
     @property
     def names(self) -> tuple[str, ...]:
-        step = ", nvfp4::TeScaleFromAmax" if self.numerics == "te" else ""
+        step = {"ieee": "", "te": ", nvfp4::TeScaleFromAmax", "amax": ", nvfp4::AmaxItself"}[self.numerics]
         return (f"nvfp4::global_scale<{ELEMENT_STRUCTS[self.dtype_name].input}, {_flag(self.vector_loads)}{step}>",)
 
 
@@ -398,6 +398,25 @@ class RhtVariant:
                 f"{to_input}>")
 
 
+@dataclass(frozen=True)
+class FourOverSixVariant:
+    """four_over_six.cu's quantizer for one input dtype, layout and form of
+    the global amax (docs/te_rht_and_4over6.md, part B); TE's err_mode,
+    err_use_fast_math and e4m3_max are run-time arguments."""
+
+    dtype_name: str
+    layout: ScaleLayout
+    vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
+    per_row: bool = False  # one amax per row (else one for the tensor)
+
+    source = "four_over_six.cu"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (f"nvfp4::quantize_nvfp4_4over6<{ELEMENT_STRUCTS[self.dtype_name].input}, {self.layout.cuda_struct}, "
+                f"{_flag(self.vector_loads)}, {_flag(self.per_row)}>",)
+
+
 def numerics_variants() -> list:
     """The quantize kernels of numerics="te" (one scale or one per row), of
     the MXFP4 scale rules "rceil" and "te_pow2" and of stochastic rounding
@@ -447,7 +466,7 @@ def all_variants() -> list:
             for fmt in ("nvfp4", "mxfp4")
         ]
         + [GlobalScaleVariant(d, vector, numerics) for d in ELEMENT_STRUCTS for vector in flags
-           for numerics in ("ieee", "te")]
+           for numerics in ("ieee", "te", "amax")]
         + [RmsNormVariant(d, vector, op) for d in ELEMENT_STRUCTS for vector in flags for op in RMS_NORM_OPS]
         + [ExpertsVariant(d, fmt) for d in ELEMENT_STRUCTS for fmt in ("nvfp4", "mxfp4")]
         + [SiluAndMulVariant(d) for d in ELEMENT_STRUCTS]
@@ -458,6 +477,8 @@ def all_variants() -> list:
            for vector in flags for scales in TE_GLOBAL_SCALES]
         + [RhtVariant(d, layout, vector, per_row, to_input) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
            for vector in flags for per_row in flags for to_input in flags]
+        + [FourOverSixVariant(d, layout, vector, per_row) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
+           for vector in flags for per_row in flags]
     )
 
 

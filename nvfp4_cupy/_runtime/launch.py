@@ -141,3 +141,22 @@ class BoundKernel:
                                 buffer[1])
         finally:
             runtime.setDevice(previous)
+
+
+_bound_kernels: dict = {}
+_MAX_BOUND_KERNELS = 4096
+
+
+def bound_kernel(variant, grid: tuple, block: tuple, static: dict, dynamic: tuple[str, ...], *,
+                 index: int = 0) -> BoundKernel:
+    """The BoundKernel of (variant, kernel, geometry, static arguments),
+    built once (it reads the kernel's parameter list and packs the static
+    part) and kept, up to _MAX_BOUND_KERNELS of them."""
+    key = (variant, index, grid, block, tuple(sorted(static.items())), dynamic)
+    kernel = _bound_kernels.get(key)
+    if kernel is None:
+        kernel = BoundKernel(variant, grid, block, static, dynamic, index=index)
+        if len(_bound_kernels) < _MAX_BOUND_KERNELS:
+            _bound_kernels[key] = kernel
+    return kernel
+

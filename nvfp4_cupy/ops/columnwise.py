@@ -12,12 +12,11 @@ import numpy as np
 from .._format import BLOCK_SIZE, resolve_layout, resolve_padded_n, round_up, row_view
 from .._runtime.arrays import frontend_of, global_scale_argument, output_frontend, resolve_stream
 from .._runtime.compile import THREADS_PER_BLOCK, ColumnwiseVariant, kernel_constant
-from .._runtime.launch import MAX_GRID_Y, MAX_INDEX, VECTOR_BYTES, BoundKernel, rows_allow_vectors
+from .._runtime.launch import MAX_GRID_Y, MAX_INDEX, VECTOR_BYTES, bound_kernel, rows_allow_vectors
 from ..reference import te as _te
 
 _DYNAMIC = ("x", "global_scale_ptr", "global_scale_value", "global_scale_t_ptr", "global_scale_t_value", "packed",
             "scales", "packed_t", "scales_t")
-_kernels: dict = {}
 
 
 def tile_shape(itemsize: int) -> tuple[int, int]:
@@ -75,10 +74,11 @@ def scaled_fp4_quant_columnwise(x, global_scale, is_sf_swizzled_layout=True, pad
     if m == 0:  # every output is empty
         return outputs
     vectors = rows_allow_vectors((view.row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
-    kernel = _kernel(ColumnwiseVariant(dtype_name, scale_layout, vectors, "row" if row_scaled else "one"), grid,
-                     dict(row_stride=view.row_stride, m=m, n=n, padded_n=padded_n, scale_rows=scale_rows,
-                          scale_cols=scale_cols, padded_m=padded_m, scale_rows_t=scale_rows_t,
-                          scale_cols_t=scale_cols_t))
+    kernel = bound_kernel(ColumnwiseVariant(dtype_name, scale_layout, vectors, "row" if row_scaled else "one"), grid,
+                          (THREADS_PER_BLOCK, 1, 1),
+                          dict(row_stride=view.row_stride, m=m, n=n, padded_n=padded_n, scale_rows=scale_rows,
+                               scale_cols=scale_cols, padded_m=padded_m, scale_rows_t=scale_rows_t,
+                               scale_cols_t=scale_cols_t), _DYNAMIC)
     kernel(device_id, handle, array.pointer, scale.pointer, scale.value, scale_t.pointer, scale_t.value,
            *(results.pointer(output) for output in outputs))
     return outputs
@@ -93,10 +93,4 @@ def _stand_in(global_scale):
     return np.broadcast_to(np.float32(1), tuple(shape))
 
 
-def _kernel(variant: ColumnwiseVariant, grid: tuple, static: dict) -> BoundKernel:
-    key = (variant, grid, tuple(sorted(static.items())))
-    kernel = _kernels.get(key)
-    if kernel is None:
-        kernel = _kernels[key] = BoundKernel(variant, grid, (THREADS_PER_BLOCK, 1, 1), static, _DYNAMIC)
-    return kernel
 

@@ -54,7 +54,7 @@ from .._runtime.compile import (
     experts_blocks_per_thread,
     kernel_constant,
 )
-from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
+from .._runtime.launch import VECTOR_BYTES, BoundKernel, bound_kernel, launch_geometry, rows_allow_vectors
 from ..reference import fused as _golden
 from ..reference.fused import experts_scale_rows
 
@@ -84,8 +84,8 @@ def silu_and_mul(x, *, stream=None, like=None):
     out = results.allocator(array.device_id, handle)((*array.shape[:-1], n), dtype_name)
     if view.m == 0:
         return out
-    kernel = _bound(SiluAndMulVariant(dtype_name), 0, grid, block, dict(row_stride=view.row_stride, m=view.m, n=n),
-                    ("x", "out", "vector_access"))
+    kernel = bound_kernel(SiluAndMulVariant(dtype_name), grid, block, dict(row_stride=view.row_stride, m=view.m, n=n),
+                          ("x", "out", "vector_access"))
     vectors = rows_allow_vectors((view.row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
     kernel(array.device_id, handle, array.pointer, results.pointer(out), int(vectors))
     return out
@@ -239,9 +239,10 @@ def _grouped(frontend, array, dtype_name, n, silu, global_scale, expert_offsets,
     static = dict(row_stride=view.row_stride, m=tokens, n=n, padded_n=padded_n, scale_rows=scale_rows,
                   scale_cols=scale_cols, layout_id=RUNTIME_LAYOUT_IDS[scale_layout.name], experts=experts,
                   row_tile=scale_layout.row_multiple, gs_expert_step=expert_step)
-    kernel = _bound(ExpertsVariant(dtype_name, fmt), EXPERT_KERNELS.index("grouped_silu" if silu else "grouped"),
-                    grid, block, static, ("x", "global_scale_ptr", "global_scale_value", "expert_offsets", "packed",
-                                          "scales", "blockscale_offsets", "vector_loads"))
+    kernel = bound_kernel(ExpertsVariant(dtype_name, fmt), grid, block, static,
+                          ("x", "global_scale_ptr", "global_scale_value", "expert_offsets", "packed", "scales",
+                           "blockscale_offsets", "vector_loads"),
+                          index=EXPERT_KERNELS.index("grouped_silu" if silu else "grouped"))
     handle = resolve_stream(stream, device_id, frontend)
     if validate:
         _golden._check_offsets(_read_host(offsets, handle), tokens, True)
@@ -291,30 +292,14 @@ def _batch_kernel(array, view, dtype_name, n, silu, fmt, scale_layout, padded_n,
     static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=n, padded_n=padded_n,
                   scale_rows=scale_rows, scale_cols=scale_cols, layout_id=RUNTIME_LAYOUT_IDS[scale_layout.name],
                   gs_expert_step=gs_steps[0], gs_row_step=gs_steps[1])
-    return _bound(ExpertsVariant(dtype_name, fmt), EXPERT_KERNELS.index("batch_silu" if silu else "batch"), grid,
-                  block, static, ("x", "global_scale_ptr", "global_scale_value", "expert_counts", "packed", "scales",
-                                  "vector_loads"))
+    return bound_kernel(ExpertsVariant(dtype_name, fmt), grid, block, static,
+                        ("x", "global_scale_ptr", "global_scale_value", "expert_counts", "packed", "scales",
+                         "vector_loads"), index=EXPERT_KERNELS.index("batch_silu" if silu else "batch"))
 
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-_kernels: dict = {}
-_MAX_KERNELS = 4096
-
-
-def _bound(variant, index: int, grid: tuple, block: tuple, static: dict, dynamic: tuple) -> BoundKernel:
-    """A BoundKernel per (variant, kernel, geometry, static arguments): built
-    once (it reads the kernel's parameter list and packs the static part)."""
-    key = (variant, index, grid, block, tuple(sorted(static.items())))
-    kernel = _kernels.get(key)
-    if kernel is None:
-        kernel = BoundKernel(variant, grid, block, static, dynamic, index=index)
-        if len(_kernels) < _MAX_KERNELS:
-            _kernels[key] = kernel
-    return kernel
-
-
 def _vectors(array, view, n: int) -> bool:
     """16-byte loads: aligned rows, and n % 8 == 0 so that no 16-byte piece
     straddles n (for SiLU-and-mul, the gate/up boundary too)."""

@@ -232,8 +232,16 @@ def _zeroed_buffer(device_id: int, nbytes: int) -> int:
 def prepare_global_scale(x, per_row, stream, like, numerics="ieee"):
     """Checks, the result buffer and the workspace, nothing launched:
     (launch, float32 result). The launch is one kernel."""
-    per_row = check_bool(per_row, "per_row")
-    numerics = check_numerics(numerics)
+    return _prepare(x, check_bool(per_row, "per_row"), stream, like, check_numerics(numerics))
+
+
+def prepare_global_amax(x, per_row: bool, stream, like):
+    """As prepare_global_scale, for the amax max |x| itself (per row with
+    per_row; 0 for no values, a NaN where x holds one): Four Over Six's A."""
+    return _prepare(x, per_row, stream, like, "amax")
+
+
+def _prepare(x, per_row: bool, stream, like, numerics: str):
     frontend = frontend_of(x)
     array = frontend.array(x, "x")
     device_id = array.device_id

@@ -13,12 +13,9 @@ import numpy as np
 from .._format import check_bool, global_scale_kind, resolve_layout, resolve_padded_n, row_view
 from .._runtime.arrays import c_strides, dtype_name_of, frontend_of, output_frontend, resolve_stream
 from .._runtime.compile import RhtVariant
-from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
+from .._runtime.launch import VECTOR_BYTES, bound_kernel, launch_geometry, rows_allow_vectors
 from ..reference import te_rht as _golden
 from .experts import _memset_zero
-
-_kernels: dict = {}
-
 
 def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
                          per_row=False, transform_dtype="input", fmt="nvfp4", stream=None, like=None):
@@ -44,7 +41,7 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
     _golden._check_rht_k(k)
     padded_n = resolve_padded_n(k, padded_n)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
-    amax_array, amax_value, per_row_amax = _amax_argument(global_amax, per_row, device_id, m, k)
+    amax_array, amax_value, per_row_amax = amax_argument(global_amax, per_row, device_id, m, k)
     scale_shape = scale_layout.scale_shape(m, padded_n)
     geometry = launch_geometry(scale_shape[0], scale_shape[1], columns=padded_n, what=f"x: shape {array.shape}")
     handle = resolve_stream(stream, device_id, frontend)
@@ -62,22 +59,35 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
     variant = RhtVariant(dtype_name, scale_layout, vectors, per_row_amax, to_input)
     packed, scales = (results.pointer(o) for o in outputs[:2])
     if computed:
-        amax_kernel = _kernel(variant, 0, launch_geometry(m, k // 16, columns=k, what=f"x: shape {array.shape}"),
-                              dict(row_stride=view.row_stride, m=m, n=k, per_row=int(per_row)), ("x", "amax"))
+        amax_kernel = bound_kernel(variant, *_amax_geometry(m, k, f"x: shape {array.shape}"),
+                                   dict(row_stride=view.row_stride, m=m, n=k, per_row=int(per_row)), ("x", "amax"))
         amax_kernel(device_id, handle, array.pointer, amax_pointer)
     else:
         amax_pointer = 0 if amax_array is None else amax_array.pointer
-    quantize = _kernel(variant, 1, geometry,
-                       dict(row_stride=view.row_stride, m=m, n=k, padded_n=padded_n, scale_rows=scale_shape[0],
-                            scale_cols=scale_shape[1]),
-                       ("x", "amax_ptr", "amax_value", "packed", "scales"))
+    quantize = bound_kernel(variant, *geometry,
+                            dict(row_stride=view.row_stride, m=m, n=k, padded_n=padded_n, scale_rows=scale_shape[0],
+                                 scale_cols=scale_shape[1]),
+                            ("x", "amax_ptr", "amax_value", "packed", "scales"), index=1)
     quantize(device_id, handle, array.pointer, amax_pointer, amax_value, packed, scales)
     return returned
 
 
-def _amax_argument(global_amax, per_row: bool, device_id: int, m: int, k: int):
-    """(device array or None, host value, one amax per row) of global_amax,
-    by the golden model's rules (te_rht._resolve_global_amax) on stand-ins."""
+# rht_amax's thread blocks loop over rows, so that a large tensor makes at
+# most about this many atomicMax calls on its one amax (a thread block each).
+AMAX_THREAD_BLOCKS = 4096
+
+
+def _amax_geometry(m: int, k: int, what: str) -> tuple:
+    """rht_amax's grid and block: launch_geometry's, with grid x (the row
+    groups) capped so that grid x * grid y <= AMAX_THREAD_BLOCKS."""
+    (rows, columns, batch), block = launch_geometry(m, k // 16, columns=k, what=what)
+    return (min(rows, max(1, AMAX_THREAD_BLOCKS // columns)), columns, batch), block
+
+
+def amax_argument(global_amax, per_row: bool, device_id: int, m: int, k: int):
+    """(device array or None, host value, one amax per row) of the
+    global_amax argument of TE's quantizers (RHT, Four Over Six), by the
+    golden model's rules (te_rht._resolve_global_amax) on stand-ins."""
     stand_in = np.broadcast_to(np.float32(0), (m, k))
     if global_amax is None:
         return None, 0.0, per_row
@@ -96,9 +106,3 @@ def _amax_argument(global_amax, per_row: bool, device_id: int, m: int, k: int):
     return array, 0.0, kind == "row" and math.prod(array.shape) > 1
 
 
-def _kernel(variant: RhtVariant, index: int, geometry: tuple, static: dict, dynamic: tuple) -> BoundKernel:
-    key = (variant, index, geometry, tuple(sorted(static.items())))
-    kernel = _kernels.get(key)
-    if kernel is None:
-        kernel = _kernels[key] = BoundKernel(variant, *geometry, static, dynamic, index=index)
-    return kernel

@@ -32,6 +32,36 @@ extern "C" __global__ void check_divide_by_six(unsigned long long* counts, unsig
   report(counts, first, bad, checked, first_bad);
 }
 
+// Four Over Six's error step (cuda_src/four_over_six.cu): divide(y, divisor(D))
+// == div.rn(y, D) for D = 2688 and 1536 (6 * e4m3_max) and every y of either
+// sign with 2^-100 <= |y| <= 2^112 (bits 0x0D800000..0x77800000), and y = +0:
+// the range error_division_is_fast keeps the error loop's y in. (-0 gives
+// +0, not -0: that changes no |diff| and no diff^2, so the loop allows it.)
+extern "C" __global__ void check_divide_by_4over6_denominators(unsigned long long* counts, unsigned* first) {
+  unsigned long long bad = 0, checked = 0;
+  unsigned first_bad = 0xffffffffu;
+  const Divisor divisors[2] = {divisor(2688.0f), divisor(1536.0f)};
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i <= 0x77800000ull;
+       i += gridDim.x * (unsigned long long)blockDim.x) {
+    const u32 bits = (u32)i;
+    if (bits != 0u && bits < 0x0D800000u) continue;
+#pragma unroll
+    for (int d = 0; d < 2; ++d) {
+#pragma unroll
+      for (u32 sign = 0; sign < 2; ++sign) {
+        if (bits == 0u && sign) continue;
+        const float y = __uint_as_float(bits | (sign << 31));
+        ++checked;
+        if (__float_as_uint(divide(y, divisors[d])) != __float_as_uint(div_rn(y, divisors[d].value))) {
+          ++bad;
+          first_bad = min(first_bad, bits);
+        }
+      }
+    }
+  }
+  report(counts, first, bad, checked, first_bad);
+}
+
 // For every global scale in_fast_division_range accepts and every positive
 // E4M3 value sf: divide(sf, divisor(gs)) == div.rn(sf, gs), and the
 // reciprocal of that quotient == div.rn(1, q). first: the gs bits.

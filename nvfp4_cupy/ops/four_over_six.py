@@ -1,0 +1,69 @@
+"""TransformerEngine's Four Over Six NVFP4 quantization on the GPU
+(cuda_src/four_over_six.cu; docs/te_rht_and_4over6.md, parts B and E.3):
+the bytes of nvfp4_cupy.reference.te_4over6.scaled_fp4_quant_4over6. Every
+check runs before the outputs are allocated or a kernel launched."""
+
+from __future__ import annotations
+
+from .._format import check_bool, resolve_layout, resolve_padded_n, row_view
+from .._runtime.arrays import frontend_of, output_frontend, resolve_stream
+from .._runtime.compile import FourOverSixVariant
+from .._runtime.launch import VECTOR_BYTES, bound_kernel, launch_geometry, rows_allow_vectors
+from ..reference import te_rht as _te_rht
+from .global_scale import prepare_global_amax
+from .rht import amax_argument
+
+_DYNAMIC = ("x", "amax_ptr", "amax_value", "packed", "scales")
+
+
+def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
+                            err_mode="MAE", e4m3_max=448, err_use_fast_math=False, per_row=False, rht=False,
+                            fmt="nvfp4", stream=None, like=None):
+    """TE's Four Over Six quantization of x [..., n] (float16, bfloat16 or
+    float32 on the GPU) along n: each block of 16 quantized with its scale
+    mapped to 6 and to 4, the candidate with the smaller error kept
+    (`err_mode` "MAE" or "MSE", measured on TE's float16 candidate with
+    `err_use_fast_math`), under S_enc = 6 * e4m3_max / A (e4m3_max 448 or
+    256). A = max |x| (per row with per_row=True), computed on the device,
+    unless `global_amax` is given (a host number, finite and >= 0, or a
+    float32 device array of one element or one per row, read by the kernel
+    as it is). rht=True and fmt="mxfp4" are refused, as TE refuses them.
+    Returns (packed uint8 [m, padded_n // 2], scales in the layout,
+    global_amax): the computed float32 [1] or [m] device array, or the
+    given one."""
+    frontend = frontend_of(x)
+    array = frontend.array(x, "x")
+    device_id = array.device_id
+    dtype_name = frontend.dtype_name(array.dtype)
+    e4m3_max, err_mode, fast_math = _te_rht.check_te_options(
+        fmt=fmt, rht=rht, four_over_six=True, e4m3_max=e4m3_max, err_mode=err_mode,
+        err_use_fast_math=err_use_fast_math)
+    per_row = check_bool(per_row, "per_row")
+    view = row_view(array.shape, array.strides, array.itemsize, False)
+    m, n = view.m, view.n
+    padded_n = resolve_padded_n(n, padded_n)
+    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
+    amax_array, amax_value, per_row_amax = amax_argument(global_amax, per_row, device_id, m, n)
+    scale_shape = scale_layout.scale_shape(m, padded_n)
+    geometry = launch_geometry(scale_shape[0], scale_shape[1], columns=padded_n, what=f"x: shape {array.shape}")
+    handle = resolve_stream(stream, device_id, frontend)
+    results = output_frontend(like, frontend)
+    if global_amax is None:  # A = max |x| over the unpadded values, in one launch
+        launch_amax, returned_amax = prepare_global_amax(x, per_row, stream, like)
+    packed, scales = results.outputs(device_id, handle, (((m, padded_n // 2), "uint8"), (scale_shape, "uint8")))
+    if global_amax is None:
+        launch_amax()
+        amax_pointer = results.pointer(returned_amax)
+    else:
+        returned_amax = global_amax
+        amax_pointer = 0 if amax_array is None else amax_array.pointer
+    if m == 0:
+        return packed, scales, returned_amax
+    vectors = rows_allow_vectors((view.row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
+    kernel = bound_kernel(FourOverSixVariant(dtype_name, scale_layout, vectors, per_row_amax), *geometry,
+                          dict(row_stride=view.row_stride, m=m, n=n, padded_n=padded_n, scale_rows=scale_shape[0],
+                               scale_cols=scale_shape[1], denominator=float(6 * e4m3_max),
+                               mse=int(err_mode == "MSE"), fast_math=int(fast_math)), _DYNAMIC)
+    kernel(device_id, handle, array.pointer, amax_pointer, amax_value, results.pointer(packed),
+           results.pointer(scales))
+    return packed, scales, returned_amax
