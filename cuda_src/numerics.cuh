@@ -266,11 +266,28 @@ __device__ __forceinline__ float e4m3_to_f32(u8 code) {
 // section 2.1 for every float32 a >= 0.
 enum E2M1Bias : u32 { kE2M1Bias = (22u << 23) + 254u };  // an enumerator: see BlockSizes
 
-__device__ __forceinline__ u32 e2m1_biased_magnitude_code(float product) {
+// The rounding's sum: a = min(product, 6) plus 2^22 * 2^k, as bits, and k's binade.
+struct E2m1Sum {
+  u32 bits;
+  u32 binade;
+};
+
+__device__ __forceinline__ E2m1Sum e2m1_sum(float product) {
   const u32 a = min(__float_as_uint(product), 0x40c00000u);
   const u32 binade = max(a >> 23, 127u);
-  const u32 sum = __float_as_uint(add_rn(__uint_as_float(a), __uint_as_float((binade + 22u) << 23)));
-  return sum - binade * ((1u << 23) - 2u);
+  return E2m1Sum{__float_as_uint(add_rn(__uint_as_float(a), __uint_as_float((binade + 22u) << 23))), binade};
+}
+
+__device__ __forceinline__ u32 e2m1_biased_code_of(const E2m1Sum& sum) {
+  return sum.bits - sum.binade * ((1u << 23) - 2u);
+}
+
+__device__ __forceinline__ u32 e2m1_biased_magnitude_code(float product) { return e2m1_biased_code_of(e2m1_sum(product)); }
+
+// The same rounding as a value: E2M1's magnitude of a product >= +0 (never
+// NaN; +inf gives 6), the sum minus its 2^22 * 2^k, exactly.
+__device__ __forceinline__ float e2m1_magnitude_of(const E2m1Sum& sum) {
+  return sub_rn(__uint_as_float(sum.bits), __uint_as_float((sum.binade + 22u) << 23));
 }
 
 // Values 8h..8h+7 of a block times r, as eight E2M1 codes (value 8h + i in

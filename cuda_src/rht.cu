@@ -122,10 +122,16 @@ rht_amax(const typename Input::raw_t* __restrict__ x, u32* __restrict__ amax, lo
   }
 }
 
-// The grid covers the scale tensor (scale_rows x scale_cols), one block a
-// thread: blocks of rows < m and columns < padded_n are quantized (those past
-// n are zeros, which the transform keeps), every other scale byte is 0x00.
-// The amax comes from amax_ptr ([1], or [m] with kPerRow) or, without it,
+// Blocks (= chunks) a quantizer thread takes, blockDim.x apart along its row
+// (each step's loads coalesced): S_enc and TE's per-tensor constants are
+// worked out once for them (ops/rht.py reads this constant).
+constexpr int kRhtBlocksPerThread = 4;
+
+// Threads x over a row's blocks, each taking kRhtBlocksPerThread of them,
+// y over rows; the grid covers the scale tensor (scale_rows x scale_cols):
+// blocks of rows < m and columns < padded_n are quantized (those past n are
+// zeros, which the transform keeps), every other scale byte is 0x00. The
+// amax comes from amax_ptr ([1], or [m] with kPerRow) or, without it,
 // amax_value.
 template <typename Input, typename Layout, bool kVectorLoads, bool kPerRow, bool kToInput>
 __global__ void __launch_bounds__(kThreadsPerBlock)
@@ -134,21 +140,27 @@ quantize_nvfp4_rht(const typename Input::raw_t* __restrict__ x, const float* __r
                    int n, int padded_n, int scale_rows, int scale_cols) {
   typedef RhtChunk<Input, kToInput> Chunk;
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
-  const int k = blockIdx.y * blockDim.x + threadIdx.x;
-  if (row >= scale_rows || k >= scale_cols) return;
-  u8* scale_at = scales + Layout::row_offset(row, scale_cols) + Layout::column_offset(k);
-  if (row >= m || k * kBlockSize >= padded_n) {
-    *scale_at = 0;
-    return;
-  }
-  Chunk chunk;
-  chunk.template load<kVectorLoads>(x + row * row_stride, k * kBlockSize, n);
-  const float amax = amax_ptr ? __ldg(amax_ptr + (kPerRow ? row : 0)) : amax_value;
+  if (row >= scale_rows) return;
+  const int first = blockIdx.y * blockDim.x * kRhtBlocksPerThread + threadIdx.x;
+  const int blocks_in_row = row < m ? padded_n / kBlockSize : 0;  // the row's quantized blocks
+  const float amax = row < m ? (amax_ptr ? __ldg(amax_ptr + (kPerRow ? row : 0)) : amax_value) : 0.0f;
   const Nvfp4TeBlocks blocks = Nvfp4TeBlocks::from_global_scale(te_encode_scale(amax, 448.0f * 6.0f));
-  const BlockScale scale = blocks.scale(Chunk::Quantized::abs_max_bits(chunk.words));
-  packed[(long long)row * (padded_n / kBlockSize) + k] =
-      pack_block<typename Chunk::Quantized, Nvfp4TeBlocks::Codes>(chunk.words, scale);
-  *scale_at = scale.scale_byte;
+#pragma unroll 1
+  for (int j = 0; j < kRhtBlocksPerThread; ++j) {
+    const int k = first + j * blockDim.x;
+    if (k >= scale_cols) return;
+    u8* scale_at = scales + Layout::row_offset(row, scale_cols) + Layout::column_offset(k);
+    if (k >= blocks_in_row) {
+      *scale_at = 0;
+      continue;
+    }
+    Chunk chunk;
+    chunk.template load<kVectorLoads>(x + row * row_stride, k * kBlockSize, n);
+    const BlockScale scale = blocks.scale(Chunk::Quantized::abs_max_bits(chunk.words));
+    packed[(long long)row * blocks_in_row + k] =
+        pack_block<typename Chunk::Quantized, Nvfp4TeBlocks::Codes>(chunk.words, scale);
+    *scale_at = scale.scale_byte;
+  }
 }
 
 }  // namespace nvfp4

@@ -401,20 +401,21 @@ class RhtVariant:
 @dataclass(frozen=True)
 class FourOverSixVariant:
     """four_over_six.cu's quantizer for one input dtype, layout and form of
-    the global amax (docs/te_rht_and_4over6.md, part B); TE's err_mode,
-    err_use_fast_math and e4m3_max are run-time arguments."""
+    the global amax and error mode (docs/te_rht_and_4over6.md, part B);
+    TE's err_use_fast_math and e4m3_max are run-time arguments."""
 
     dtype_name: str
     layout: ScaleLayout
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
     per_row: bool = False  # one amax per row (else one for the tensor)
+    mse: bool = False  # err_mode "MSE" (else "MAE")
 
     source = "four_over_six.cu"
 
     @property
     def names(self) -> tuple[str, ...]:
         return (f"nvfp4::quantize_nvfp4_4over6<{ELEMENT_STRUCTS[self.dtype_name].input}, {self.layout.cuda_struct}, "
-                f"{_flag(self.vector_loads)}, {_flag(self.per_row)}>",)
+                f"{_flag(self.vector_loads)}, {_flag(self.per_row)}, {_flag(self.mse)}>",)
 
 
 def numerics_variants() -> list:
@@ -477,8 +478,8 @@ def all_variants() -> list:
            for vector in flags for scales in TE_GLOBAL_SCALES]
         + [RhtVariant(d, layout, vector, per_row, to_input) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
            for vector in flags for per_row in flags for to_input in flags]
-        + [FourOverSixVariant(d, layout, vector, per_row) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
-           for vector in flags for per_row in flags]
+        + [FourOverSixVariant(d, layout, vector, per_row, mse) for d in ELEMENT_STRUCTS
+           for layout in LAYOUTS.values() for vector in flags for per_row in flags for mse in flags]
     )
 
 

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from .._format import check_bool, resolve_layout, resolve_padded_n, row_view
 from .._runtime.arrays import frontend_of, output_frontend, resolve_stream
-from .._runtime.compile import FourOverSixVariant
+from .._runtime.compile import FourOverSixVariant, kernel_constant
 from .._runtime.launch import VECTOR_BYTES, bound_kernel, launch_geometry, rows_allow_vectors
 from ..reference import te_rht as _te_rht
 from .global_scale import prepare_global_amax
 from .rht import amax_argument
 
 _DYNAMIC = ("x", "amax_ptr", "amax_value", "packed", "scales")
+# Blocks of 16 a thread quantizes (four_over_six.cu), blockDim.x apart.
+BLOCKS_PER_THREAD = kernel_constant(FourOverSixVariant.source, "k4over6BlocksPerThread")
 
 
 def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
@@ -45,7 +47,8 @@ def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, pad
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     amax_array, amax_value, per_row_amax = amax_argument(global_amax, per_row, device_id, m, n)
     scale_shape = scale_layout.scale_shape(m, padded_n)
-    geometry = launch_geometry(scale_shape[0], scale_shape[1], columns=padded_n, what=f"x: shape {array.shape}")
+    geometry = launch_geometry(scale_shape[0], -(-scale_shape[1] // BLOCKS_PER_THREAD), columns=padded_n,
+                               what=f"x: shape {array.shape}")
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
     if global_amax is None:  # A = max |x| over the unpadded values, in one launch
@@ -60,10 +63,11 @@ def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, pad
     if m == 0:
         return packed, scales, returned_amax
     vectors = rows_allow_vectors((view.row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
-    kernel = bound_kernel(FourOverSixVariant(dtype_name, scale_layout, vectors, per_row_amax), *geometry,
+    kernel = bound_kernel(FourOverSixVariant(dtype_name, scale_layout, vectors, per_row_amax, err_mode == "MSE"),
+                          *geometry,
                           dict(row_stride=view.row_stride, m=m, n=n, padded_n=padded_n, scale_rows=scale_shape[0],
                                scale_cols=scale_shape[1], denominator=float(6 * e4m3_max),
-                               mse=int(err_mode == "MSE"), fast_math=int(fast_math)), _DYNAMIC)
+                               fast_math=int(fast_math)), _DYNAMIC)
     kernel(device_id, handle, array.pointer, amax_pointer, amax_value, results.pointer(packed),
            results.pointer(scales))
     return packed, scales, returned_amax

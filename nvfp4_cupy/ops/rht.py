@@ -12,10 +12,14 @@ import numpy as np
 
 from .._format import check_bool, global_scale_kind, resolve_layout, resolve_padded_n, row_view
 from .._runtime.arrays import c_strides, dtype_name_of, frontend_of, output_frontend, resolve_stream
-from .._runtime.compile import RhtVariant
+from .._runtime.compile import RhtVariant, kernel_constant
 from .._runtime.launch import VECTOR_BYTES, bound_kernel, launch_geometry, rows_allow_vectors
 from ..reference import te_rht as _golden
 from .experts import _memset_zero
+
+# Blocks of 16 a quantizer thread takes (rht.cu), blockDim.x apart.
+BLOCKS_PER_THREAD = kernel_constant(RhtVariant.source, "kRhtBlocksPerThread")
+
 
 def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
                          per_row=False, transform_dtype="input", fmt="nvfp4", stream=None, like=None):
@@ -43,7 +47,8 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     amax_array, amax_value, per_row_amax = amax_argument(global_amax, per_row, device_id, m, k)
     scale_shape = scale_layout.scale_shape(m, padded_n)
-    geometry = launch_geometry(scale_shape[0], scale_shape[1], columns=padded_n, what=f"x: shape {array.shape}")
+    geometry = launch_geometry(scale_shape[0], -(-scale_shape[1] // BLOCKS_PER_THREAD), columns=padded_n,
+                               what=f"x: shape {array.shape}")
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
     computed = global_amax is None
