@@ -8,17 +8,20 @@
 //   scale tensor of scale_rows rows: the dense forms (one batch, or [E, m, n]
 //   with a global scale per expert) and the masked batch (rows >= count[e]
 //   are neither read nor quantized; their bytes are 0x00).
-// - quantize_grouped: tokens sorted by expert, rows expert_offsets[e] ..
+// - grouped experts: tokens sorted by expert, rows expert_offsets[e] ..
 //   expert_offsets[e + 1] - 1 of expert e; expert e's scales fill scale rows
-//   b[e] .. b[e + 1] - 1, b[e + 1] = b[e] + round_up(count_e, row_tile). Every
-//   thread block sanitizes the offsets (section 5.4: clamped to [0, m], then
-//   a running maximum) and computes b in shared memory; a thread finds its
-//   row's expert by binary search.
+//   b[e] .. b[e + 1] - 1, b[e + 1] = b[e] + round_up(count_e, row_tile).
+//   Two launches: grouped_row_map sanitizes the offsets (section 5.4:
+//   clamped to [0, m], then a running maximum), computes b, maps each token
+//   row to its expert and scale row, and zeroes the padding scale rows; then
+//   quantize_grouped quantizes each token row where the map says.
 //
 // Thread mapping, as quantize.cu's quantize_rows: threadIdx.y / blockIdx.x
 // walk rows, threadIdx.x / blockIdx.y a row's blocks, kPerThread blocks a
 // thread blockDim.x apart, and the grid covers every scale row and column of
-// the output, layout padding included, so that every byte is written. The
+// the output, layout padding included, so that every byte is written
+// (grouped: quantize_grouped's grid covers the token rows, and
+// grouped_row_map writes the padding scale rows). The
 // scale layout is a run-time argument (it only moves a byte store), which
 // keeps the number of kernels small.
 #include "numerics.cuh"
@@ -30,7 +33,7 @@
 
 namespace nvfp4 {
 
-// The most experts quantize_grouped stages in shared memory (the launcher refuses more).
+// The most experts grouped_row_map stages in shared memory (the launcher refuses more).
 enum ExpertLimits : int { kMaxExperts = 1024 };
 
 // The 16 values of `gate` become to_T(RN(silu32(gate_j) * up_j)), in place
@@ -248,14 +251,13 @@ quantize_batch(const typename Input::raw_t* __restrict__ x, const float* __restr
 }
 
 // ---------------------------------------------------------------------------
-// quantize_grouped's offsets, in shared memory: starts[e] = the sanitized
+// grouped_row_map's offsets, in shared memory: starts[e] = the sanitized
 // expert_offsets[e] (clamped to [0, m], then a running maximum: section
 // 5.4; unchanged for offsets that pass validate=True's checks), tiles[e] =
 // b[e], the first scale row of expert e. Every thread of the block loads
 // its share of the E + 1 offsets (one round trip to L2, not one per 32
-// offsets: every thread block of the grid stages them, so this latency is
-// paid per row of x); then one warp scans them 32 at a time while the other
-// threads wait at the barrier.
+// offsets); then one warp scans them 32 at a time while the other threads
+// wait at the barrier.
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ void stage_offsets(const int* __restrict__ expert_offsets, int experts, int m, int row_tile,
                                               int* starts, int* tiles) {
@@ -315,60 +317,86 @@ __device__ __forceinline__ int find_expert(const int* bounds, int last, int valu
   return low;
 }
 
-// Grid rows: at least m (ops/experts.py grouped_grid_rows). Thread row s
-// quantizes x row s (if s < m) into packed row s and scale row
-// b[e] + (s - o[e]) of its expert e (zeros for a row of no expert), and
-// zeroes the bytes of scale rows s, s + grid rows, ... that are padding rows
-// of the grouped scale tensor (an expert's tile rows past its count, or rows
-// >= b[E]). The scale tensor has up to about twice m rows for 128-row tiles
-// (reference.fused.experts_scale_rows), most of them padding: a grid over
-// all of them would stage the offsets in twice the thread blocks. Block
-// (0, 0) writes b to blockscale_offsets.
+// grouped_row_map: the grouped experts' bookkeeping, once a call, so that the
+// quantizing kernel needs no offsets, barriers or searches. A 1-D grid of
+// thread blocks, each staging the offsets (stage_offsets), then:
+// - block 0 writes b to blockscale_offsets;
+// - token row t gets row_map[t] = (expert e, scale row b[e] + (t - o[e])),
+//   or (-1, 0) for a row of no expert (a thread a row, grid-stride);
+// - the padding scale rows are zeroed as whole bands of row_tile rows, which
+//   every layout stores contiguously: the last tile of each expert whose
+//   count is not a multiple of row_tile (its data rows too: quantize_grouped
+//   writes those afterwards), and the rows from b[E] on. (Zeroing only the
+//   padding rows, a few bytes of each 32-byte sector, ran at 150 GB/s on the
+//   H200.)
+
+// count bytes from `bytes` (a 16-byte-aligned tensor's), zeroed by the
+// threads first, first + step, ...: 16-byte stores between the unaligned
+// ends.
+__device__ __forceinline__ void zero_bytes(u8* __restrict__ bytes, long long count, int first, int step) {
+  const long long head = min((long long)((16 - ((unsigned long long)bytes & 15)) & 15), count);
+  const long long pieces = (count - head) / 16;
+  for (long long i = first; i < head; i += step) bytes[i] = 0;
+  uint4* aligned = reinterpret_cast<uint4*>(bytes + head);
+  for (long long i = first; i < pieces; i += step) aligned[i] = make_uint4(0u, 0u, 0u, 0u);
+  for (long long i = head + pieces * 16 + first; i < count; i += step) bytes[i] = 0;
+}
+
+__global__ void __launch_bounds__(kThreadsPerBlock)
+grouped_row_map(const int* __restrict__ expert_offsets, int2* __restrict__ row_map, u8* __restrict__ scales,
+                int* __restrict__ blockscale_offsets, int m, int scale_rows, int scale_cols, int layout_id, int experts,
+                int row_tile) {
+  __shared__ int starts[kMaxExperts + 1];
+  __shared__ int tiles[kMaxExperts + 1];
+  stage_offsets(expert_offsets, experts, m, row_tile, starts, tiles);
+  if (blockIdx.x == 0) {
+    for (int i = threadIdx.x; i <= experts; i += blockDim.x) blockscale_offsets[i] = tiles[i];
+  }
+  const int thread = blockIdx.x * blockDim.x + threadIdx.x;
+  for (int t = thread; t < m; t += gridDim.x * blockDim.x) {
+    int2 entry = make_int2(-1, 0);
+    if (t >= starts[0] && t < starts[experts]) {
+      const int expert = find_expert(starts, experts, t);
+      entry = make_int2(expert, tiles[expert] + (t - starts[expert]));
+    }
+    row_map[t] = entry;
+  }
+  const RuntimeLayout layout{layout_id};
+  for (int e = blockIdx.x; e < experts; e += gridDim.x) {
+    if ((starts[e + 1] - starts[e]) % row_tile == 0) continue;  // no padding rows
+    const long long begin = layout.row_offset(tiles[e + 1] - row_tile, scale_cols);
+    zero_bytes(scales + begin, layout.row_offset(tiles[e + 1], scale_cols) - begin, threadIdx.x, blockDim.x);
+  }
+  const long long tail = layout.row_offset(tiles[experts], scale_cols);
+  zero_bytes(scales + tail, (long long)scale_rows * scale_cols - tail, thread, gridDim.x * blockDim.x);
+}
+
+// Thread row t < m (the grid covers the token rows) quantizes x row t into
+// packed row t and the scale row of its expert e, with e's global scale, as
+// grouped_row_map found them; a row of no expert gets zero packed bytes.
 template <typename Input, bool kMx, bool kSilu, int kPerThread>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_grouped(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
-                 float global_scale_value, const int* __restrict__ expert_offsets, uint2* __restrict__ packed,
-                 u8* __restrict__ scales, int* __restrict__ blockscale_offsets, int vector_loads, long long row_stride,
-                 int m, int n, int padded_n, int scale_rows, int scale_cols, int layout_id, int experts, int row_tile,
-                 int gs_expert_step) {
+                 float global_scale_value, const int2* __restrict__ row_map, uint2* __restrict__ packed,
+                 u8* __restrict__ scales, int vector_loads, long long row_stride, int m, int n, int padded_n,
+                 int scale_cols, int layout_id, int gs_expert_step) {
   typedef RowBlocks<Input, kMx, kSilu, kPerThread> Row;
-  __shared__ int starts[kMaxExperts + 1];
-  __shared__ int tiles[kMaxExperts + 1];
   const RuntimeLayout layout{layout_id};
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   const int first_k = blockIdx.y * (blockDim.x * kPerThread) + threadIdx.x;
-  // A row's values do not depend on its expert: the loads are in flight
-  // while the offsets are staged. (No return before the barrier in there.)
+  if (row >= m) return;
   Row blocks;
-  if (row < m) blocks.load(x + row * row_stride, n, first_k, vector_loads);
-  stage_offsets(expert_offsets, experts, m, row_tile, starts, tiles);
-  if (blockIdx.x == 0 && blockIdx.y == 0) {
-    for (int i = threadIdx.y * blockDim.x + threadIdx.x; i <= experts; i += blockDim.x * blockDim.y) {
-      blockscale_offsets[i] = tiles[i];
-    }
+  blocks.load(x + row * row_stride, n, first_k, vector_loads);  // in flight with the map's load
+  const int2 entry = __ldg(row_map + row);
+  uint2* packed_row = packed + (long long)row * (padded_n / kBlockSize);
+  if (entry.x < 0) {
+    Row::store_zeros(packed_row, nullptr, layout, first_k, padded_n, scale_cols);
+    return;
   }
-  if (row < m) {
-    uint2* packed_row = packed + (long long)row * (padded_n / kBlockSize);
-    if (row >= starts[0] && row < starts[experts]) {
-      const int expert = find_expert(starts, experts, row);
-      const int scale_row = tiles[expert] + (row - starts[expert]);
-      const float gs = global_scale_ptr ? __ldg(global_scale_ptr + expert * gs_expert_step) : global_scale_value;
-      blocks.combine();
-      blocks.store(FormatOf<kMx>::make(gs), packed_row, scales + layout.row_offset(scale_row, scale_cols), layout,
-                   first_k, padded_n, scale_cols);
-    } else {
-      Row::store_zeros(packed_row, nullptr, layout, first_k, padded_n, scale_cols);
-    }
-  }
-  for (int s = row; s < scale_rows; s += gridDim.x * blockDim.y) {
-    bool padding = s >= tiles[experts];
-    if (!padding) {
-      const int expert = find_expert(tiles, experts, s);
-      padding = s - tiles[expert] >= starts[expert + 1] - starts[expert];
-    }
-    if (padding) Row::store_zeros(nullptr, scales + layout.row_offset(s, scale_cols), layout, first_k, padded_n,
-                                  scale_cols);
-  }
+  const float gs = global_scale_ptr ? __ldg(global_scale_ptr + entry.x * gs_expert_step) : global_scale_value;
+  blocks.combine();
+  blocks.store(FormatOf<kMx>::make(gs), packed_row, scales + layout.row_offset(entry.y, scale_cols), layout, first_k,
+               padded_n, scale_cols);
 }
 
 }  // namespace nvfp4

@@ -81,8 +81,8 @@ OFFSET_CASES = [
     ("all-empty", [0, 0, 0], 10),
     ("no-experts", [], 7),
     ("no-tokens", [0, 0], 0),
-    # More scale rows than the grid has rows (ops/experts.py grouped_grid_rows):
-    # its threads zero the padding rows past it in a loop.
+    # Many more scale rows than token rows: grouped_row_map zeroes the padding
+    # rows, several a warp (ops/experts.py grouped_map_blocks).
     ("scale-rows-past-the-grid", [400, 0, 3, 600, 0, 90, 1, 0, 2, 50], 4),
 ]
 WIDTHS = [(64, None), (40, 64), (13, None)]  # (n, padded_n): 16-byte loads, K padding, element loads

@@ -260,7 +260,7 @@ class RmsNormVariant:
 
 # --- SiLU-and-mul and expert quantization (cuda_src/experts.cu; issue 16, items 2 and 4) ---
 # The kernels of ExpertsVariant.names, by what a launcher asks for.
-EXPERT_KERNELS = ("batch", "batch_silu", "grouped", "grouped_silu")
+EXPERT_KERNELS = ("batch", "batch_silu", "grouped", "grouped_silu", "grouped_row_map")
 
 
 def experts_blocks_per_thread(dtype_name: str, fmt: str, silu: bool) -> int:
@@ -274,8 +274,8 @@ def experts_blocks_per_thread(dtype_name: str, fmt: str, silu: bool) -> int:
 class ExpertsVariant:
     """The quantizing kernels of experts.cu for one input dtype and format:
     the dense and masked batch, the grouped experts, each plain or with
-    SiLU-and-mul (EXPERT_KERNELS order). Layout and 16-byte loads are
-    run-time arguments there."""
+    SiLU-and-mul, and the grouped experts' row map (EXPERT_KERNELS order).
+    Layout and 16-byte loads are run-time arguments there."""
 
     dtype_name: str
     fmt: str = "nvfp4"
@@ -288,6 +288,9 @@ class ExpertsVariant:
         mx = _flag(self.fmt == "mxfp4")
         names = []
         for kernel in EXPERT_KERNELS:
+            if kernel == "grouped_row_map":  # the grouped experts' bookkeeping: no dtype or format
+                names.append("nvfp4::grouped_row_map")
+                continue
             silu = kernel.endswith("_silu")
             per_thread = experts_blocks_per_thread(self.dtype_name, self.fmt, silu)
             function = "quantize_grouped" if kernel.startswith("grouped") else "quantize_batch"

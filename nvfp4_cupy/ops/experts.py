@@ -233,16 +233,22 @@ def _grouped(frontend, array, dtype_name, n, silu, global_scale, expert_offsets,
     scale_rows = experts_scale_rows(tokens, experts, scale_layout.name)
     scale_cols = scale_layout.scale_shape(0, padded_n, block_size)[1]
     per_thread = experts_blocks_per_thread(dtype_name, fmt, silu)
-    grid, block = launch_geometry(grouped_grid_rows(tokens, scale_rows), -(-scale_cols // per_thread),
+    grid, block = launch_geometry(tokens, -(-scale_cols // per_thread),
                                   columns=_column_extent(padded_n, array.shape[1], per_thread, block_size),
                                   what=f"x: shape {tuple(array.shape)} with padded_n={padded_n}", dense=True)
-    static = dict(row_stride=view.row_stride, m=tokens, n=n, padded_n=padded_n, scale_rows=scale_rows,
-                  scale_cols=scale_cols, layout_id=RUNTIME_LAYOUT_IDS[scale_layout.name], experts=experts,
-                  row_tile=scale_layout.row_multiple, gs_expert_step=expert_step)
-    kernel = bound_kernel(ExpertsVariant(dtype_name, fmt), grid, block, static,
-                          ("x", "global_scale_ptr", "global_scale_value", "expert_offsets", "packed", "scales",
-                           "blockscale_offsets", "vector_loads"),
-                          index=EXPERT_KERNELS.index("grouped_silu" if silu else "grouped"))
+    layout_id = RUNTIME_LAYOUT_IDS[scale_layout.name]
+    variant = ExpertsVariant(dtype_name, fmt)
+    row_map = bound_kernel(variant, (grouped_map_blocks(tokens, experts), 1, 1), (THREADS_PER_BLOCK, 1, 1),
+                           dict(m=tokens, scale_rows=scale_rows, scale_cols=scale_cols, layout_id=layout_id,
+                                experts=experts, row_tile=scale_layout.row_multiple),
+                           ("expert_offsets", "row_map", "scales", "blockscale_offsets"),
+                           index=EXPERT_KERNELS.index("grouped_row_map"))
+    quantize = bound_kernel(variant, grid, block,
+                            dict(row_stride=view.row_stride, m=tokens, n=n, padded_n=padded_n, scale_cols=scale_cols,
+                                 layout_id=layout_id, gs_expert_step=expert_step),
+                            ("x", "global_scale_ptr", "global_scale_value", "row_map", "packed", "scales",
+                             "vector_loads"),
+                            index=EXPERT_KERNELS.index("grouped_silu" if silu else "grouped"))
     handle = resolve_stream(stream, device_id, frontend)
     if validate:
         _golden._check_offsets(_read_host(offsets, handle), tokens, True)
@@ -250,25 +256,28 @@ def _grouped(frontend, array, dtype_name, n, silu, global_scale, expert_offsets,
     packed, scales, starts = results.outputs(
         device_id, handle, (((tokens, padded_n // 2), "uint8"), ((scale_rows, scale_cols), "uint8"),
                             ((experts + 1,), "int32")))
-    if tokens == 0:  # every count is 0: b is all zeros
-        _memset_zero(results.pointer(starts), 4 * (experts + 1), device_id, handle)
-        return packed, scales, starts
-    kernel(device_id, handle, array.pointer, scale_pointer, scale_value, offsets.pointer, results.pointer(packed),
-           results.pointer(scales), results.pointer(starts), int(_vectors(array, view, n)))
+    # Each token row's (expert, scale row): the kernels' scratch, freed (stream-ordered) after the call.
+    row_entries = results.allocator(device_id, handle)((max(tokens, 1), 2), "int32")
+    row_map(device_id, handle, offsets.pointer, results.pointer(row_entries), results.pointer(scales),
+            results.pointer(starts))
+    if tokens:
+        quantize(device_id, handle, array.pointer, scale_pointer, scale_value, results.pointer(row_entries),
+                 results.pointer(packed), results.pointer(scales), int(_vectors(array, view, n)))
     return packed, scales, starts
 
 
-# quantize_grouped's grid covers at least this many scale rows (all of them
-# if fewer): its threads zero the padding rows past the grid in a loop, and
-# a decode-sized call (few tokens, up to 128 scale rows an expert) would
-# otherwise leave that loop to a few threads.
-GROUPED_MIN_GRID_ROWS = 1024
+# grouped_row_map's grid: a thread block per THREADS_PER_BLOCK token rows and
+# per expert (each zeroes its padding rows), at least GROUPED_MAP_MIN_BLOCKS
+# (the rows past the last expert's tiles, zeroed by every thread, can be
+# many) and at most GROUPED_MAP_MAX_BLOCKS; each stages the offsets once.
+GROUPED_MAP_MIN_BLOCKS = 132
+GROUPED_MAP_MAX_BLOCKS = 1024
 
 
-def grouped_grid_rows(tokens: int, scale_rows: int) -> int:
-    """The rows quantize_grouped's grid covers: every token, and every scale
-    row up to GROUPED_MIN_GRID_ROWS (the kernel loops over the rest)."""
-    return max(tokens, min(scale_rows, GROUPED_MIN_GRID_ROWS))
+def grouped_map_blocks(tokens: int, experts: int) -> int:
+    """The thread blocks of grouped_row_map for a call."""
+    wanted = max(-(-tokens // THREADS_PER_BLOCK), experts, GROUPED_MAP_MIN_BLOCKS)
+    return min(GROUPED_MAP_MAX_BLOCKS, wanted)
 
 
 def _column_extent(padded_n: int, row_values: int, per_thread: int, block_size: int) -> int:
