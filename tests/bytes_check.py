@@ -93,3 +93,17 @@ def poisoned_allocations(poison: int):
 
     with cp.cuda.using_allocator(malloc):
         yield pointers
+
+
+def assert_refused_before_allocating(bad_calls) -> None:
+    """Each (what, call, error type, message pattern) of bad_calls raises
+    that error before any CuPy allocation (so before any launch). The calls'
+    inputs must be made beforehand: an allocation inside `call` counts."""
+    import pytest
+
+    for what, call, error, match in bad_calls:
+        with poisoned_allocations(POISONS[0]) as pointers:
+            with pytest.raises(error, match=match):
+                call()
+        assert not pointers, f"{what}: allocated before refusing"
+

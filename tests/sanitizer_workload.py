@@ -87,7 +87,7 @@ def fused_and_variants(rng) -> int:
     """quantize() in one launch, TE numerics, the MX scale rules,
     stochastic rounding and the fused ops of issue 16, on awkward shapes;
     returns the calls made."""
-    from nvfp4_cupy.reference import fused, mx_rules, stochastic, te
+    from nvfp4_cupy.reference import fused, mx_rules, stochastic, te, te_4over6, te_rht
 
     calls = 0
     for name, dtype in DTYPES.items():
@@ -141,7 +141,15 @@ def fused_and_variants(rng) -> int:
         want = fused.scaled_fp4_masked_quant(batch, expert_scales[:3], counts)
         check(got[0], want[0], f"masked experts packed {name}")
         check(got[1], want[1], f"masked experts scales {name}")
-        calls += 14
+        for i, (got, want) in enumerate(zip(
+                nv.scaled_fp4_quant_4over6(x, padded_n=64, layout="8x4", err_mode="MSE", per_row=True),
+                te_4over6.scaled_fp4_quant_4over6(host, padded_n=64, layout="8x4", err_mode="MSE", per_row=True))):
+            check(got, want, f"Four Over Six output {i} {name}")
+        strided_tokens = device_rows(tokens, 3)
+        for i, (got, want) in enumerate(zip(nv.scaled_fp4_quant_rht(strided_tokens, padded_n=64),
+                                            te_rht.scaled_fp4_quant_rht(tokens, padded_n=64))):
+            check(got, want, f"RHT output {i} {name}")
+        calls += 16
     return calls
 
 

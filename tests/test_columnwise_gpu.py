@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bytes_check import POISONS, assert_bytes_equal, poisoned_allocations
+from bytes_check import POISONS, assert_bytes_equal, assert_refused_before_allocating, poisoned_allocations
 from conftest import import_cupy
 from gpu_inputs import HOST_DTYPES, boundary_cases, make_input
 from test_reference_te import CORPUS
@@ -187,11 +187,7 @@ def _bad_calls():
 def test_bad_input_is_refused_before_anything_is_allocated():
     """Each bad call raises its error before any output is allocated (so
     before any launch)."""
-    for what, call, error, match in _bad_calls():
-        with poisoned_allocations(POISONS[0]) as pointers:
-            with pytest.raises(error, match=match):
-                call()
-        assert not pointers, f"{what}: allocated before refusing"
+    assert_refused_before_allocating(_bad_calls())
 
 
 @pytest.mark.gpu

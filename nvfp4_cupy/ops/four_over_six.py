@@ -5,13 +5,12 @@ check runs before the outputs are allocated or a kernel launched."""
 
 from __future__ import annotations
 
-from .._format import check_bool, resolve_layout, resolve_padded_n, row_view
-from .._runtime.arrays import frontend_of, output_frontend, resolve_stream
+from .._runtime.arrays import frontend_of
 from .._runtime.compile import FourOverSixVariant, kernel_constant
-from .._runtime.launch import VECTOR_BYTES, bound_kernel, launch_geometry, rows_allow_vectors
+from .._runtime.launch import VECTOR_BYTES, bound_kernel, rows_allow_vectors
 from ..reference import te_rht as _te_rht
 from .global_scale import prepare_global_amax
-from .rht import amax_argument
+from .rht import prepare_amax_call
 
 _DYNAMIC = ("x", "amax_ptr", "amax_value", "packed", "scales")
 # Blocks of 16 a thread quantizes (four_over_six.cu), blockDim.x apart.
@@ -40,34 +39,27 @@ def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, pad
     e4m3_max, err_mode, fast_math = _te_rht.check_te_options(
         fmt=fmt, rht=rht, four_over_six=True, e4m3_max=e4m3_max, err_mode=err_mode,
         err_use_fast_math=err_use_fast_math)
-    per_row = check_bool(per_row, "per_row")
-    view = row_view(array.shape, array.strides, array.itemsize, False)
-    m, n = view.m, view.n
-    padded_n = resolve_padded_n(n, padded_n)
-    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
-    amax_array, amax_value, per_row_amax = amax_argument(global_amax, per_row, device_id, m, n)
-    scale_shape = scale_layout.scale_shape(m, padded_n)
-    geometry = launch_geometry(scale_shape[0], -(-scale_shape[1] // BLOCKS_PER_THREAD), columns=padded_n,
-                               what=f"x: shape {array.shape}")
-    handle = resolve_stream(stream, device_id, frontend)
-    results = output_frontend(like, frontend)
+    call = prepare_amax_call(frontend, array, global_amax, per_row, is_sf_swizzled_layout, padded_n, layout, stream,
+                             like, BLOCKS_PER_THREAD)
+    m, n, results, handle = call.m, call.n, call.results, call.handle
     if global_amax is None:  # A = max |x| over the unpadded values, in one launch
-        launch_amax, returned_amax = prepare_global_amax(x, per_row, stream, like)
-    packed, scales = results.outputs(device_id, handle, (((m, padded_n // 2), "uint8"), (scale_shape, "uint8")))
+        launch_amax, returned_amax = prepare_global_amax(x, call.per_row, stream, like)
+    packed, scales = results.outputs(device_id, handle,
+                                     (((m, call.padded_n // 2), "uint8"), (call.scale_shape, "uint8")))
     if global_amax is None:
         launch_amax()
         amax_pointer = results.pointer(returned_amax)
     else:
-        returned_amax = global_amax
-        amax_pointer = 0 if amax_array is None else amax_array.pointer
+        returned_amax, amax_pointer = global_amax, call.amax_pointer
     if m == 0:
         return packed, scales, returned_amax
-    vectors = rows_allow_vectors((view.row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
-    kernel = bound_kernel(FourOverSixVariant(dtype_name, scale_layout, vectors, per_row_amax, err_mode == "MSE"),
-                          *geometry,
-                          dict(row_stride=view.row_stride, m=m, n=n, padded_n=padded_n, scale_rows=scale_shape[0],
-                               scale_cols=scale_shape[1], denominator=float(6 * e4m3_max),
+    row_stride = call.view.row_stride
+    vectors = rows_allow_vectors((row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
+    variant = FourOverSixVariant(dtype_name, call.scale_layout, vectors, call.per_row_amax, err_mode == "MSE")
+    kernel = bound_kernel(variant, *call.geometry,
+                          dict(row_stride=row_stride, m=m, n=n, padded_n=call.padded_n, scale_rows=call.scale_shape[0],
+                               scale_cols=call.scale_shape[1], denominator=float(6 * e4m3_max),
                                fast_math=int(fast_math)), _DYNAMIC)
-    kernel(device_id, handle, array.pointer, amax_pointer, amax_value, results.pointer(packed),
+    kernel(device_id, handle, array.pointer, amax_pointer, call.amax_value, results.pointer(packed),
            results.pointer(scales))
     return packed, scales, returned_amax

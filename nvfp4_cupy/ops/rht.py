@@ -7,6 +7,7 @@ the outputs are allocated or a kernel launched."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,42 +39,34 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
     device_id = array.device_id
     dtype_name = frontend.dtype_name(array.dtype)
     _golden.check_te_options(fmt=fmt, rht=True)
-    per_row = check_bool(per_row, "per_row")
     to_input = _golden._check_transform_dtype(transform_dtype) == "input"
-    view = row_view(array.shape, array.strides, array.itemsize, False)
-    m, k = view.m, view.n
-    _golden._check_rht_k(k)
-    padded_n = resolve_padded_n(k, padded_n)
-    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
-    amax_array, amax_value, per_row_amax = amax_argument(global_amax, per_row, device_id, m, k)
-    scale_shape = scale_layout.scale_shape(m, padded_n)
-    geometry = launch_geometry(scale_shape[0], -(-scale_shape[1] // BLOCKS_PER_THREAD), columns=padded_n,
-                               what=f"x: shape {array.shape}")
-    handle = resolve_stream(stream, device_id, frontend)
-    results = output_frontend(like, frontend)
+    call = prepare_amax_call(frontend, array, global_amax, per_row, is_sf_swizzled_layout, padded_n, layout, stream,
+                             like, BLOCKS_PER_THREAD, _golden._check_rht_k)
+    m, k, results, handle = call.m, call.n, call.results, call.handle
     computed = global_amax is None
-    specs = (((m, padded_n // 2), "uint8"), (scale_shape, "uint8")) + ((((m if per_row else 1),), "float32"),) * computed
+    amax_rows = m if call.per_row else 1
+    specs = (((m, call.padded_n // 2), "uint8"), (call.scale_shape, "uint8")) + (((amax_rows,), "float32"),) * computed
     outputs = tuple(results.outputs(device_id, handle, specs))
     returned = outputs if computed else outputs + (global_amax,)
     if computed:  # the amax kernel maxes into zeros; no values (m = 0) have amax 0
         amax_pointer = results.pointer(outputs[2])
-        _memset_zero(amax_pointer, 4 * (m if per_row else 1), device_id, handle)
+        _memset_zero(amax_pointer, 4 * amax_rows, device_id, handle)
     if m == 0:
         return returned
-    vectors = rows_allow_vectors((view.row_stride * array.itemsize,), k) and array.pointer % VECTOR_BYTES == 0
-    variant = RhtVariant(dtype_name, scale_layout, vectors, per_row_amax, to_input)
-    packed, scales = (results.pointer(o) for o in outputs[:2])
+    row_stride = call.view.row_stride
+    vectors = rows_allow_vectors((row_stride * array.itemsize,), k) and array.pointer % VECTOR_BYTES == 0
+    variant = RhtVariant(dtype_name, call.scale_layout, vectors, call.per_row_amax, to_input)
     if computed:
         amax_kernel = bound_kernel(variant, *_amax_geometry(m, k, f"x: shape {array.shape}"),
-                                   dict(row_stride=view.row_stride, m=m, n=k, per_row=int(per_row)), ("x", "amax"))
+                                   dict(row_stride=row_stride, m=m, n=k, per_row=int(call.per_row)), ("x", "amax"))
         amax_kernel(device_id, handle, array.pointer, amax_pointer)
     else:
-        amax_pointer = 0 if amax_array is None else amax_array.pointer
-    quantize = bound_kernel(variant, *geometry,
-                            dict(row_stride=view.row_stride, m=m, n=k, padded_n=padded_n, scale_rows=scale_shape[0],
-                                 scale_cols=scale_shape[1]),
+        amax_pointer = call.amax_pointer
+    quantize = bound_kernel(variant, *call.geometry,
+                            dict(row_stride=row_stride, m=m, n=k, padded_n=call.padded_n,
+                                 scale_rows=call.scale_shape[0], scale_cols=call.scale_shape[1]),
                             ("x", "amax_ptr", "amax_value", "packed", "scales"), index=1)
-    quantize(device_id, handle, array.pointer, amax_pointer, amax_value, packed, scales)
+    quantize(device_id, handle, array.pointer, amax_pointer, call.amax_value, *(results.pointer(o) for o in outputs[:2]))
     return returned
 
 
@@ -87,6 +80,54 @@ def _amax_geometry(m: int, k: int, what: str) -> tuple:
     groups) capped so that grid x * grid y <= AMAX_THREAD_BLOCKS."""
     (rows, columns, batch), block = launch_geometry(m, k // 16, columns=k, what=what)
     return (min(rows, max(1, AMAX_THREAD_BLOCKS // columns)), columns, batch), block
+
+
+@dataclass(frozen=True)
+class AmaxCall:
+    """What TE's quantizers that take a global amax (the RHT, Four Over Six)
+    work out before allocating: the rows, the output shapes and the grid of
+    a quantizer of blocks_per_thread blocks a thread, and the amax argument."""
+
+    view: object
+    m: int
+    n: int
+    padded_n: int
+    per_row: bool  # the amax is computed per row
+    scale_layout: object
+    scale_shape: tuple
+    geometry: tuple
+    amax_array: object  # a given device array, or None
+    amax_value: float  # a given host value (0.0 otherwise)
+    per_row_amax: bool  # the kernel reads one amax a row
+    handle: int
+    results: object
+
+    @property
+    def amax_pointer(self) -> int:
+        """The given device amax (0: a host value or none)."""
+        return 0 if self.amax_array is None else self.amax_array.pointer
+
+
+def prepare_amax_call(frontend, array, global_amax, per_row, is_sf_swizzled_layout, padded_n, layout, stream, like,
+                      blocks_per_thread: int, check_n=None) -> AmaxCall:
+    """The checks and shapes shared by the amax-taking quantizers (nothing
+    allocated): x's rows (check_n(n) for a quantizer with its own rule on
+    n), padded_n, the layout, the amax argument, the grid over the scale
+    tensor with blocks_per_thread blocks a thread, the stream."""
+    per_row = check_bool(per_row, "per_row")
+    view = row_view(array.shape, array.strides, array.itemsize, False)
+    m, n = view.m, view.n
+    if check_n is not None:
+        check_n(n)
+    padded_n = resolve_padded_n(n, padded_n)
+    scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
+    amax_array, amax_value, per_row_amax = amax_argument(global_amax, per_row, array.device_id, m, n)
+    scale_shape = scale_layout.scale_shape(m, padded_n)
+    geometry = launch_geometry(scale_shape[0], -(-scale_shape[1] // blocks_per_thread), columns=padded_n,
+                               what=f"x: shape {array.shape}")
+    handle = resolve_stream(stream, array.device_id, frontend)
+    return AmaxCall(view, m, n, padded_n, per_row, scale_layout, scale_shape, geometry, amax_array, amax_value,
+                    per_row_amax, handle, output_frontend(like, frontend))
 
 
 def amax_argument(global_amax, per_row: bool, device_id: int, m: int, k: int):
