@@ -6,8 +6,8 @@
 // kept, ties and NaN errors going to map-to-6. The global amax A (per tensor
 // or per row) comes from a device array (computed by global_scale.cu's
 // "amax" step, or given) or a host value; S_enc = RN(6E / A) with E = 448 or
-// 256. One thread a block; the grid covers the scale tensor, layout padding
-// included, as rht.cu's quantizer does.
+// 256. Four blocks a thread; the grid covers the scale tensor, layout
+// padding included, as rht.cu's quantizer does.
 #include "numerics.cuh"
 #include "load.cuh"
 #include "layouts.cuh"
@@ -40,7 +40,7 @@ __device__ __forceinline__ FourOverSixGlobal four_over_six_global(float amax, fl
                            error_division_is_fast(amax)};
 }
 
-// Blocks a thread quantizes, kThreadsX apart along its row (so that each
+// Blocks a thread quantizes, blockDim.x apart along its row (so that each
 // step's loads are coalesced): the per-thread work of S_enc, S_dec and D's
 // divisor is shared by them (ops/four_over_six.py reads this constant).
 constexpr int k4over6BlocksPerThread = 4;
