@@ -1,5 +1,5 @@
-// Rowwise and columnwise NVFP4 in one pass (numerics="te", 1x16 blocks:
-// docs/te_numerics.md sections 5 and 12): x [m, n] is read once and gives
+// Rowwise and columnwise NVFP4 in one pass (numerics="te", 1x16 blocks or
+// 16x16 tiles: docs/te_numerics.md sections 4, 5 and 12): x [m, n] is read once and gives
 // both the quantized x (packed [m, padded_n / 2], scales for m rows) and the
 // quantized x^T (packed_t [n, padded_m / 2], scales_t for n rows,
 // padded_m = round_up(m, 16)), each in the same scale layout.
@@ -60,13 +60,14 @@ __device__ __forceinline__ void gather_column_block(const typename Input::raw_t*
 // One block's outputs: its codes at packed[row * (padded_k / 16) + k] and
 // its scale byte, when the block lies in [0, padded_k) of a row < rows;
 // else only the scale byte a layout pads in (0), where the scale tensor
-// (scale_rows x scale_cols) has one.
+// (scale_rows x scale_cols) has one. amax_bits: the block's own amax, or
+// its 16x16 tile's.
 template <typename Input, typename Layout>
 __device__ __forceinline__ void store_block(const Nvfp4TeBlocks& blocks, const u32 (&words)[4 * sizeof(typename Input::raw_t)],
-                                            int row, int k, int rows, int padded_k, int scale_rows, int scale_cols,
-                                            uint2* __restrict__ packed, u8* __restrict__ scales) {
+                                            u32 amax_bits, int row, int k, int rows, int padded_k, int scale_rows,
+                                            int scale_cols, uint2* __restrict__ packed, u8* __restrict__ scales) {
   if (row < rows && k * kBlockSize < padded_k) {
-    const BlockScale scale = blocks.scale(Input::abs_max_bits(words));
+    const BlockScale scale = blocks.scale(amax_bits);
     packed[(long long)row * (padded_k / kBlockSize) + k] = pack_block<Input, Nvfp4TeBlocks::Codes>(words, scale);
     scales[Layout::row_offset(row, scale_cols) + Layout::column_offset(k)] = scale.scale_byte;
   } else if (row < scale_rows && k < scale_cols) {
@@ -74,10 +75,42 @@ __device__ __forceinline__ void store_block(const Nvfp4TeBlocks& blocks, const u
   }
 }
 
+// The amax of every 16x16 tile of the thread block's kTileRows x kCols
+// values (TE's 2-D tiles, docs/te_numerics.md section 4; rows past m and
+// columns past n are zeros in the tile, as the golden model pads them): each
+// thread's row blocks' amaxes, then a thread a tile reduces its 16 rows.
+// Both barriers are reached by the whole thread block. The tiles never cross
+// a thread block: kTileRows and kCols are multiples of 16.
+template <typename Input>
+struct SquareTileAmax {
+  typedef ColumnwiseTile<Input> Tile;
+  static constexpr int kColumnBlocks = Tile::kCols / kBlockSize;
+  u32 blocks[kTileRows][kColumnBlocks];
+  u32 tiles[kTileRows / kBlockSize][kColumnBlocks];
+
+  __device__ __forceinline__ void reduce(const u32 (&words)[Tile::kBlocksPerThread][Tile::kWords], int r, int t) {
+#pragma unroll
+    for (int b = 0; b < Tile::kBlocksPerThread; ++b) {
+      blocks[r][t % kThreadsPerRow + b * kThreadsPerRow] = Input::abs_max_bits(words[b]);
+    }
+    __syncthreads();
+    if (t < (kTileRows / kBlockSize) * kColumnBlocks) {
+      const int tile_row = t / kColumnBlocks, tile_column = t % kColumnBlocks;
+      u32 amax = 0;
+#pragma unroll
+      for (int i = 0; i < kBlockSize; ++i) amax = max(amax, blocks[tile_row * kBlockSize + i][tile_column]);
+      tiles[tile_row][tile_column] = amax;
+    }
+    __syncthreads();
+  }
+};
+
 // kGlobalScales: kOneScale (global_scale_ptr[0] or the host value, and
 // global_scale_t_ptr[0] or its host value for x^T) or kScalePerRow
 // (row-scaled NVFP4: global_scale_ptr[row], global_scale_t_ptr[column]).
-template <typename Input, typename Layout, bool kVectorLoads, int kGlobalScales>
+// kSquareTiles: TE's 16x16 tiles, one scale a tile in both outputs (one
+// global scale each; TE has no row-scaled form of them).
+template <typename Input, typename Layout, bool kVectorLoads, int kGlobalScales, bool kSquareTiles>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_nvfp4_te_columnwise(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
                              float global_scale_value, const float* __restrict__ global_scale_t_ptr,
@@ -114,6 +147,8 @@ quantize_nvfp4_te_columnwise(const typename Input::raw_t* __restrict__ x, const 
       to[q] = make_uint4(words[b][4 * q], words[b][4 * q + 1], words[b][4 * q + 2], words[b][4 * q + 3]);
     }
   }
+  __shared__ SquareTileAmax<Input> square;
+  if constexpr (kSquareTiles) square.reduce(words, r, t);
   if (row < scale_rows) {
     const float gs = row >= m ? 0.0f
                      : global_scale_ptr ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow ? row : 0))
@@ -121,11 +156,13 @@ quantize_nvfp4_te_columnwise(const typename Input::raw_t* __restrict__ x, const 
     const Nvfp4TeBlocks blocks = Nvfp4TeBlocks::from_global_scale(gs);
 #pragma unroll
     for (int b = 0; b < Tile::kBlocksPerThread; ++b) {
-      const int k = first_col / kBlockSize + t % kThreadsPerRow + b * kThreadsPerRow;
-      store_block<Input, Layout>(blocks, words[b], row, k, m, padded_n, scale_rows, scale_cols, packed, scales);
+      const int k_local = t % kThreadsPerRow + b * kThreadsPerRow;
+      const u32 amax = kSquareTiles ? square.tiles[r / kBlockSize][k_local] : Input::abs_max_bits(words[b]);
+      store_block<Input, Layout>(blocks, words[b], amax, row, first_col / kBlockSize + k_local, m, padded_n,
+                                 scale_rows, scale_cols, packed, scales);
     }
   }
-  __syncthreads();
+  if constexpr (!kSquareTiles) __syncthreads();  // (square.reduce's barriers come after the tile's stores)
 
   // Columnwise: tile column t % kCols is row first_col + t % kCols of x^T;
   // its column blocks g = (t / kCols) * kBlocksPerThread, ... are blocks
@@ -150,7 +187,8 @@ quantize_nvfp4_te_columnwise(const typename Input::raw_t* __restrict__ x, const 
     if (row_t < n && k_t * kBlockSize < padded_m) {
       u32 column_words[Tile::kWords];
       gather_column_block<Input>(tile, c, first_g + i, column_words);
-      const BlockScale scale = blocks_t.scale(Input::abs_max_bits(column_words));
+      const BlockScale scale = blocks_t.scale(kSquareTiles ? square.tiles[first_g + i][c / kBlockSize]
+                                                           : Input::abs_max_bits(column_words));
       codes[i] = pack_block<Input, Nvfp4TeBlocks::Codes>(column_words, scale);
       scales_t[Layout::row_offset(row_t, scale_cols_t) + Layout::column_offset(k_t)] = scale.scale_byte;
     } else if (k_t < scale_cols_t) {

@@ -126,6 +126,9 @@ __device__ __forceinline__ u32 sign_nibbles_16(const u32* words, int h) {
 
 // amax of 16 values stored two to a word, two lanes at a time: on
 // non-negative halves a max.NaN orders like the bits do and keeps NaN a NaN.
+// (max(max v, -min v) by max.NaN and min.NaN chains needs no mask a word,
+// two instructions less a block, but cost ptxas registers, and spills, in
+// the element-load kernels.)
 template <typename Input>
 __device__ __forceinline__ u32 abs_max_bits_16x2(const u32 (&words)[8]) {
   u32 pair = words[0] & 0x7fff7fffu;
@@ -290,22 +293,73 @@ __device__ __forceinline__ float e2m1_magnitude_of(const E2m1Sum& sum) {
   return sub_rn(__uint_as_float(sum.bits), __uint_as_float((sum.binade + 22u) << 23));
 }
 
+#if NVFP4_PACKED_E2M1
+// The same rounding, two products a time in 16-bit lanes (sm_90: min.u16x2,
+// max.u16x2; docs/format.md section 11): a's biased magnitude code in bits
+// 0..15, b's in bits 16..31, each the code plus kE2M1PairBias. a, b >= +0
+// (or NaN, which is only inf * 0).
+// 1. Round to odd to bfloat16: each float32's upper half, its lowest bit set
+//    where any bit of the lower half is. The E2M1 rounding that follows keeps
+//    at most 2 of bfloat16's 8 significant bits, so this first rounding
+//    cannot move a value onto one of its midpoints: it changes nothing.
+// 2. Clamp to 6 (inf and NaN too): non-negative bfloat16 order like their bits.
+// 3. e2m1_sum's addition in bfloat16: m = 2^k with k = max(floor(log2 t), 0)
+//    (the bits of max(t, 1) with the mantissa cleared), and RN(m * 2^6 + t)
+//    = 2^(k+6) + q * 2^(k-1), bfloat16's ulp in that binade, one rounding,
+//    ties to even.
+// 4. With m's bits e * 2^7 (e = k + 127), the sum's bits are (e + 6) * 2^7 + q,
+//    and sum - m + m / 2^6 = q + 2e + 768 = q + 2k + kE2M1PairBias. No lane
+//    borrows from or carries into the other.
+enum E2M1PairBias : u32 { kE2M1PairBias = 1022u };
+
+__device__ __forceinline__ u32 min_u16x2(u32 a, u32 b) {
+  asm("min.u16x2 %0, %0, %1;" : "+r"(a) : "r"(b));
+  return a;
+}
+
+__device__ __forceinline__ u32 max_u16x2(u32 a, u32 b) {
+  asm("max.u16x2 %0, %0, %1;" : "+r"(a) : "r"(b));
+  return a;
+}
+
+__device__ __forceinline__ u32 e2m1x2_biased_magnitude_codes(float a, float b) {
+  const u32 a_bits = __float_as_uint(a);
+  const u32 b_bits = __float_as_uint(b);
+  const u32 sticky = min_u16x2(__byte_perm(a_bits, b_bits, 0x5410u), 0x00010001u);
+  const u32 t = min_u16x2(__byte_perm(a_bits, b_bits, 0x7632u) | sticky, 0x40c040c0u);
+  const u32 m = max_u16x2(t, 0x3f803f80u) & 0x7f807f80u;
+  u32 sum;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(sum) : "r"(m), "r"(0x42804280u), "r"(t));  // m * 64 + t
+  return sum - m + (m >> 6);
+}
+#endif
+
 // Values 8h..8h+7 of a block times r, as eight E2M1 codes (value 8h + i in
-// nibble i). The biases add up to kE2M1Bias * 0x11111111 (mod 2^32); the
+// nibble i). The biases add up to the bias times 0x11111111 (mod 2^32); the
 // nibble bits 3 are then free for the signs. kUnsignZeroProducts: a value
 // whose product is exactly zero gets code 0x0 whatever its sign (TeCodes).
 template <typename Input, bool kUnsignZeroProducts = false>
 __device__ __forceinline__ u32 e2m1x8_from_magnitudes(const u32* words, int h, float r) {
-  u32 sum = 0;
+  float products[8];
   u32 nonzero = 0;  // bit 3 of nibble i: value 8h + i has a nonzero product
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const float product = mul_rn(abs_f32(Input::element(words, 8 * h + i)), r);
-    sum += e2m1_biased_magnitude_code(product) << (4 * i);
-    if (kUnsignZeroProducts) nonzero |= min(__float_as_uint(product), 1u) << (4 * i + 3);
+    products[i] = mul_rn(abs_f32(Input::element(words, 8 * h + i)), r);
+    if (kUnsignZeroProducts) nonzero |= min(__float_as_uint(products[i]), 1u) << (4 * i + 3);
   }
+  u32 sum = 0;
+#if NVFP4_PACKED_E2M1
+  // Values i and i + 4 share a word: lane 0 lands in nibble i, lane 1 in nibble i + 4.
+#pragma unroll
+  for (int i = 0; i < 4; ++i) sum += e2m1x2_biased_magnitude_codes(products[i], products[i + 4]) << (4 * i);
+  constexpr u32 kBias = kE2M1PairBias;
+#else
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sum += e2m1_biased_magnitude_code(products[i]) << (4 * i);
+  constexpr u32 kBias = kE2M1Bias;
+#endif
   const u32 signs = Input::sign_nibbles(words, h);
-  return (sum - kE2M1Bias * 0x11111111u) | (kUnsignZeroProducts ? signs & nonzero : signs);
+  return (sum - kBias * 0x11111111u) | (kUnsignZeroProducts ? signs & nonzero : signs);
 }
 
 #if NVFP4_HW_E2M1
@@ -340,11 +394,13 @@ __device__ __forceinline__ float e4m3_to_f32_signed(u8 byte) {
 // ---------------------------------------------------------------------------
 // The per-block arithmetic of docs/format.md, steps 3-5 and the special cases.
 // ---------------------------------------------------------------------------
+// Whole registers, not u8 and bool: byte-sized fields cost the quantizer
+// byte moves (PRMT) at every block.
 struct BlockScale {
-  u8 scale_byte;        // E4M3 bits written to the scale tensor
-  float reciprocal;     // r: multiply the block's values by this
-  bool zero_codes;      // NaN block or invalid global scale: all 16 codes are 0
-  bool inf_times_zero;  // r = 0 and the block holds an inf: inf * 0 is NaN, code 0x7 whatever the sign
+  u32 scale_byte;      // E4M3 (or E8M0) bits written to the scale tensor, 0 .. 0xFF
+  float reciprocal;    // r: multiply the block's values by this
+  u32 zero_codes;      // 1: NaN block or invalid global scale, all 16 codes are 0
+  u32 inf_times_zero;  // 1: r = 0 and the block holds an inf: inf * 0 is NaN, code 0x7 whatever the sign
 };
 
 __device__ __forceinline__ bool is_valid_global_scale(float gs) {
@@ -357,12 +413,22 @@ __device__ __forceinline__ bool is_valid_global_scale(float gs) {
 struct GlobalScale {
   float value;
   bool valid;          // finite and > 0
-  bool fast_division;  // in the range where divide() by it is div.rn
+  bool fast_division;  // in the range where divide() by it is div.rn (so valid)
   Divisor divisor;
 };
 
 __device__ __forceinline__ GlobalScale global_scale(float gs) {
   return GlobalScale{gs, is_valid_global_scale(gs), in_fast_division_range(gs), divisor(gs)};
+}
+
+// A NaN-scaled block: scale byte 0x7F, every code 0x0.
+__device__ __forceinline__ BlockScale nan_block() {
+  BlockScale out;
+  out.inf_times_zero = false;
+  out.scale_byte = kE4M3NaN;
+  out.reciprocal = 0.0f;
+  out.zero_codes = true;
+  return out;
 }
 
 // amax bits -> the float32 global scale (compute_global_scale, and quantize()'s
@@ -377,10 +443,12 @@ __device__ __forceinline__ float global_scale_from_amax(u32 amax) {
   return __float_as_uint(gs) > kF32MaxBits ? __uint_as_float(kF32MaxBits) : gs;
 }
 
-// Steps 3-5 with div.rn throughout, for the blocks block_scale's shortcuts do
-// not cover: a global scale outside the fast division range, or an amax that
-// is inf or below 2^-100. Out of line: it is rare, and long.
+// Steps 3-5 with div.rn throughout, and the special blocks, for what
+// block_scale's fast path does not cover: a global scale outside the fast
+// division range (an invalid one too), or an amax that is inf or NaN. Out of
+// line: it is rare, and long.
 __device__ __noinline__ BlockScale block_scale_exact(u32 amax_bits, float gs) {
+  if (!is_valid_global_scale(gs) || amax_bits > kF32InfBits) return nan_block();
   BlockScale out;
   out.zero_codes = false;
   out.scale_byte = e4m3_from_f32(mul_rn(gs, div_rn(__uint_as_float(amax_bits), 6.0f)));
@@ -390,22 +458,55 @@ __device__ __noinline__ BlockScale block_scale_exact(u32 amax_bits, float gs) {
   return out;
 }
 
-// amax_bits: float32 bits of max |v_i| over the block (NaN bit patterns above inf).
-__device__ __forceinline__ BlockScale block_scale(u32 amax_bits, const GlobalScale& gs) {
+// amax_bits: float32 bits of max |v_i| over the block (NaN bit patterns above
+// inf). The fast path takes every finite amax: one below 2^-100, outside
+// divide_by_six's exact range, still gets scale byte 0 there, as div.rn's
+// quotient does (docs/format.md section 11).
+__device__ __forceinline__ bool block_scale_is_fast(u32 amax_bits, const GlobalScale& gs) {
+  return gs.fast_division && amax_bits < kF32InfBits;
+}
+
+// Steps 3-4 on the fast path: the scale byte (0 .. 0x7E).
+__device__ __forceinline__ u8 fast_scale_byte(u32 amax_bits, const GlobalScale& gs) {
+  return e4m3_from_f32(mul_rn(gs.value, divide_by_six(__uint_as_float(amax_bits))));
+}
+
+// Step 5 on the fast path: sf / gs lies in [2^-69, 2^69], so both divisions
+// are div.rn's fast path, and 1 / q cannot overflow.
+__device__ __forceinline__ float fast_reciprocal(u8 scale_byte, const GlobalScale& gs) {
+  return scale_byte ? reciprocal_rn(divide(e4m3_to_f32(scale_byte), gs.divisor)) : 0.0f;
+}
+
+__device__ __forceinline__ BlockScale fast_block_scale(u8 scale_byte, float reciprocal) {
   BlockScale out;
   out.inf_times_zero = false;
-  if (!gs.valid || amax_bits > kF32InfBits) {
-    out.scale_byte = kE4M3NaN;
-    out.reciprocal = 0.0f;
-    out.zero_codes = true;
-    return out;
-  }
-  if (!gs.fast_division || !sixth_is_fast(amax_bits)) return block_scale_exact(amax_bits, gs.value);
   out.zero_codes = false;
-  out.scale_byte = e4m3_from_f32(mul_rn(gs.value, divide_by_six(__uint_as_float(amax_bits))));
-  // sf / gs lies in [2^-69, 2^69]: both divisions are div.rn's fast path, and 1 / q cannot overflow.
-  out.reciprocal = out.scale_byte ? reciprocal_rn(divide(e4m3_to_f32(out.scale_byte), gs.divisor)) : 0.0f;
+  out.scale_byte = scale_byte;
+  out.reciprocal = reciprocal;
   return out;
+}
+
+// NaN blocks are told apart inline, although block_scale_exact knows them
+// too: a call for each costs the fused kernels registers (ptxas spilled).
+__device__ __forceinline__ BlockScale block_scale(u32 amax_bits, const GlobalScale& gs) {
+  if (!gs.valid || amax_bits > kF32InfBits) return nan_block();
+  if (!block_scale_is_fast(amax_bits, gs)) return block_scale_exact(amax_bits, gs.value);
+  const u8 scale_byte = fast_scale_byte(amax_bits, gs);
+  return fast_block_scale(scale_byte, fast_reciprocal(scale_byte, gs));
+}
+
+// Step 5 of every scale byte the fast path gives, for a thread block that
+// shares one global scale (Nvfp4TableBlocks): one entry a thread, then a
+// barrier that the whole thread block must reach. The entries are unused
+// (and harmless) for a global scale outside the fast range.
+constexpr int kReciprocalTableSize = kE4M3Max + 1;
+
+__device__ __forceinline__ void fill_reciprocal_table(float* __restrict__ table, const GlobalScale& gs) {
+  const int thread = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int byte = thread; byte < kReciprocalTableSize; byte += blockDim.x * blockDim.y) {
+    table[byte] = fast_reciprocal((u8)byte, gs);
+  }
+  __syncthreads();
 }
 
 // ---------------------------------------------------------------------------
@@ -431,16 +532,6 @@ struct TeGlobalScale {
 __device__ __forceinline__ TeGlobalScale te_global_scale(float gs) {
   const float decode = in_reciprocal_range(gs) ? reciprocal_rn(gs) : div_rn(1.0f, gs);
   return TeGlobalScale{mul_rn(gs, kSixth), decode, is_valid_global_scale(gs), in_fast_division_range(decode)};
-}
-
-// A NaN-scaled block: scale byte 0x7F, every code 0x0.
-__device__ __forceinline__ BlockScale te_nan_block() {
-  BlockScale out;
-  out.inf_times_zero = false;
-  out.scale_byte = kE4M3NaN;
-  out.reciprocal = 0.0f;
-  out.zero_codes = true;
-  return out;
 }
 
 // Step 5 for a global scale outside the fast range (S outside about
@@ -482,14 +573,14 @@ __device__ __forceinline__ BlockScale te_scale_from_byte(u8 scale_byte, const Te
 // range p is finite and > 0, and s never NaN).
 __device__ __noinline__ BlockScale te_block_scale_exact(u32 amax_bits, float multiplier, float decode) {
   const float s = mul_rn(__uint_as_float(amax_bits), multiplier);
-  if (__float_as_uint(s) > kF32InfBits) return te_nan_block();
+  if (__float_as_uint(s) > kF32InfBits) return nan_block();
   return te_scale_from_byte_exact(e4m3_from_f32(s), decode);
 }
 
 // amax_bits: float32 bits of max |v_i| over the block (NaN bit patterns above
 // inf). s's clamp to FLT_MAX is left out: e4m3_from_f32 saturates inf to 448.
 __device__ __forceinline__ BlockScale te_block_scale(u32 amax_bits, const TeGlobalScale& gs) {
-  if (!gs.valid || amax_bits > kF32InfBits) return te_nan_block();
+  if (!gs.valid || amax_bits > kF32InfBits) return nan_block();
   if (!gs.fast) return te_block_scale_exact(amax_bits, gs.multiplier, gs.decode);
   return te_scale_from_byte_fast(e4m3_from_f32(mul_rn(__uint_as_float(amax_bits), gs.multiplier)), gs.decode);
 }
@@ -549,7 +640,9 @@ __device__ __forceinline__ BlockScale mx_block_scale(u32 amax_bits) {
 // E8M0 byte, exactly (cvt.rp.satfinite.ue8m0x2.f32's rule): the exponent of d,
 // plus one unless d is a power of two; a subnormal d is 2^-126 above 2^-127,
 // else 2^-127 (byte 0). inf gives 254 (0xFE). NaN is the caller's.
-__device__ __noinline__ float divide_by_six_exact(float amax) { return div_rn(amax, 6.0f); }
+// Inline: a call (the ABI's saved registers) made ptxas spill in the MXFP4
+// element-load kernels; div.rn's own slow path stays out of line anyway.
+__device__ __forceinline__ float divide_by_six_exact(float amax) { return div_rn(amax, 6.0f); }
 
 __device__ __forceinline__ u32 mx_ceil_scale_byte(u32 amax_bits) {
   const float amax = __uint_as_float(amax_bits);

@@ -20,8 +20,8 @@ namespace nvfp4 {
 // load and store instruction of a warp stays contiguous): the per-thread work
 // (indices, the global scale and its divisor) is paid once for all of them,
 // and all their loads are in flight before the first block is worked on.
-// make_blocks() gives the Blocks, and is only called for rows of x (a
-// per-row global scale exists for those only).
+// make_blocks() gives the Blocks; every thread of the thread block calls it
+// (padding rows too, which then use nothing of it), so it may hold a barrier.
 template <typename Input, typename Layout, bool kVectorLoads, int kPerThread, typename MakeBlocks>
 __device__ __forceinline__ void quantize_rows(const typename Input::raw_t* __restrict__ x, long long row_stride,
                                               int m, int n, int padded_n, uint2* __restrict__ packed,
@@ -32,32 +32,34 @@ __device__ __forceinline__ void quantize_rows(const typename Input::raw_t* __res
   constexpr int kWords = 4 * sizeof(typename Input::raw_t);
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   const int first_k = blockIdx.y * (blockDim.x * kPerThread) + threadIdx.x;
-  if (row >= m) {
+  const bool has_row = row < m;
+  if (!has_row && row < scale_rows) {
     // Rows that exist only in the scale layout's padding.
-    if (row < scale_rows) {
-      u8* scale_row = scales + Layout::row_offset(row, scale_cols);
-#pragma unroll
-      for (int b = 0; b < kPerThread; ++b) {
-        const int k = first_k + b * blockDim.x;
-        if (k < scale_cols) scale_row[Layout::column_offset(k)] = 0;
-      }
+    u8* scale_row = scales + Layout::row_offset(row, scale_cols);
+#pragma unroll 1  // a few bytes: not worth kPerThread copies of the address arithmetic
+    for (int b = 0; b < kPerThread; ++b) {
+      const int k = first_k + b * blockDim.x;
+      if (k < scale_cols) scale_row[Layout::column_offset(k)] = 0;
     }
-    return;
   }
 
   // load_block reads columns >= n (K padding, or past padded_n) as +0, so
   // every load is issued here, predicated, before any block is worked on.
-  const typename Input::raw_t* x_row = x + row * row_stride;
+  const typename Input::raw_t* x_row = x + (has_row ? row : 0) * row_stride;
+  const int columns = has_row ? n : 0;  // a padding row loads nothing
   u32 words[kPerThread][kHalves][kWords];
 #pragma unroll
   for (int b = 0; b < kPerThread; ++b) {
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
-      load_block<Input, kVectorLoads>(x_row, (first_k + b * blockDim.x) * Blocks::kValues + h * kBlockSize, n,
+      load_block<Input, kVectorLoads>(x_row, (first_k + b * blockDim.x) * Blocks::kValues + h * kBlockSize, columns,
                                       words[b][h]);
     }
   }
+  // Every thread of the thread block gets here, its loads in flight:
+  // make_blocks may hold a barrier (fill_reciprocal_table).
   const Blocks blocks = make_blocks();
+  if (!has_row) return;
   long long packed_offset = (long long)row * (padded_n / Blocks::kValues) * kHalves;
   long long scale_offset = Layout::row_offset(row, scale_cols);
   // Opaque to the compiler, so that it keeps the row's offsets in registers
@@ -66,8 +68,7 @@ __device__ __forceinline__ void quantize_rows(const typename Input::raw_t* __res
   uint2* packed_row = packed + packed_offset;
   u8* scale_row = scales + scale_offset;
 #pragma unroll
-  for (int b = 0; b < kPerThread; ++b) {
-    const int k = first_k + b * blockDim.x;
+  for (int b = 0, k = first_k; b < kPerThread; ++b, k += blockDim.x) {
     if (k >= scale_cols) break;  // k grows with b
     u8 scale_byte = 0;  // blocks past padded_n exist only in the scale layout's padding
     if (k * Blocks::kValues < padded_n) {
@@ -107,11 +108,33 @@ __device__ __forceinline__ void to_expert(const Raw* __restrict__& x, uint2* __r
 
 // The global scale of the thread's row: the one scale, its expert's
 // (global_scale_ptr already at it: to_expert) or its row's; the host value
-// without a pointer.
+// without a pointer. A row of the scale layout's padding (row >= m) has none
+// of its own and gets row 0's: it quantizes nothing.
 template <int kGlobalScales>
-__device__ __forceinline__ float row_global_scale(const float* __restrict__ global_scale_ptr, float global_scale_value) {
+__device__ __forceinline__ float row_global_scale(const float* __restrict__ global_scale_ptr, float global_scale_value,
+                                                  int m) {
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
-  return global_scale_ptr ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow ? row : 0)) : global_scale_value;
+  return global_scale_ptr ? __ldg(global_scale_ptr + (kGlobalScales == kScalePerRow && row < m ? row : 0))
+                          : global_scale_value;
+}
+
+// The Blocks of quantize_nvfp4: a thread block with one global scale (one
+// for the tensor, or the expert's) and numerics "ieee" reads step 5 from a
+// shared table; a global scale a row, or numerics "te", works it out.
+template <typename Blocks>
+constexpr bool kHasReciprocalTable = false;
+template <>
+constexpr bool kHasReciprocalTable<Nvfp4Blocks> = true;
+
+template <int kGlobalScales, typename Blocks>
+__device__ __forceinline__ auto make_nvfp4_blocks(float gs, float* __restrict__ reciprocals) {
+  if constexpr (kGlobalScales != kScalePerRow && kHasReciprocalTable<Blocks>) {
+    const GlobalScale global = global_scale(gs);
+    fill_reciprocal_table(reciprocals, global);
+    return Nvfp4TableBlocks{global, reciprocals};
+  } else {
+    return Blocks::from_global_scale(gs);
+  }
 }
 
 // The per-call arguments come first (the launcher packs only those), then
@@ -129,9 +152,11 @@ quantize_nvfp4(const typename Input::raw_t* __restrict__ x, const float* __restr
                float global_scale_value, uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride,
                long long expert_stride, int m, int n, int padded_n, int scale_rows, int scale_cols) {
   to_expert<kGlobalScales>(x, packed, scales, global_scale_ptr, expert_stride, m, padded_n, scale_rows, scale_cols);
+  __shared__ float reciprocals[kReciprocalTableSize];
   quantize_rows<Input, Layout, kVectorLoads, kPerThread>(x, row_stride, m, n, padded_n, packed, scales, scale_rows,
                                                          scale_cols, [&] {
-    return Blocks::from_global_scale(row_global_scale<kGlobalScales>(global_scale_ptr, global_scale_value));
+    return make_nvfp4_blocks<kGlobalScales, Blocks>(
+        row_global_scale<kGlobalScales>(global_scale_ptr, global_scale_value, m), reciprocals);
   });
 }
 
@@ -204,7 +229,7 @@ quantize_nvfp4_sr(const typename Input::raw_t* __restrict__ x, const float* __re
                                                          scale_cols, [&] {
     const long long row = (kGlobalScales == kScalePerExpert ? (long long)blockIdx.z * m : 0) +
                           blockIdx.x * blockDim.y + threadIdx.y;
-    return Nvfp4SrBlocks{global_scale(row_global_scale<kGlobalScales>(global_scale_ptr, global_scale_value)),
+    return Nvfp4SrBlocks{global_scale(row_global_scale<kGlobalScales>(global_scale_ptr, global_scale_value, m)),
                          seed_lo, seed_hi, offset_lo, offset_hi,
                          (unsigned long long)row * (unsigned long long)(padded_n / kBlockSize)};
   });

@@ -66,14 +66,14 @@ def columnwise_poisoned(x, gs, gs_t, row_scaled, **kwargs):
     return runs[0]
 
 
-def assert_columnwise_matches_golden(x_host, form, layout, padded_n, what, x=None):
+def assert_columnwise_matches_golden(x_host, form, layout, padded_n, what, x=None, tile="1x16"):
     (gs, gs_t), (want_gs, want_gs_t), row_scaled = scale_forms(x_host, form)
     want = te.scaled_fp4_quant_te(x_host, want_gs, padded_n=padded_n, layout=layout, columnwise=True,
-                                  row_scaled=row_scaled, global_scale_t=want_gs_t)
+                                  row_scaled=row_scaled, global_scale_t=want_gs_t, tile=tile)
     got = columnwise_poisoned(cp.asarray(x_host) if x is None else x, gs, gs_t, row_scaled, padded_n=padded_n,
-                              layout=layout)
+                              layout=layout, tile=tile)
     for name, g, w in zip(OUTPUTS, got, want):
-        assert_bytes_equal(g, w, f"{what} {form} {layout} padded_n={padded_n}: {name}")
+        assert_bytes_equal(g, w, f"{what} {form} {layout} padded_n={padded_n} tile={tile}: {name}")
 
 
 CASES = boundary_cases()
@@ -118,6 +118,42 @@ def test_columnwise_tiles_in_both_directions(dtype, shape):
         assert_columnwise_matches_golden(x_host, form, layout, None, f"{dtype} [{m}, {n}]")
 
 
+# TE's 16x16 tiles have one global scale (no row-scaled form).
+SQUARE_TILE_FORMS = ("host", "device", "both")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("shape", [(64, 256), (16, 16), (1, 16), (300, 1000), (129, 4100), (1000, 48), (70, 33)])
+def test_square_tiles_in_both_directions(dtype, shape):
+    """tile="16x16" (TE's weight recipe): one scale a 16x16 tile in x and in
+    x^T, from the tile's amax, with whole tiles, one row, and partial tiles
+    in both directions (rows past m and columns past n are zeros in their
+    tile), in every layout and scale form and with K padding."""
+    m, n = shape
+    x_host = make_input("outliers", m, n, seed=3 * m + n).astype(HOST_DTYPES[dtype])
+    for i, layout in enumerate(LAYOUT_NAMES):
+        form = SQUARE_TILE_FORMS[(i + m) % 3]
+        padded_n = None if i != 1 else -(-n // 16) * 16 + 32
+        assert_columnwise_matches_golden(x_host, form, layout, padded_n, f"{dtype} [{m}, {n}]", tile="16x16")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+@pytest.mark.parametrize("name", CORPUS)
+def test_square_tiles_corpus(dtype, name):
+    """TE's corpus (NaN and inf make their whole tile NaN-scaled or
+    saturated, -0.0, subnormals, ties...) with 16x16 tiles, in each scale
+    form, and an unaligned x (element loads)."""
+    x_host = te_corpus_input(name, HOST_DTYPES[dtype], 150, 256)
+    for i, form in enumerate(SQUARE_TILE_FORMS):
+        layout = LAYOUT_NAMES[(i + CORPUS.index(name)) % 3]
+        assert_columnwise_matches_golden(x_host, form, layout, 256 + 32 * i, f"{dtype} {name}", tile="16x16")
+    wide = cp.asarray(te_corpus_input(name, HOST_DTYPES[dtype], 40, 320))
+    assert_columnwise_matches_golden(cp.asnumpy(wide[:, 1:201]), "device", "swizzled", None, f"{dtype} {name} unaligned",
+                                     x=wide[:, 1:201], tile="16x16")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 def test_columnwise_strided_unaligned_and_3d_inputs(dtype):
@@ -159,8 +195,9 @@ def _bad_calls():
     half_scale, out, out_scale = cp.ones(1, cp.float16), cp.empty((32, 32), cp.uint8), cp.empty((128, 4), cp.uint8)
     return [
         ("ieee numerics", lambda: nv.scaled_fp4_quant(x, 1.0, columnwise=True), ValueError, "needs numerics='te'"),
-        ("16x16 tiles", lambda: nv.scaled_fp4_quant(x, 1.0, numerics="te", columnwise=True, tile="16x16"),
-         ValueError, "not available on the GPU yet"),
+        ("16x16 tiles, row-scaled", lambda: nv.scaled_fp4_quant(x, rows, numerics="te", columnwise=True, tile="16x16",
+                                                                 row_scaled=True, global_scale_t=cols),
+         ValueError, "tile='1x16' only"),
         ("given outputs", lambda: nv.scaled_fp4_quant(x, 1.0, numerics="te", columnwise=True, out=out,
                                                       out_scale=out_scale), ValueError, "not supported with columnwise"),
         ("row_scaled without S_t", lambda: nv.scaled_fp4_quant(x, rows, numerics="te", columnwise=True,

@@ -172,9 +172,10 @@ def test_quantize_threads_take_several_blocks_only_when_there_are_many():
     from nvfp4_cupy._runtime.compile import wide_blocks_per_thread
     from nvfp4_cupy.ops import quantize
 
-    small = quantize._make_plan(CUPY, _array((64, 4096), "bfloat16", 2), None, True, None, "one", "nvfp4", None)
-    assert small.kernels[1].variant.blocks_per_thread == 1
-    big = quantize._make_plan(CUPY, _array((4096, 4096), "bfloat16", 2), None, True, None, "one", "nvfp4", None)
+    for shape in ((64, 4096), (4096, 4096)):  # 2^20 blocks: still one a thread (measured, ops/quantize.py)
+        small = quantize._make_plan(CUPY, _array(shape, "bfloat16", 2), None, True, None, "one", "nvfp4", None)
+        assert small.kernels[1].variant.blocks_per_thread == 1, shape
+    big = quantize._make_plan(CUPY, _array((8192, 4096), "bfloat16", 2), None, True, None, "one", "nvfp4", None)
     wide = wide_blocks_per_thread("bfloat16", "nvfp4")
     assert wide == 4 and big.kernels[1].variant.blocks_per_thread == wide
     (_, blocks_y, _), (threads_x, _, _) = big.kernels[1].grid, big.kernels[1].block

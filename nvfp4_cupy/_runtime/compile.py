@@ -85,13 +85,15 @@ class Target:
     hw_e4m3: bool  # cvt.rn.satfinite.e4m3x2.f32, sm_89+
     hw_e2m1: bool  # cvt.rn.satfinite.e2m1x2.f32, arch-specific sm_100a/103a/110a/120a/121a
     arch_specific: str | None = None  # e.g. "sm_100a": needed for the e2m1 instruction
+    packed_e2m1: bool = False  # software E2M1 two values a time (min.u16x2/max.u16x2, sm_90+)
 
     @property
     def description(self) -> str:
         if self.hw_e2m1:
             return f"hardware E2M1 and E4M3 conversion ({self.arch_specific})"
         if self.hw_e4m3:
-            return "hardware E4M3, software E2M1 conversion"
+            packed = " (16-bit lanes)" if self.packed_e2m1 else ""
+            return f"hardware E4M3, software E2M1 conversion{packed}"
         return "software E2M1 and E4M3 conversion"
 
 
@@ -103,7 +105,9 @@ def target_for(compute_capability: int, nvrtc_archs: tuple[int, ...]) -> Target:
     for sm_90) has, among those this NVRTC (supporting `nvrtc_archs`) can emit."""
     if compute_capability // 10 in (10, 11, 12) and compute_capability in nvrtc_archs:
         return Target(hw_e4m3=True, hw_e2m1=True, arch_specific=f"sm_{compute_capability}a")
-    return Target(hw_e4m3=compute_capability >= 89, hw_e2m1=False)
+    # The packed software E2M1 rounding needs PTX for sm_90 or newer.
+    packed = compute_capability >= 90 and any(90 <= arch <= compute_capability for arch in nvrtc_archs)
+    return Target(hw_e4m3=compute_capability >= 89, hw_e2m1=False, packed_e2m1=packed)
 
 
 def nvrtc_arch(target: Target, compute_capability: int, nvrtc_archs: tuple[int, ...]) -> str:
@@ -128,6 +132,7 @@ def compile_options(target: Target, arch: str) -> tuple[str, ...]:
         f"-DNVFP4_THREADS_PER_BLOCK={THREADS_PER_BLOCK}",
         f"-DNVFP4_HW_E4M3={int(target.hw_e4m3)}",
         f"-DNVFP4_HW_E2M1={int(target.hw_e2m1)}",
+        f"-DNVFP4_PACKED_E2M1={int(target.packed_e2m1)}",
     )
 
 
@@ -362,20 +367,23 @@ class FakeQuantizeVariant:
 @dataclass(frozen=True)
 class ColumnwiseVariant:
     """quantize_nvfp4_te_columnwise (columnwise.cu): numerics="te" with 1x16
-    blocks, x and x^T quantized in one pass; one global scale (and one for
-    x^T), or one per row of x (and one per column: row-scaled NVFP4)."""
+    blocks or 16x16 tiles, x and x^T quantized in one pass; one global scale
+    (and one for x^T), or (1x16 only) one per row of x and one per column:
+    row-scaled NVFP4."""
 
     dtype_name: str
     layout: ScaleLayout
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
     global_scales: str = "one"  # or "row"
+    square_tiles: bool = False  # tile="16x16"
 
     source = "columnwise.cu"
 
     @property
     def names(self) -> tuple[str, ...]:
         return (f"nvfp4::quantize_nvfp4_te_columnwise<{ELEMENT_STRUCTS[self.dtype_name].input}, "
-                f"{self.layout.cuda_struct}, {_flag(self.vector_loads)}, {GLOBAL_SCALES[self.global_scales]}>",)
+                f"{self.layout.cuda_struct}, {_flag(self.vector_loads)}, {GLOBAL_SCALES[self.global_scales]}, "
+                f"{_flag(self.square_tiles)}>",)
 
 
 @dataclass(frozen=True)
@@ -477,8 +485,9 @@ def all_variants() -> list:
         # (stochastic rounding has round to nearest's scale bytes, so its mask is nvfp4_ieee's)
         + [FakeQuantizeVariant(d, q, vector, mask) for d in ELEMENT_STRUCTS for q in FAKE_QUANTIZERS
            for vector in flags for mask in flags if not (mask and q == "nvfp4_sr")]
-        + [ColumnwiseVariant(d, layout, vector, scales) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
-           for vector in flags for scales in TE_GLOBAL_SCALES]
+        + [ColumnwiseVariant(d, layout, vector, scales, square) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
+           for vector in flags for scales in TE_GLOBAL_SCALES for square in flags
+           if not (square and scales == "row")]  # (TE's 16x16 tiles have no row-scaled form)
         + [RhtVariant(d, layout, vector, per_row, to_input) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
            for vector in flags for per_row in flags for to_input in flags]
         + [FourOverSixVariant(d, layout, vector, per_row, mse) for d in ELEMENT_STRUCTS

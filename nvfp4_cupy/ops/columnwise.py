@@ -29,7 +29,8 @@ def tile_shape(itemsize: int) -> tuple[int, int]:
 def scaled_fp4_quant_columnwise(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,
                                 global_scale_t=None, row_scaled=False, tile="1x16", stream=None, like=None):
     """(packed, scales, packed_t, scales_t): x [..., n] flattened to [m, n]
-    and x^T [n, m] quantized with numerics="te" and 1x16 blocks, in the same
+    and x^T [n, m] quantized with numerics="te" and 1x16 blocks (or, with
+    tile="16x16", one scale a 16x16 tile, TE's weight recipe), in the same
     scale layout; packed_t is uint8 [n, round_up(m, 16) // 2]. `global_scale`
     as in scaled_fp4_quant(numerics="te"): one S_enc (host float or
     one-element float32 device array), or with row_scaled=True one per row
@@ -40,9 +41,6 @@ def scaled_fp4_quant_columnwise(x, global_scale, is_sf_swizzled_layout=True, pad
     device_id = array.device_id
     dtype_name = frontend.dtype_name(array.dtype)
     tile_rows, _, row_scaled = _te._check_te_options(tile, True, row_scaled)
-    if tile_rows != 1:
-        raise ValueError("columnwise=True with tile='16x16' is not available on the GPU yet (GPU: 1x16 blocks); "
-                         "nvfp4_cupy.reference.scaled_fp4_quant_te computes it on the CPU")
     # The golden model's rules for the pair of scales, on stand-ins of their shapes.
     kind = _te._resolve_scales(tuple(array.shape), _stand_in(global_scale), _stand_in(global_scale_t), True,
                                row_scaled)[0]
@@ -74,7 +72,8 @@ def scaled_fp4_quant_columnwise(x, global_scale, is_sf_swizzled_layout=True, pad
     if m == 0:  # every output is empty
         return outputs
     vectors = rows_allow_vectors((view.row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
-    kernel = bound_kernel(ColumnwiseVariant(dtype_name, scale_layout, vectors, "row" if row_scaled else "one"), grid,
+    kernel = bound_kernel(ColumnwiseVariant(dtype_name, scale_layout, vectors, "row" if row_scaled else "one",
+                                            tile_rows > 1), grid,
                           (THREADS_PER_BLOCK, 1, 1),
                           dict(row_stride=view.row_stride, m=m, n=n, padded_n=padded_n, scale_rows=scale_rows,
                                scale_cols=scale_cols, padded_m=padded_m, scale_rows_t=scale_rows_t,

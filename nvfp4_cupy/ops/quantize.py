@@ -324,8 +324,10 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
 # once for several blocks, which is what keeps the 16-bit quantizer off the
 # H200's issue limit; but they are fewer, and a thread's blocks are worked on
 # one after another. Below this many blocks a launch is latency-bound, and one
-# block per thread finishes sooner (measured on the H200: BENCHMARKS.md).
-WIDE_MIN_BLOCKS = 1 << 20
+# block per thread finishes sooner (measured on the H200, bf16, us for one /
+# four blocks a thread: 4096^2 13.9 / 14.9, 4096 x 7168 22.8 / 22.9,
+# 8192 x 4096 25.6 / 25.4, 8192^2 50.7 / 46.5; BENCHMARKS.md).
+WIDE_MIN_BLOCKS = 1 << 21
 
 
 def blocks_per_thread(blocks: int, dtype_name: str, fmt: str) -> int:

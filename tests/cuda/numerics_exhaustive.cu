@@ -105,6 +105,30 @@ extern "C" __global__ void check_reciprocal(unsigned long long* counts, unsigned
   report(counts, first, bad, checked, first_bad);
 }
 
+// block_scale's fast path == block_scale_exact for every nonzero amax below
+// 2^-100 (outside divide_by_six's exact range, which the fast path takes
+// too), under global scales at both ends of the fast division range and
+// between: scale byte 0 and r = 0 on both.
+extern "C" __global__ void check_tiny_amax_blocks(unsigned long long* counts, unsigned* first) {
+  const float scales[4] = {0x1p-60f, 1.0f, 2688.0f / 3.0f, 0x1p60f};
+  unsigned long long bad = 0, checked = 0;
+  unsigned first_bad = 0xffffffffu;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
+       i < 4ull * (kSixthFastMinBits - 1u); i += gridDim.x * (unsigned long long)blockDim.x) {
+    const u32 amax_bits = 1u + (u32)(i % (kSixthFastMinBits - 1u));
+    const float gs = scales[i / (kSixthFastMinBits - 1u)];
+    const BlockScale fast = block_scale(amax_bits, global_scale(gs));
+    const BlockScale exact = block_scale_exact(amax_bits, gs);
+    ++checked;
+    if (fast.scale_byte != exact.scale_byte || __float_as_uint(fast.reciprocal) != __float_as_uint(exact.reciprocal) ||
+        fast.zero_codes != exact.zero_codes || fast.inf_times_zero != exact.inf_times_zero) {
+      ++bad;
+      first_bad = min(first_bad, amax_bits);
+    }
+  }
+  report(counts, first, bad, checked, first_bad);
+}
+
 // docs/format.md section 2.1's table, read literally: the magnitude code of
 // a >= 0 (NaN, as the quantizer meets it, is 0x7).
 __device__ u32 e2m1_code_from_table(float a) {
@@ -135,3 +159,32 @@ extern "C" __global__ void check_e2m1_magnitude(unsigned long long* counts, unsi
   }
   report(counts, first, bad, checked, first_bad);
 }
+
+#if NVFP4_PACKED_E2M1
+// Both lanes of e2m1x2_biased_magnitude_codes == the table's, for every
+// non-negative float32 bit pattern in each lane: lane 0 takes pattern i, lane 1
+// pattern (i * 0x9e3779b1 + 0x2545f491) mod 2^31, a permutation, so that
+// each lane meets every pattern once, next to an unrelated one.
+extern "C" __global__ void check_e2m1_magnitude_pairs(unsigned long long* counts, unsigned* first) {
+  unsigned long long bad = 0, checked = 0;
+  unsigned first_bad = 0xffffffffu;
+  for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < 0x80000000ull;
+       i += gridDim.x * (unsigned long long)blockDim.x) {
+    const u32 low_bits = (u32)i;
+    const u32 high_bits = ((u32)i * 0x9e3779b1u + 0x2545f491u) & 0x7fffffffu;
+    const float a = __uint_as_float(low_bits);
+    const float b = __uint_as_float(high_bits);
+    const u32 codes = e2m1x2_biased_magnitude_codes(a, b);
+    ++checked;
+    if ((codes & 0xffffu) - kE2M1PairBias != e2m1_code_from_table(a)) {
+      ++bad;
+      first_bad = min(first_bad, low_bits);
+    }
+    if ((codes >> 16) - kE2M1PairBias != e2m1_code_from_table(b)) {
+      ++bad;
+      first_bad = min(first_bad, high_bits);
+    }
+  }
+  report(counts, first, bad, checked, first_bad);
+}
+#endif
