@@ -140,19 +140,20 @@ __device__ __forceinline__ uint2 four_over_six_block(const u32 (&words)[4 * size
 // blockDim.x apart, y over rows; the grid covers the scale tensor
 // (scale_rows x scale_cols): blocks of rows < m and columns < padded_n are
 // quantized (those past n read as zeros), every other scale byte is 0x00.
-// A comes from amax_ptr ([1], or [m] with kPerRow) or, without it,
+// A comes from amax_ptr ([1], or [m] with per_row: a run-time argument) or, without it,
 // amax_value; denominator = 6E; kMse is TE's err_mode "MSE" (else "MAE"),
 // fast_math its err_use_fast_math.
-template <typename Input, typename Layout, bool kVectorLoads, bool kPerRow, bool kMse>
+template <typename Input, typename Layout, bool kVectorLoads, bool kMse>
 __global__ void __launch_bounds__(kThreadsPerBlock, k4over6ThreadBlocksPerSM)
 quantize_nvfp4_4over6(const typename Input::raw_t* __restrict__ x, const float* __restrict__ amax_ptr,
                       float amax_value, uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride,
-                      int m, int n, int padded_n, int scale_rows, int scale_cols, float denominator, int fast_math) {
+                      int m, int n, int padded_n, int scale_rows, int scale_cols, float denominator, int fast_math,
+                      int per_row) {
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   if (row >= scale_rows) return;
   const int first = blockIdx.y * blockDim.x * k4over6BlocksPerThread + threadIdx.x;
   const int blocks = row < m ? padded_n / kBlockSize : 0;  // the row's quantized blocks
-  const float amax = row < m ? (amax_ptr ? __ldg(amax_ptr + (kPerRow ? row : 0)) : amax_value) : 0.0f;
+  const float amax = row < m ? (amax_ptr ? __ldg(amax_ptr + (per_row ? row : 0)) : amax_value) : 0.0f;
   const FourOverSixGlobal g = four_over_six_global(amax, denominator);
   const ErrorDivision division = fast_math ? kFastMath : g.divide_is_exact ? kDivide : kDivRn;
 #pragma unroll 1

@@ -131,19 +131,20 @@ constexpr int kRhtBlocksPerThread = 4;
 // y over rows; the grid covers the scale tensor (scale_rows x scale_cols):
 // blocks of rows < m and columns < padded_n are quantized (those past n are
 // zeros, which the transform keeps), every other scale byte is 0x00. The
-// amax comes from amax_ptr ([1], or [m] with kPerRow) or, without it,
-// amax_value.
-template <typename Input, typename Layout, bool kVectorLoads, bool kPerRow, bool kToInput>
+// amax comes from amax_ptr ([1], or [m] with per_row) or, without it,
+// amax_value. per_row is a run-time argument: it only picks the amax's
+// index, once a thread.
+template <typename Input, typename Layout, bool kVectorLoads, bool kToInput>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_nvfp4_rht(const typename Input::raw_t* __restrict__ x, const float* __restrict__ amax_ptr,
                    float amax_value, uint2* __restrict__ packed, u8* __restrict__ scales, long long row_stride, int m,
-                   int n, int padded_n, int scale_rows, int scale_cols) {
+                   int n, int padded_n, int scale_rows, int scale_cols, int per_row) {
   typedef RhtChunk<Input, kToInput> Chunk;
   const int row = blockIdx.x * blockDim.y + threadIdx.y;
   if (row >= scale_rows) return;
   const int first = blockIdx.y * blockDim.x * kRhtBlocksPerThread + threadIdx.x;
   const int blocks_in_row = row < m ? padded_n / kBlockSize : 0;  // the row's quantized blocks
-  const float amax = row < m ? (amax_ptr ? __ldg(amax_ptr + (kPerRow ? row : 0)) : amax_value) : 0.0f;
+  const float amax = row < m ? (amax_ptr ? __ldg(amax_ptr + (per_row ? row : 0)) : amax_value) : 0.0f;
   const Nvfp4TeBlocks blocks = Nvfp4TeBlocks::from_global_scale(te_encode_scale(amax, 448.0f * 6.0f));
 #pragma unroll 1
   for (int j = 0; j < kRhtBlocksPerThread; ++j) {

@@ -395,8 +395,8 @@ class RhtVariant:
     dtype_name: str
     layout: ScaleLayout
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
-    per_row: bool = False  # one amax per row (else one for the tensor)
     to_input: bool = True  # the transform rounded to x's dtype (transform_dtype="input")
+    # (one amax for the tensor or one a row: a run-time argument of both kernels)
 
     source = "rht.cu"
 
@@ -405,20 +405,18 @@ class RhtVariant:
         element, vector, to_input = (ELEMENT_STRUCTS[self.dtype_name].input, _flag(self.vector_loads),
                                      _flag(self.to_input))
         return (f"nvfp4::rht_amax<{element}, {vector}, {to_input}>",
-                f"nvfp4::quantize_nvfp4_rht<{element}, {self.layout.cuda_struct}, {vector}, {_flag(self.per_row)}, "
-                f"{to_input}>")
+                f"nvfp4::quantize_nvfp4_rht<{element}, {self.layout.cuda_struct}, {vector}, {to_input}>")
 
 
 @dataclass(frozen=True)
 class FourOverSixVariant:
-    """four_over_six.cu's quantizer for one input dtype, layout and form of
-    the global amax and error mode (docs/te_rht_and_4over6.md, part B);
-    TE's err_use_fast_math and e4m3_max are run-time arguments."""
+    """four_over_six.cu's quantizer for one input dtype, layout and
+    error mode (docs/te_rht_and_4over6.md, part B); TE's err_use_fast_math
+    and e4m3_max, and whether the amax is one a row, are run-time arguments."""
 
     dtype_name: str
     layout: ScaleLayout
     vector_loads: bool  # 16-byte loads: aligned rows and n % 8 == 0
-    per_row: bool = False  # one amax per row (else one for the tensor)
     mse: bool = False  # err_mode "MSE" (else "MAE")
 
     source = "four_over_six.cu"
@@ -426,7 +424,7 @@ class FourOverSixVariant:
     @property
     def names(self) -> tuple[str, ...]:
         return (f"nvfp4::quantize_nvfp4_4over6<{ELEMENT_STRUCTS[self.dtype_name].input}, {self.layout.cuda_struct}, "
-                f"{_flag(self.vector_loads)}, {_flag(self.per_row)}, {_flag(self.mse)}>",)
+                f"{_flag(self.vector_loads)}, {_flag(self.mse)}>",)
 
 
 def numerics_variants() -> list:
@@ -488,10 +486,10 @@ def all_variants() -> list:
         + [ColumnwiseVariant(d, layout, vector, scales, square) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
            for vector in flags for scales in TE_GLOBAL_SCALES for square in flags
            if not (square and scales == "row")]  # (TE's 16x16 tiles have no row-scaled form)
-        + [RhtVariant(d, layout, vector, per_row, to_input) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
-           for vector in flags for per_row in flags for to_input in flags]
-        + [FourOverSixVariant(d, layout, vector, per_row, mse) for d in ELEMENT_STRUCTS
-           for layout in LAYOUTS.values() for vector in flags for per_row in flags for mse in flags]
+        + [RhtVariant(d, layout, vector, to_input) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
+           for vector in flags for to_input in flags]
+        + [FourOverSixVariant(d, layout, vector, mse) for d in ELEMENT_STRUCTS
+           for layout in LAYOUTS.values() for vector in flags for mse in flags]
     )
 
 

@@ -55,11 +55,11 @@ def scaled_fp4_quant_4over6(x, global_amax=None, is_sf_swizzled_layout=True, pad
         return packed, scales, returned_amax
     row_stride = call.view.row_stride
     vectors = rows_allow_vectors((row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
-    variant = FourOverSixVariant(dtype_name, call.scale_layout, vectors, call.per_row_amax, err_mode == "MSE")
+    variant = FourOverSixVariant(dtype_name, call.scale_layout, vectors, err_mode == "MSE")
     kernel = bound_kernel(variant, *call.geometry,
                           dict(row_stride=row_stride, m=m, n=n, padded_n=call.padded_n, scale_rows=call.scale_shape[0],
                                scale_cols=call.scale_shape[1], denominator=float(6 * e4m3_max),
-                               fast_math=int(fast_math)), _DYNAMIC)
+                               fast_math=int(fast_math), per_row=int(call.per_row_amax)), _DYNAMIC)
     kernel(device_id, handle, array.pointer, amax_pointer, call.amax_value, results.pointer(packed),
            results.pointer(scales))
     return packed, scales, returned_amax

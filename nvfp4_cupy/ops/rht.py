@@ -55,7 +55,7 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
         return returned
     row_stride = call.view.row_stride
     vectors = rows_allow_vectors((row_stride * array.itemsize,), k) and array.pointer % VECTOR_BYTES == 0
-    variant = RhtVariant(dtype_name, call.scale_layout, vectors, call.per_row_amax, to_input)
+    variant = RhtVariant(dtype_name, call.scale_layout, vectors, to_input)
     if computed:
         amax_kernel = bound_kernel(variant, *_amax_geometry(m, k, f"x: shape {array.shape}"),
                                    dict(row_stride=row_stride, m=m, n=k, per_row=int(call.per_row)), ("x", "amax"))
@@ -64,7 +64,8 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
         amax_pointer = call.amax_pointer
     quantize = bound_kernel(variant, *call.geometry,
                             dict(row_stride=row_stride, m=m, n=k, padded_n=call.padded_n,
-                                 scale_rows=call.scale_shape[0], scale_cols=call.scale_shape[1]),
+                                 scale_rows=call.scale_shape[0], scale_cols=call.scale_shape[1],
+                                 per_row=int(call.per_row_amax)),
                             ("x", "amax_ptr", "amax_value", "packed", "scales"), index=1)
     quantize(device_id, handle, array.pointer, amax_pointer, call.amax_value, *(results.pointer(o) for o in outputs[:2]))
     return returned
