@@ -4,45 +4,25 @@
 // quantized x^T (packed_t [n, padded_m / 2], scales_t for n rows,
 // padded_m = round_up(m, 16)), each in the same scale layout.
 //
-// A thread block owns a tile of kTileRows rows x Tile::kCols columns of x.
-// Its threads load the tile's row blocks (4 threads a row, each 16-byte
-// load of a warp contiguous in a row), quantize them as rows and put their
+// A thread block owns a tile of kTileRows rows x Tile::kCols columns of x
+// (row_tiles.cuh). Its threads load the tile's row blocks (4 threads a row,
+// each 16-byte load of a warp contiguous in a row), quantize them as rows and put their
 // raw bits in shared memory; after the barrier each thread gathers column
 // blocks (16 rows of one column) from there and quantizes them as rows of
 // x^T. The grid covers the larger of the two outputs' extents in both
 // directions, so that every byte of all four outputs is written here: a tile
 // past x reads zeros, and only writes the scale bytes its layouts pad in.
-#include "numerics.cuh"
-#include "load.cuh"
-#include "layouts.cuh"
-#include "blocks.cuh"
+#include "row_tiles.cuh"
 
 namespace nvfp4 {
-
-constexpr int kTileRows = 64;  // four column blocks of x^T a tile column (ops/columnwise.py reads this)
-constexpr int kTileRowBytes = 512;  // of each row: 32 KiB of x a tile (ops/columnwise.py reads this)
-constexpr int kThreadsPerRow = 4;  // rowwise: threads sharing a row of the tile
-
-template <typename Input>
-struct ColumnwiseTile {
-  typedef typename Input::raw_t raw_t;
-  static constexpr int kCols = kTileRowBytes / sizeof(raw_t);  // 256 16-bit or 128 float32 values
-  // 16 bytes of padding a row: a quarter warp's 16-byte stores of four rows
-  // land in different banks.
-  static constexpr int kPitch = kCols + 16 / sizeof(raw_t);
-  static constexpr int kWords = 4 * sizeof(raw_t);  // u32 words of a 16-value block
-  // Blocks a thread quantizes in each direction (the tile has kTileRows *
-  // kCols / 16 of each, shared by kThreadsPerBlock threads).
-  static constexpr int kBlocksPerThread = kTileRows * kCols / kBlockSize / kThreadsPerBlock;
-};
 
 // The raw bits of rows [16 * g, 16 * g + 16) of column c of the tile, as
 // load_block would have read them along a row (16-bit values two a word,
 // the lower index in the low half).
 template <typename Input>
 __device__ __forceinline__ void gather_column_block(const typename Input::raw_t* tile, int c, int g,
-                                                    u32 (&words)[ColumnwiseTile<Input>::kWords]) {
-  typedef ColumnwiseTile<Input> Tile;
+                                                    u32 (&words)[RowTile<Input>::kWords]) {
+  typedef RowTile<Input> Tile;
   const typename Input::raw_t* column = tile + (kBlockSize * g) * Tile::kPitch + c;
 #pragma unroll
   for (int j = 0; j < kBlockSize; ++j) {
@@ -57,54 +37,6 @@ __device__ __forceinline__ void gather_column_block(const typename Input::raw_t*
   }
 }
 
-// One block's outputs: its codes at packed[row * (padded_k / 16) + k] and
-// its scale byte, when the block lies in [0, padded_k) of a row < rows;
-// else only the scale byte a layout pads in (0), where the scale tensor
-// (scale_rows x scale_cols) has one. amax_bits: the block's own amax, or
-// its 16x16 tile's.
-template <typename Input, typename Layout>
-__device__ __forceinline__ void store_block(const Nvfp4TeBlocks& blocks, const u32 (&words)[4 * sizeof(typename Input::raw_t)],
-                                            u32 amax_bits, int row, int k, int rows, int padded_k, int scale_rows,
-                                            int scale_cols, uint2* __restrict__ packed, u8* __restrict__ scales) {
-  if (row < rows && k * kBlockSize < padded_k) {
-    const BlockScale scale = blocks.scale(amax_bits);
-    packed[(long long)row * (padded_k / kBlockSize) + k] = pack_block<Input, Nvfp4TeBlocks::Codes>(words, scale);
-    scales[Layout::row_offset(row, scale_cols) + Layout::column_offset(k)] = scale.scale_byte;
-  } else if (row < scale_rows && k < scale_cols) {
-    scales[Layout::row_offset(row, scale_cols) + Layout::column_offset(k)] = 0;
-  }
-}
-
-// The amax of every 16x16 tile of the thread block's kTileRows x kCols
-// values (TE's 2-D tiles, docs/te_numerics.md section 4; rows past m and
-// columns past n are zeros in the tile, as the golden model pads them): each
-// thread's row blocks' amaxes, then a thread a tile reduces its 16 rows.
-// Both barriers are reached by the whole thread block. The tiles never cross
-// a thread block: kTileRows and kCols are multiples of 16.
-template <typename Input>
-struct SquareTileAmax {
-  typedef ColumnwiseTile<Input> Tile;
-  static constexpr int kColumnBlocks = Tile::kCols / kBlockSize;
-  u32 blocks[kTileRows][kColumnBlocks];
-  u32 tiles[kTileRows / kBlockSize][kColumnBlocks];
-
-  __device__ __forceinline__ void reduce(const u32 (&words)[Tile::kBlocksPerThread][Tile::kWords], int r, int t) {
-#pragma unroll
-    for (int b = 0; b < Tile::kBlocksPerThread; ++b) {
-      blocks[r][t % kThreadsPerRow + b * kThreadsPerRow] = Input::abs_max_bits(words[b]);
-    }
-    __syncthreads();
-    if (t < (kTileRows / kBlockSize) * kColumnBlocks) {
-      const int tile_row = t / kColumnBlocks, tile_column = t % kColumnBlocks;
-      u32 amax = 0;
-#pragma unroll
-      for (int i = 0; i < kBlockSize; ++i) amax = max(amax, blocks[tile_row * kBlockSize + i][tile_column]);
-      tiles[tile_row][tile_column] = amax;
-    }
-    __syncthreads();
-  }
-};
-
 // kGlobalScales: kOneScale (global_scale_ptr[0] or the host value, and
 // global_scale_t_ptr[0] or its host value for x^T) or kScalePerRow
 // (row-scaled NVFP4: global_scale_ptr[row], global_scale_t_ptr[column]).
@@ -118,7 +50,7 @@ quantize_nvfp4_te_columnwise(const typename Input::raw_t* __restrict__ x, const 
                              uint2* __restrict__ packed_t, u8* __restrict__ scales_t, long long row_stride, int m,
                              int n, int padded_n, int scale_rows, int scale_cols, int padded_m, int scale_rows_t,
                              int scale_cols_t) {
-  typedef ColumnwiseTile<Input> Tile;
+  typedef RowTile<Input> Tile;
   typedef typename Input::raw_t raw_t;
   __shared__ __align__(16) raw_t tile[kTileRows * Tile::kPitch];
   const int first_row = blockIdx.x * kTileRows;
@@ -129,16 +61,7 @@ quantize_nvfp4_te_columnwise(const typename Input::raw_t* __restrict__ x, const 
   const int r = t / kThreadsPerRow;
   const int row = first_row + r;
   u32 words[Tile::kBlocksPerThread][Tile::kWords];
-#pragma unroll
-  for (int b = 0; b < Tile::kBlocksPerThread; ++b) {
-    const int column = first_col + (t % kThreadsPerRow + b * kThreadsPerRow) * kBlockSize;
-    if (row < m) {
-      load_block<Input, kVectorLoads>(x + row * row_stride, column, n, words[b]);
-    } else {
-#pragma unroll
-      for (int w = 0; w < Tile::kWords; ++w) words[b][w] = 0;
-    }
-  }
+  load_tile_row<Input, kVectorLoads>(x, row_stride, m, n, first_row, first_col, words);
 #pragma unroll
   for (int b = 0; b < Tile::kBlocksPerThread; ++b) {
     uint4* to = reinterpret_cast<uint4*>(tile + r * Tile::kPitch + (t % kThreadsPerRow + b * kThreadsPerRow) * kBlockSize);

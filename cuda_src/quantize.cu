@@ -13,6 +13,7 @@
 #include "load.cuh"
 #include "layouts.cuh"
 #include "blocks.cuh"
+#include "row_tiles.cuh"
 
 namespace nvfp4 {
 
@@ -163,50 +164,37 @@ quantize_nvfp4(const typename Input::raw_t* __restrict__ x, const float* __restr
 // numerics="te" with 16x16 tiles (TE's weight recipe, docs/te_numerics.md
 // section 4): one E4M3 scale per tile of 16 rows x 16 columns, from the
 // tile's amax, written on each of its 16 rows as TE stores it; rows past m
-// count as zeros in their tile's amax (the golden model pads them). One
-// thread per (tile, column block): it reads its 16 blocks once for the amax
-// and again (from L1/L2) to pack them, so that no more than one block's
-// words are live. blockIdx.x / threadIdx.y walk tiles of rows, blockIdx.y /
-// threadIdx.x column blocks; the grid covers the scale tensor's padded rows
-// and columns, as quantize_rows' does, and writes every byte of both outputs.
+// count as zeros in their tile's amax (the golden model pads them). A thread
+// block owns row_tiles.cuh's tile of kTileRows rows x RowTile::kCols columns
+// (as columnwise.cu's one-pass kernel, without the columnwise output): its
+// threads load the tile's row blocks once, SquareTileAmax reduces each 16x16
+// tile's amax in shared memory, and each thread quantizes its row blocks
+// with their tile's amax. The grid covers the scale tensor's padded rows and
+// columns, as quantize_rows' does, and writes every byte of both outputs.
 template <typename Input, typename Layout, bool kVectorLoads>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 quantize_nvfp4_te_tiles(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
                         float global_scale_value, uint2* __restrict__ packed, u8* __restrict__ scales,
                         long long row_stride, long long expert_stride, int m, int n, int padded_n, int scale_rows,
                         int scale_cols) {
-  constexpr int kTileRows = 16;
-  const int first_row = (blockIdx.x * blockDim.y + threadIdx.y) * kTileRows;
-  const int k = blockIdx.y * blockDim.x + threadIdx.x;
-  if (first_row >= scale_rows || k >= scale_cols) return;
-  const int rows = min(kTileRows, scale_rows - first_row);  // of the scale tensor
-  const int data_rows = max(0, min(kTileRows, m - first_row));  // of x
-  const int column = k * kBlockSize;
-  u8 scale_byte = 0;  // a block past padded_n exists only in the scale layout's padding
-  if (column < padded_n && data_rows > 0) {
-    const Nvfp4TeBlocks blocks = Nvfp4TeBlocks::from_global_scale(
-        global_scale_ptr ? __ldg(global_scale_ptr) : global_scale_value);
-    u32 amax_bits = 0;
-#pragma unroll 1
-    for (int r = 0; r < data_rows; ++r) {
-      u32 words[4 * sizeof(typename Input::raw_t)];
-      load_block<Input, kVectorLoads>(x + (long long)(first_row + r) * row_stride, column, n, words);
-      amax_bits = max(amax_bits, Input::abs_max_bits(words));
-    }
-    const BlockScale scale = blocks.scale(amax_bits);
-    scale_byte = scale.scale_byte;
-#pragma unroll 1
-    for (int r = 0; r < data_rows; ++r) {
-      u32 words[4 * sizeof(typename Input::raw_t)];
-      load_block<Input, kVectorLoads>(x + (long long)(first_row + r) * row_stride, column, n, words);
-      packed[(long long)(first_row + r) * (padded_n / kBlockSize) + k] =
-          pack_block<Input, Nvfp4TeBlocks::Codes>(words, scale);
-    }
-  }
-  // Rows of x take the tile's byte; the scale layout's padding rows a zero.
-#pragma unroll 1
-  for (int r = 0; r < rows; ++r) {
-    scales[Layout::row_offset(first_row + r, scale_cols) + Layout::column_offset(k)] = r < data_rows ? scale_byte : 0;
+  typedef RowTile<Input> Tile;
+  const int first_row = blockIdx.x * kTileRows;
+  const int first_col = blockIdx.y * Tile::kCols;
+  const int t = threadIdx.x;
+  const int r = t / kThreadsPerRow;
+  const int row = first_row + r;
+  u32 words[Tile::kBlocksPerThread][Tile::kWords];
+  load_tile_row<Input, kVectorLoads>(x, row_stride, m, n, first_row, first_col, words);
+  __shared__ SquareTileAmax<Input> square;
+  square.reduce(words, r, t);  // every thread of the thread block: two barriers
+  if (row >= scale_rows) return;
+  const Nvfp4TeBlocks blocks =
+      Nvfp4TeBlocks::from_global_scale(global_scale_ptr ? __ldg(global_scale_ptr) : global_scale_value);
+#pragma unroll
+  for (int b = 0; b < Tile::kBlocksPerThread; ++b) {
+    const int k_local = t % kThreadsPerRow + b * kThreadsPerRow;
+    store_block<Input, Layout>(blocks, words[b], square.tiles[r / kBlockSize][k_local], row,
+                               first_col / kBlockSize + k_local, m, padded_n, scale_rows, scale_cols, packed, scales);
   }
 }
 

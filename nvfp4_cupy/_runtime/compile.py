@@ -172,7 +172,7 @@ class QuantizeVariant:
     # the codes, quantize_nvfp4_sr: docs/stochastic_rounding_and_mx_rules.md)
     rounding: str = "rn"
     # NVFP4 "te": "1x16" blocks, or "16x16" tiles (quantize_nvfp4_te_tiles: one
-    # global scale, one block a thread)
+    # global scale, a thread block a row_tiles.cuh tile)
     tile: str = "1x16"
 
     source = "quantize.cu"
@@ -431,8 +431,8 @@ def numerics_variants() -> list:
     """The quantize kernels of numerics="te" (one scale or one per row), of
     the MXFP4 scale rules "rceil" and "te_pow2" and of stochastic rounding
     (every kind of global scale): the default kernels' shapes, with other
-    Blocks; and numerics="te"'s 16x16 tiles (one scale, one block a
-    thread)."""
+    Blocks; and numerics="te"'s 16x16 tiles (one scale, a thread block a
+    tile of row_tiles.cuh)."""
     options = (("nvfp4", TE_GLOBAL_SCALES, {"numerics": "te"}), ("mxfp4", ("one",), {"mx_scale_rule": "rceil"}),
                ("mxfp4", ("one",), {"mx_scale_rule": "te_pow2"}), ("nvfp4", tuple(GLOBAL_SCALES), {"rounding": "sr"}))
     return [

@@ -15,15 +15,16 @@ from .._runtime.compile import THREADS_PER_BLOCK, ColumnwiseVariant, kernel_cons
 from .._runtime.launch import MAX_GRID_Y, MAX_INDEX, VECTOR_BYTES, bound_kernel, rows_allow_vectors
 from ..reference import te as _te
 
+ROW_TILES = "row_tiles.cuh"  # the thread-block tile's constants
 _DYNAMIC = ("x", "global_scale_ptr", "global_scale_value", "global_scale_t_ptr", "global_scale_t_value", "packed",
             "scales", "packed_t", "scales_t")
 
 
 def tile_shape(itemsize: int) -> tuple[int, int]:
-    """(rows, columns) of x a thread block of the kernel reads: columnwise.cu's
-    kTileRows and ColumnwiseTile::kCols (kTileRowBytes of a row)."""
-    source = ColumnwiseVariant.source
-    return kernel_constant(source, "kTileRows"), kernel_constant(source, "kTileRowBytes") // itemsize
+    """(rows, columns) of x a thread block reads, in this kernel and in
+    quantize.cu's 16x16-tile kernel: row_tiles.cuh's kTileRows and
+    RowTile::kCols (kTileRowBytes of a row)."""
+    return kernel_constant(ROW_TILES, "kTileRows"), kernel_constant(ROW_TILES, "kTileRowBytes") // itemsize
 
 
 def scaled_fp4_quant_columnwise(x, global_scale, is_sf_swizzled_layout=True, padded_n=None, *, layout=None,

@@ -34,11 +34,11 @@ from .._runtime.arrays import (
     output_frontend,
     resolve_stream,
 )
-from .._runtime.compile import QuantizeVariant, Target, wide_blocks_per_thread
+from .._runtime.compile import THREADS_PER_BLOCK, QuantizeVariant, Target, wide_blocks_per_thread
 from ..reference import stochastic as _stochastic
 from ..reference import te as _te
 from ..reference.mx_rules import check_mx_scale_rule
-from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
+from .._runtime.launch import MAX_GRID_Y, MAX_INDEX, VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
 from . import columnwise as _columnwise
 from .global_scale import prepare_global_scale
 
@@ -291,11 +291,14 @@ def _make_plan(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind,
     padded_n = resolve_padded_n(view.n, padded_n, block_size)
     scale_layout = resolve_layout(is_sf_swizzled_layout, layout)
     scale_rows, scale_cols = scale_layout.scale_shape(view.m, padded_n, block_size)
-    tile_rows = _te.check_tile(arithmetic[3])  # 16x16 tiles: a thread per 16 rows of a column block
-    per_thread = (1 if scale_kind == "own" or tile_rows > 1 else
-                  blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt))
-    grid, block = _geometry(-(-scale_rows // tile_rows), scale_cols, view.experts, padded_n, per_thread,
-                            f"x: shape {x.shape} with padded_n={padded_n}")
+    what = f"x: shape {x.shape} with padded_n={padded_n}"
+    if _te.check_tile(arithmetic[3]) > 1:  # 16x16 tiles: a thread block a row_tiles.cuh tile
+        per_thread = 1
+        grid, block = _square_tile_geometry(scale_rows, scale_cols, x.itemsize, what)
+    else:
+        per_thread = (1 if scale_kind == "own" else
+                      blocks_per_thread(view.experts * scale_rows * scale_cols, dtype_name, fmt))
+        grid, block = _geometry(scale_rows, scale_cols, view.experts, padded_n, per_thread, what)
     static = dict(m=view.m, n=view.n, padded_n=padded_n, scale_rows=scale_rows, scale_cols=scale_cols,
                   row_stride=view.row_stride)
     if fmt == "mxfp4":
@@ -340,6 +343,17 @@ def _geometry(scale_rows: int, scale_cols: int, experts: int, padded_n: int, per
     `per_thread` scale columns."""
     return launch_geometry(scale_rows, -(-scale_cols // per_thread), batch=experts, columns=padded_n, what=what,
                            dense=True)
+
+
+def _square_tile_geometry(scale_rows: int, scale_cols: int, itemsize: int, what: str) -> tuple:
+    """(grid, block) of the 16x16-tile kernel: a thread block per tile of
+    row_tiles.cuh (kTileRows rows x kTileRowBytes of each row), over the
+    scale tensor's rows and 16 x its columns, layout padding included."""
+    rows, columns = _columnwise.tile_shape(itemsize)
+    grid = (-(-scale_rows // rows), -(-(scale_cols * 16) // columns), 1)
+    if scale_rows + rows > MAX_INDEX or scale_cols * 16 + columns > MAX_INDEX or grid[1] > MAX_GRID_Y:
+        raise ValueError(f"{what} is too large for one launch")
+    return grid, (THREADS_PER_BLOCK, 1, 1)
 
 
 def _plan_for(frontend, x, padded_n, is_sf_swizzled_layout, layout, scale_kind, fmt, target,
