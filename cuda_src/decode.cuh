@@ -39,14 +39,15 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 selector) {
 // range, global scales of 0, inf, NaN or beyond 2^+-100); out of line, so
 // that it costs the common path nothing.
 // ---------------------------------------------------------------------------
+// 16 float32 values rounded once each to Output, every NaN as Output's
+// canonical quiet NaN.
 template <typename Output>
-__device__ __noinline__ BlockWords<Output> exact_block(uint2 codes, float sf, float gs) {
+__device__ __forceinline__ BlockWords<Output> round_block(const float (&v)[kBlockSize]) {
   BlockWords<Output> out;
 #pragma unroll
   for (int j = 0; j < kBlockSize; ++j) {
-    const u32 code = ((j < 8 ? codes.x : codes.y) >> (4 * (j & 7))) & 0xfu;
-    const float v = div_rn(mul_rn(e2m1_to_f32(code), sf), gs);
-    const u32 bits = (__float_as_uint(v) & kF32AbsMask) > kF32InfBits ? Output::kCanonicalNaN : Output::from_f32(v);
+    const u32 bits =
+        (__float_as_uint(v[j]) & kF32AbsMask) > kF32InfBits ? Output::kCanonicalNaN : Output::from_f32(v[j]);
     if constexpr (sizeof(typename Output::raw_t) == 4) {
       out.w[j] = bits;
     } else if (j & 1) {
@@ -56,6 +57,17 @@ __device__ __noinline__ BlockWords<Output> exact_block(uint2 codes, float sf, fl
     }
   }
   return out;
+}
+
+template <typename Output>
+__device__ __noinline__ BlockWords<Output> exact_block(uint2 codes, float sf, float gs) {
+  float v[kBlockSize];
+#pragma unroll
+  for (int j = 0; j < kBlockSize; ++j) {
+    const u32 code = ((j < 8 ? codes.x : codes.y) >> (4 * (j & 7))) & 0xfu;
+    v[j] = div_rn(mul_rn(e2m1_to_f32(code), sf), gs);
+  }
+  return round_block<Output>(v);
 }
 
 // ---------------------------------------------------------------------------

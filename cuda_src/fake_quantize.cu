@@ -7,7 +7,9 @@
 // as dequantize.cu decodes it (decode.cuh): codes and scale bytes never leave
 // the thread. Which quantizer runs is a template argument (the *Quantizer
 // structs below); a new variant (Four Over Six) is a new struct, not a new
-// kernel.
+// kernel. Four Over Six and the random Hadamard transform quantize a block
+// their own way (quantize()); with the RHT the decoded float32 values are
+// transformed back (docs/fused_ops.md, section 6.2) before their one rounding.
 //
 // Thread mapping, as dequantize.cu's: threadIdx.y / blockIdx.x walk rows,
 // threadIdx.x / blockIdx.y a row's blocks (16 values for NVFP4, 32 for MXFP4),
@@ -25,6 +27,8 @@
 #include "decode.cuh"
 #include "load.cuh"
 #include "blocks.cuh"
+#include "four_over_six.cuh"
+#include "rht.cuh"
 
 namespace nvfp4 {
 
@@ -40,19 +44,35 @@ namespace nvfp4 {
 //   saturates(scale_byte), largest()  section 6.3's mask: a value of a block
 //                whose scale byte saturates() is saturated where its
 //                magnitude lies beyond largest() (infinities included).
+// A quantizer with kOwnBlocks has quantize<Input>(words, k, codes) instead of
+// scale() and codes<Input>(): the whole block at once, returning its scale
+// byte. One with kTakesAmax is made from its row's global amax, not its
+// global scale, and decodes under its encode_scale(); kInverseRht: its codes
+// are of the transformed block, decoded to float32 and transformed back.
 // ---------------------------------------------------------------------------
+
+// The defaults of those three (every quantizer derives from this).
+struct QuantizerDefaults {
+  static constexpr bool kOwnBlocks = false;
+  static constexpr bool kTakesAmax = false;
+  static constexpr bool kInverseRht = false;
+};
 
 // What a thread's quantizer is made from: its row's global scale and, for
 // stochastic rounding, the seed and the offset in 32-bit halves and the
-// element group of the row's block 0 (block k is group row_group + k).
+// element group of the row's block 0 (block k is group row_group + k); for
+// Four Over Six (gs is then the row's global amax) 6 * e4m3_max and
+// err_use_fast_math.
 struct QuantizerArgs {
   float gs;
   u32 seed_lo, seed_hi, offset_lo, offset_hi;
   unsigned long long row_group;
+  float denominator;
+  int fast_math;
 };
 
 // NVFP4, numerics "ieee", round to nearest (docs/format.md, sections 2 and 3).
-struct IeeeNvfp4Quantizer : Nvfp4Blocks {
+struct IeeeNvfp4Quantizer : Nvfp4Blocks, QuantizerDefaults {
   static constexpr bool kMx = false;
   static constexpr int kScaleBytes = 128;  // 0x00 .. 0x7e, and 0x7f for NaN blocks
 
@@ -74,7 +94,7 @@ struct IeeeNvfp4Quantizer : Nvfp4Blocks {
 // ieee's (0x00 .. 0x7e, 0x7f for NaN blocks and for every block of an
 // invalid S_enc) and decode alike (docs/fused_ops.md, section 6.1), and its
 // mask is section 6.3's NVFP4 rule, which holds for every numerics.
-struct TeNvfp4Quantizer : Nvfp4TeBlocks {
+struct TeNvfp4Quantizer : Nvfp4TeBlocks, QuantizerDefaults {
   static constexpr bool kMx = false;
   static constexpr int kScaleBytes = 128;
   float encode_scale;
@@ -94,7 +114,7 @@ struct TeNvfp4Quantizer : Nvfp4TeBlocks {
 // scales and products, each block's codes rounded with the Philox words of
 // its element group, rows counted over all experts (docs/fused_ops.md,
 // section 6.1). Its scale bytes, and so its mask, are round to nearest's.
-struct SrNvfp4Quantizer : Nvfp4SrBlocks {
+struct SrNvfp4Quantizer : Nvfp4SrBlocks, QuantizerDefaults {
   static constexpr bool kMx = false;
   static constexpr int kScaleBytes = 128;
 
@@ -112,7 +132,7 @@ struct SrNvfp4Quantizer : Nvfp4SrBlocks {
 // section 9), "rceil" and "te_pow2" (docs/stochastic_rounding_and_mx_rules.md,
 // section 3). Each writes E8M0 bytes, decoded alike.
 template <typename Blocks>
-struct Mxfp4Quantizer : Blocks {
+struct Mxfp4Quantizer : Blocks, QuantizerDefaults {
   static constexpr bool kMx = true;
   static constexpr int kScaleBytes = 256;  // 0x00 .. 0xfe, and 0xff for NaN
   __device__ explicit Mxfp4Quantizer(const QuantizerArgs&) {}
@@ -127,6 +147,141 @@ struct Mxfp4Quantizer : Blocks {
 typedef Mxfp4Quantizer<Mxfp4Blocks> FloorMxfp4Quantizer;
 typedef Mxfp4Quantizer<Mxfp4RceilBlocks> RceilMxfp4Quantizer;
 typedef Mxfp4Quantizer<Mxfp4TePow2Blocks> TePow2Mxfp4Quantizer;
+
+// TE's Four Over Six (docs/te_rht_and_4over6.md, part B), 1x16 blocks under
+// S_enc = RN(6E / A) of the row's global amax A (E = 448 or 256: denominator
+// = 6E); kMse: err_mode "MSE", else "MAE". Its scale bytes are E4M3 (0x7f for
+// NaN blocks and every block of an invalid S_enc), decoded under S_enc; its
+// mask is section 6.3's NVFP4 rule.
+template <bool kMse>
+struct FourOverSixQuantizer : QuantizerDefaults {
+  static constexpr bool kMx = false;
+  static constexpr int kScaleBytes = 128;
+  static constexpr int kValues = kBlockSize;
+  static constexpr bool kOwnBlocks = true;
+  static constexpr bool kTakesAmax = true;
+  FourOverSixGlobal g;
+  ErrorDivision division;
+
+  __device__ explicit FourOverSixQuantizer(const QuantizerArgs& a)
+      : g(four_over_six_global(a.gs, a.denominator)), division(error_division(g, a.fast_math)) {}
+  __device__ float encode_scale() const { return g.encode; }
+  template <typename Input>
+  __device__ u32 quantize(const u32 (&words)[1][4 * sizeof(typename Input::raw_t)], int, uint2 (&codes)[1]) const {
+    u8 scale_byte;
+    codes[0] = four_over_six_block<Input, kMse>(words[0], g, division, scale_byte);
+    return scale_byte;
+  }
+  __device__ static bool saturates(u32 scale_byte) { return scale_byte == kE4M3Max; }
+  __device__ float largest() const { return div_rn(2688.0f, g.encode); }
+};
+
+// TE's random Hadamard transform then numerics "te" (docs/te_rht_and_4over6.md,
+// part A), each 16-value block one chunk (rht.cuh), under S_enc = RN(2688 /
+// A) of the row's global amax A taken after the transform; kToInput: the
+// transformed values rounded to x's dtype (transform_dtype="input"). No mask
+// (section 6.3).
+template <bool kToInput>
+struct RhtQuantizer : Nvfp4TeBlocks, QuantizerDefaults {
+  static constexpr bool kMx = false;
+  static constexpr int kScaleBytes = 128;
+  static constexpr bool kOwnBlocks = true;
+  static constexpr bool kTakesAmax = true;
+  static constexpr bool kInverseRht = true;
+  float encode;
+
+  __device__ explicit RhtQuantizer(const QuantizerArgs& a) : RhtQuantizer(te_encode_scale(a.gs, 448.0f * 6.0f)) {}
+  __device__ explicit RhtQuantizer(float encode_scale)
+      : Nvfp4TeBlocks(Nvfp4TeBlocks::from_global_scale(encode_scale)), encode(encode_scale) {}
+  __device__ float encode_scale() const { return encode; }
+  template <typename Input>
+  __device__ u32 quantize(const u32 (&words)[1][4 * sizeof(typename Input::raw_t)], int, uint2 (&codes)[1]) const {
+    RhtChunk<Input, kToInput> chunk;
+    chunk.transform(words[0]);
+    typedef typename RhtChunk<Input, kToInput>::Quantized Transformed;
+    const BlockScale scale = this->scale(Transformed::abs_max_bits(chunk.words));
+    codes[0] = pack_block<Transformed, Codes>(chunk.words, scale);
+    return scale.scale_byte;
+  }
+};
+
+// max |v| over a block's pieces, as float32 bits (NaN patterns above inf).
+template <typename Input, int kHalves, int kWords>
+__device__ __forceinline__ u32 block_amax_bits(const u32 (&words)[kHalves][kWords]) {
+  u32 amax_bits = Input::abs_max_bits(words[0]);
+#pragma unroll
+  for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[h]));
+  return amax_bits;
+}
+
+// A block (its kHalves 16-value pieces of Input's words; k: its index in the
+// row) quantized: returns its scale byte, and its pieces' packed codes in
+// `codes`. block_scale_byte: the scale byte alone (the mask's).
+template <typename Input, typename Quantizer, int kHalves, int kWords>
+__device__ __forceinline__ u32 quantize_block(const Quantizer& quantizer, const u32 (&words)[kHalves][kWords], int k,
+                                              uint2 (&codes)[kHalves]) {
+  if constexpr (Quantizer::kOwnBlocks) {
+    return quantizer.template quantize<Input>(words, k, codes);
+  } else {
+    const BlockScale scale = quantizer.scale(block_amax_bits<Input>(words));
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) codes[h] = quantizer.template codes<Input>(words[h], scale, k);
+    return scale.scale_byte;
+  }
+}
+
+template <typename Input, typename Quantizer, int kHalves, int kWords>
+__device__ __forceinline__ u32 block_scale_byte(const Quantizer& quantizer, const u32 (&words)[kHalves][kWords],
+                                                int k) {
+  if constexpr (Quantizer::kOwnBlocks) {
+    uint2 codes[kHalves];
+    return quantizer.template quantize<Input>(words, k, codes);
+  } else {
+    return quantizer.scale(block_amax_bits<Input>(words)).scale_byte;
+  }
+}
+
+
+// ---------------------------------------------------------------------------
+// Decoding: what the quantizers change.
+// ---------------------------------------------------------------------------
+
+// The type blocks decode to: float32 with the RHT (transformed back before
+// the rounding to Output), else Output itself.
+template <bool kInverseRht, typename Output>
+struct Decoding {
+  typedef Output type;
+};
+template <typename Output>
+struct Decoding<true, Output> {
+  typedef Float32Output type;
+};
+
+// S, which the decoder divides by: the row's global scale gs, or the encode
+// scale a quantizer made from its row's global amax.
+template <typename Quantizer>
+__device__ __forceinline__ float decoding_scale(const Quantizer& quantizer, float gs) {
+  if constexpr (Quantizer::kTakesAmax) {
+    return quantizer.encode_scale();
+  } else {
+    return gs;
+  }
+}
+
+// A decoded block as Output words: itself, or with the RHT its float32 values
+// transformed back (section 6.2) and rounded once each to Output, NaN canonical.
+template <typename Quantizer, typename Output, typename Decoded>
+__device__ __forceinline__ BlockWords<Output> finish_block(const BlockWords<Decoded>& block) {
+  if constexpr (Quantizer::kInverseRht) {
+    float v[kBlockSize];
+#pragma unroll
+    for (int i = 0; i < kBlockSize; ++i) v[i] = __uint_as_float(block.w[i]);
+    inverse_rht16(v);
+    return round_block<Output>(v);
+  } else {
+    return block;
+  }
+}
 
 // ---------------------------------------------------------------------------
 // The kernels.
@@ -165,7 +320,7 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
                                                    u32 seed_lo, u32 seed_hi, u32 offset_lo, u32 offset_hi,
                                                    long long row_stride, long long expert_stride, int m, int n,
                                                    int blocks_per_row, int steps, long long global_scale_expert_step,
-                                                   int global_scale_row_step) {
+                                                   int global_scale_row_step, float denominator, int fast_math) {
   typedef typename Input::raw_t raw_t;
   constexpr int kHalves = Quantizer::kValues / kBlockSize;  // 16-value pieces of a block
   constexpr int kWords = 4 * (int)sizeof(raw_t);            // 32-bit words of 16 values
@@ -207,7 +362,8 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
                                                  (in_rows ? row : 0) * global_scale_row_step))
                      : global_scale_value;
   const Quantizer quantizer(QuantizerArgs{gs, seed_lo, seed_hi, offset_lo, offset_hi,
-                                           (unsigned long long)(expert * m + row) * (unsigned long long)blocks_per_row});
+                                           (unsigned long long)(expert * m + row) * (unsigned long long)blocks_per_row,
+                                           denominator, fast_math});
 
   const int step_values = span * Quantizer::kValues;
   int limit = in_rows ? n - first * Quantizer::kValues : 0;  // values of the row from the step's first on
@@ -219,10 +375,7 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
 #pragma unroll
     for (int s = 0; s < kMaxSteps; ++s) {
       if (s >= steps || first + s * span >= blocks_per_row) break;
-      u32 amax_bits = Input::abs_max_bits(words[s][0]);
-#pragma unroll
-      for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[s][h]));
-      const bool saturating = Quantizer::saturates(quantizer.scale(amax_bits).scale_byte);
+      const bool saturating = Quantizer::saturates(block_scale_byte<Input>(quantizer, words[s], k + s * span));
 #pragma unroll
       for (int h = 0; h < kHalves; ++h) {
         u32 mask[4] = {0u, 0u, 0u, 0u};
@@ -252,7 +405,9 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
     constexpr int kHalfPieces = kWords / 4;           // 16-byte pieces of 16 output values
     constexpr int kPieces = kHalves * kHalfPieces;     // of a block's output
     constexpr int kPieceValues = kBlockSize / kHalfPieces;
-    const BlockDecoder<Output, Quantizer::kMx> decoder(gs);
+    // With the RHT, blocks decode to float32 (transformed back, then rounded once).
+    typedef typename Decoding<Quantizer::kInverseRht, Output>::type Decoded;
+    const BlockDecoder<Decoded, Quantizer::kMx> decoder(decoding_scale(quantizer, gs));
     __shared__ uint4 staging[kVector ? kThreadsPerBlock * kPieces : 1];
     const int flat = threadIdx.y * blockDim.x + threadIdx.x;
     const int lane = flat & 31;
@@ -264,7 +419,7 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
     // loads are in flight; a block then looks its table up. Otherwise (a
     // global scale per row and several rows a thread block) each block makes
     // its own.
-    constexpr int kTableWords = sizeof(MagnitudeTable<Output>) / 4;
+    constexpr int kTableWords = sizeof(MagnitudeTable<Decoded>) / 4;
     __shared__ uint4 tables[Quantizer::kScaleBytes * kTableWords / 4];
     const bool shared_tables = Quantizer::kMx || global_scale_row_step == 0 || blockDim.y == 1;
     if (shared_tables) {
@@ -272,7 +427,7 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
       for (int i = 0; i < (Quantizer::kScaleBytes + kThreadsPerBlock - 1) / kThreadsPerBlock; ++i) {
         const int byte = flat + i * kThreadsPerBlock;
         if (byte < Quantizer::kScaleBytes) {
-          const MagnitudeTable<Output> t = decoder.table(byte);
+          const MagnitudeTable<Decoded> t = decoder.table(byte);
 #pragma unroll
           for (int q = 0; q < kTableWords / 4; ++q) {
             tables[byte * (kTableWords / 4) + q] =
@@ -292,13 +447,7 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
 #pragma unroll
     for (int s = 0; s < kMaxSteps; ++s) {
       if ((s & (s - 1)) == 0 && s >= steps) break;
-      u32 amax_bits = Input::abs_max_bits(words[s][0]);
-#pragma unroll
-      for (int h = 1; h < kHalves; ++h) amax_bits = max(amax_bits, Input::abs_max_bits(words[s][h]));
-      const BlockScale scale = quantizer.scale(amax_bits);
-#pragma unroll
-      for (int h = 0; h < kHalves; ++h) codes[s][h] = quantizer.template codes<Input>(words[s][h], scale, k + s * span);
-      scale_bytes[s] = scale.scale_byte;
+      scale_bytes[s] = quantize_block<Input>(quantizer, words[s], k + s * span, codes[s]);
     }
 
     // Then decoded, as dequantize.cu does it; the step loop is inlined once
@@ -309,7 +458,7 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
       for (int s = 0; s < kMaxSteps; ++s) {
         if (s >= steps || first + s * span >= blocks_per_row) break;  // the same for the whole warp
         const u32 byte = scale_bytes[s];
-        MagnitudeTable<Output> t;
+        MagnitudeTable<Decoded> t;
         if (from_tables) {
 #pragma unroll
           for (int q = 0; q < kTableWords / 4; ++q) {
@@ -343,9 +492,9 @@ __device__ __forceinline__ void fake_quantize_rows(const typename Input::raw_t* 
           };
           // Each path hands its words on by itself (as in dequantize.cu).
           if (t.plane[0] != kSlow) {
-            emit(decode_block<Output>(codes[s][h], t));
+            emit(finish_block<Quantizer, Output>(decode_block<Decoded>(codes[s][h], t)));
           } else {
-            emit(decoder.exact(codes[s][h], byte));
+            emit(finish_block<Quantizer, Output>(decoder.exact(codes[s][h], byte)));
           }
         }
         if constexpr (kVector) {
@@ -372,10 +521,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 fake_quantize(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
               float global_scale_value, typename Output::raw_t* __restrict__ out, unsigned seed_lo, unsigned seed_hi,
               unsigned offset_lo, unsigned offset_hi, long long row_stride, long long expert_stride, int m, int n,
-              int blocks_per_row, int steps, long long global_scale_expert_step, int global_scale_row_step) {
+              int blocks_per_row, int steps, long long global_scale_expert_step, int global_scale_row_step,
+              float denominator, int fast_math) {
   fake_quantize_rows<Input, Output, Quantizer, kVector, false, kMaxSteps>(
       x, global_scale_ptr, global_scale_value, out, seed_lo, seed_hi, offset_lo, offset_hi, row_stride, expert_stride,
-      m, n, blocks_per_row, steps, global_scale_expert_step, global_scale_row_step);
+      m, n, blocks_per_row, steps, global_scale_expert_step, global_scale_row_step, denominator, fast_math);
 }
 
 // out: one byte a value of x, 1 where saturated (docs/fused_ops.md, section 6.3).
@@ -383,10 +533,11 @@ template <typename Input, typename Quantizer, bool kVector, int kMaxSteps>
 __global__ void __launch_bounds__(kThreadsPerBlock)
 saturation_mask(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
                 float global_scale_value, u8* __restrict__ out, long long row_stride, long long expert_stride, int m,
-                int n, int blocks_per_row, int steps, long long global_scale_expert_step, int global_scale_row_step) {
+                int n, int blocks_per_row, int steps, long long global_scale_expert_step, int global_scale_row_step,
+                float denominator, int fast_math) {
   fake_quantize_rows<Input, Float32Output, Quantizer, kVector, true, kMaxSteps>(
       x, global_scale_ptr, global_scale_value, out, 0u, 0u, 0u, 0u, row_stride, expert_stride, m, n, blocks_per_row,
-      steps, global_scale_expert_step, global_scale_row_step);
+      steps, global_scale_expert_step, global_scale_row_step, denominator, fast_math);
 }
 
 }  // namespace nvfp4

@@ -67,6 +67,13 @@ __device__ __forceinline__ float abs_f32(float a) {
   return d;
 }
 
+// -a (no .ftz: subnormals kept; a plain sign flip can become neg.ftz under -ftz=true).
+__device__ __forceinline__ float neg_f32(float a) {
+  float d;
+  asm("neg.f32 %0, %1;" : "=f"(d) : "f"(a));
+  return d;
+}
+
 __device__ __forceinline__ float add_rn(float a, float b) {
   float d;
   asm("add.rn.f32 %0, %1, %2;" : "=f"(d) : "f"(a), "f"(b));

@@ -9,75 +9,11 @@
 //   rounded to x's dtype (kToInput) or kept in float32, and quantized with
 //   numerics="te" under S_enc = encode(amax) (A.4). The grid covers the
 //   scale tensor, layout padding included, as quantize.cu's does.
-#include "numerics.cuh"
-#include "load.cuh"
+#include "rht.cuh"
 #include "layouts.cuh"
 #include "blocks.cuh"
-#include "output.cuh"
 
 namespace nvfp4 {
-
-// TE's sign vector (A.1) as bits: bit i set where s_i = -1. tests/test_compile.py
-// checks it against reference.te_rht.RHT_SIGNS.
-constexpr u32 kRhtNegativeSigns = 0xD7E8u;
-
-// The transform of one 16-value chunk, in place (A.2): t_i = RN(v_i * (+-0.25)),
-// then four butterfly stages with partners 1, 2, 4 and 8 apart, each pair
-// (a, b) becoming (RN(a + b), RN(a - b)), in that order, no reassociation.
-__device__ __forceinline__ void rht16(float (&v)[kBlockSize]) {
-#pragma unroll
-  for (int i = 0; i < kBlockSize; ++i) v[i] = mul_rn(v[i], ((kRhtNegativeSigns >> i) & 1u) ? -0.25f : 0.25f);
-#pragma unroll
-  for (int half = 1; half < kBlockSize; half <<= 1) {
-#pragma unroll
-    for (int i = 0; i < kBlockSize; ++i) {
-      if (i & half) continue;
-      const float a = v[i];
-      const float b = v[i + half];
-      v[i] = add_rn(a, b);
-      v[i + half] = sub_rn(a, b);
-    }
-  }
-}
-
-// The transformed chunk at columns [col, col + 16) of a row (col < n, n a
-// multiple of 16), as the quantizer reads it: kToInput and 16-bit x: the
-// values rounded to x's dtype (cvt.rn, overflow to inf), two a word, in
-// Input's words; else float32 bits, one a word (Float32Input's).
-template <bool kNarrow, typename Input>
-struct RhtQuantized {  // the Input struct the quantizer reads the transformed words with
-  typedef Float32Input type;
-};
-template <typename Input>
-struct RhtQuantized<true, Input> {
-  typedef Input type;
-};
-
-template <typename Input, bool kToInput>
-struct RhtChunk {
-  static constexpr bool kNarrow = kToInput && sizeof(typename Input::raw_t) == 2;
-  typedef typename RhtQuantized<kNarrow, Input>::type Quantized;
-  static constexpr int kWords = kNarrow ? 8 : 16;
-  u32 words[kWords];
-
-  template <bool kVectorLoads>
-  __device__ __forceinline__ void load(const typename Input::raw_t* __restrict__ row, int col, int n) {
-    u32 raw[4 * sizeof(typename Input::raw_t)];
-    load_block<Input, kVectorLoads>(row, col, n, raw);
-    float v[kBlockSize];
-#pragma unroll
-    for (int j = 0; j < kBlockSize; ++j) v[j] = Input::element(raw, j);
-    rht16(v);
-    if constexpr (kNarrow) {
-      typedef typename OutputOf<Input>::type Output;
-#pragma unroll
-      for (int w = 0; w < 8; ++w) words[w] = Output::from_f32x2(v[2 * w], v[2 * w + 1]);
-    } else {
-#pragma unroll
-      for (int j = 0; j < kBlockSize; ++j) words[j] = __float_as_uint(v[j]);
-    }
-  }
-};
 
 // Threads x over a row's chunks (a power of two, so that a warp never spans
 // part of a row), y over rows; grid y over a row's chunks, grid x over row

@@ -412,29 +412,33 @@ def fake_quantize(x, global_scale=None, *, zero_saturated=False, **options):
     zero_saturated=True +0.0 where the quantizer clipped x (the saturation
     mask, recomputed from x in the backward pass). No gradient flows to
     `global_scale` (a float, a float32 CUDA tensor of one, per row or per
-    expert scales, or None for 448 * 6 / amax(|x|) computed on the device).
-    `options`: those of nvfp4_cupy.fake_quantize (fmt, ...); the ones with
-    no GPU kernel yet are a ValueError. Works under torch.compile (no graph
-    break) and in training steps."""
+    expert scales, or None for 448 * 6 / amax(|x|) computed on the device)
+    or to `global_amax` (Four Over Six, the RHT). `options`: those of
+    nvfp4_cupy.fake_quantize (fmt, ...); the ones with no GPU kernel yet are
+    a ValueError. Works under torch.compile (no graph break) and in
+    training steps."""
     zero_saturated = check_bool(zero_saturated, "zero_saturated")
     gpu = _fake_quantize.gpu_variant(global_scale, options)[1]  # every option check, before anything runs
-    tensor, value = _optional_scale(global_scale)
+    scalar = _fake_quantize.row_scalar(gpu, global_scale, options)
+    tensor, value = _optional_scale(scalar)
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                                  for t in (x, global_scale))
+                                                  for t in (x, scalar))
     if torch.compiler.is_compiling() or needs_grad:
         return torch.ops.nvfp4.fake_quantize(x, tensor, value, *_op_options(gpu), zero_saturated)
-    return _fake_quantize.fake_quantize(x, global_scale, **gpu, like=_LIKE)
+    return _fake_quantize.fake_quantize(x, **_fake_quantize.scalar_arguments(gpu, scalar), **gpu, like=_LIKE)
 
 
 def saturation_mask(x, global_scale=None, **options):
     """nvfp4_cupy.saturation_mask for torch tensors: a bool tensor of x's
     shape (docs/fused_ops.md, section 6.3)."""
     gpu = _fake_quantize.gpu_variant(global_scale, options, mask=True)[1]
-    tensor, value = _optional_scale(global_scale)
+    scalar = _fake_quantize.row_scalar(gpu, global_scale, options)
+    tensor, value = _optional_scale(scalar)
     if torch.compiler.is_compiling():
         return torch.ops.nvfp4.saturation_mask(x, tensor, value, *_op_options(gpu))
     # A mask is never differentiated: x's autograd history does not matter here.
-    return _fake_quantize.saturation_mask(x.detach(), global_scale, **gpu, like=_LIKE)
+    return _fake_quantize.saturation_mask(x.detach(), **_fake_quantize.scalar_arguments(gpu, scalar), **gpu,
+                                         like=_LIKE)
 
 
 def _optional_scale(global_scale):
@@ -446,55 +450,67 @@ def _optional_scale(global_scale):
 
 
 def _scale_of(global_scale: Optional[torch.Tensor], global_scale_value: Optional[float]):
-    """The launcher's global scale: a detached tensor (no gradient flows to
-    it), a host value, or None."""
+    """The launcher's global scale (or amax): a detached tensor (no gradient
+    flows to it), a host value, or None."""
     return global_scale.detach() if global_scale is not None else global_scale_value
 
 
-# fmt, numerics, mx_scale_rule, row_scaled, rounding, seed and offset: the
-# options a GPU quantizer depends on (ops/fake_quantize.GPU_OPTIONS), as the
-# ops carry them: the seed and the offset as the int64 of their 64 bits (the
-# seed -1, unread, where rounding is "nearest").
+# The options a GPU quantizer depends on (ops/fake_quantize.GPU_OPTIONS), as
+# the ops carry them: the seed and the offset as the int64 of their 64 bits
+# (the seed -1, unread, where rounding is "nearest"). The row's scalar (the
+# global scale, or Four Over Six's and the RHT's global amax) is carried as
+# (global_scale, global_scale_value).
 def _op_options(gpu: dict) -> tuple:
     seed = -1 if gpu["seed"] is None else _as_int64(gpu["seed"])
-    return (gpu["fmt"], gpu["numerics"], gpu["mx_scale_rule"], gpu["row_scaled"], gpu["rounding"], seed,
-            _as_int64(gpu["offset"]))
+    return tuple(seed if name == "seed" else _as_int64(gpu[name]) if name == "offset" else gpu[name]
+                 for name in _fake_quantize.GPU_OPTIONS)
 
 
-def _gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset) -> dict:
+def _gpu_options(options: tuple) -> dict:
     """_op_options' inverse: the keyword options of the launchers."""
-    return dict(fmt=fmt, numerics=numerics, mx_scale_rule=mx_scale_rule, row_scaled=row_scaled, rounding=rounding,
-                seed=None if rounding == "nearest" else seed % _U64, offset=offset % _U64)
+    gpu = dict(zip(_fake_quantize.GPU_OPTIONS, options))
+    gpu["seed"] = None if gpu["rounding"] == "nearest" else gpu["seed"] % _U64
+    gpu["offset"] %= _U64
+    return gpu
+
+
+def _launch_arguments(global_scale, global_scale_value, options: tuple) -> dict:
+    gpu = _gpu_options(options)
+    return dict(_fake_quantize.scalar_arguments(gpu, _scale_of(global_scale, global_scale_value)), **gpu)
 
 
 @torch.library.custom_op("nvfp4::fake_quantize", mutates_args=())
 def _fake_quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
                       fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
-                      offset: int, zero_saturated: bool) -> torch.Tensor:
+                      offset: int, four_over_six: bool, e4m3_max: Optional[int], err_mode: Optional[str],
+                      err_use_fast_math: Optional[bool], rht: bool, transform_dtype: str,
+                      zero_saturated: bool) -> torch.Tensor:
     # detach: the backward may run with grad mode on (create_graph), and the
     # launcher refuses tensors that require grad.
-    return _fake_quantize.fake_quantize(
-        x.detach(), _scale_of(global_scale, global_scale_value),
-        **_gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset), like=_LIKE)
+    options = (fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset, four_over_six, e4m3_max, err_mode,
+               err_use_fast_math, rht, transform_dtype)
+    return _fake_quantize.fake_quantize(x.detach(), **_launch_arguments(global_scale, global_scale_value, options),
+                                        like=_LIKE)
 
 
 @_fake_quantize_op.register_fake
-def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset,
-      zero_saturated):
+def _(x, global_scale, global_scale_value, *options_and_zero_saturated):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("nvfp4::saturation_mask", mutates_args=())
 def _saturation_mask_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
                         fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
-                        offset: int) -> torch.Tensor:
-    return _fake_quantize.saturation_mask(
-        x.detach(), _scale_of(global_scale, global_scale_value),
-        **_gpu_options(fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset), like=_LIKE)
+                        offset: int, four_over_six: bool, e4m3_max: Optional[int], err_mode: Optional[str],
+                        err_use_fast_math: Optional[bool], rht: bool, transform_dtype: str) -> torch.Tensor:
+    options = (fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset, four_over_six, e4m3_max, err_mode,
+               err_use_fast_math, rht, transform_dtype)
+    return _fake_quantize.saturation_mask(x.detach(), **_launch_arguments(global_scale, global_scale_value, options),
+                                          like=_LIKE)
 
 
 @_saturation_mask_op.register_fake
-def _(x, global_scale, global_scale_value, fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset):
+def _(x, global_scale, global_scale_value, *options):
     return torch.empty_like(x, dtype=torch.bool, memory_format=torch.contiguous_format)
 
 
@@ -508,8 +524,8 @@ def _fake_quantize_setup_context(ctx, inputs, output):
 
 def _fake_quantize_backward(ctx, grad):
     """The straight-through gradient (docs/fused_ops.md, section 6.3): one
-    gradient for x, None for the other ten inputs."""
-    nothing = (None,) * 10
+    gradient for x, None for every other input."""
+    nothing = (None,) * (len(_fake_quantize.GPU_OPTIONS) + 3)
     if not ctx.zero_saturated:
         return grad, *nothing
     x, global_scale = ctx.saved_tensors

@@ -149,7 +149,14 @@ def fused_and_variants(rng) -> int:
         for i, (got, want) in enumerate(zip(nv.scaled_fp4_quant_rht(strided_tokens, padded_n=64),
                                             te_rht.scaled_fp4_quant_rht(tokens, padded_n=64))):
             check(got, want, f"RHT output {i} {name}")
-        calls += 16
+        four_over_six = dict(numerics="te", four_over_six=True, err_mode="MSE", row_scaled=True)
+        check(nv.fake_quantize(x, **four_over_six), fused.fake_quantize(host, **four_over_six),
+              f"Four Over Six fake_quantize {name}")
+        check(nv.saturation_mask(x, **four_over_six), fused.saturation_mask(host, **four_over_six),
+              f"Four Over Six saturation mask {name}")
+        check(nv.fake_quantize(strided_tokens, numerics="te", rht=True),
+              fused.fake_quantize(tokens, numerics="te", rht=True), f"RHT fake_quantize {name}")
+        calls += 19
     return calls
 
 

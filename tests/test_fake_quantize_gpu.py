@@ -76,18 +76,21 @@ def _cupy_ops():
     ({"fmt": "mxfp4", "mx_scale_rule": "rceil"}, "mxfp4_rceil"),
     ({"fmt": "mxfp4", "mx_scale_rule": "te_pow2"}, "mxfp4_te_pow2"),
     ({"rounding": "stochastic", "seed": 7}, "nvfp4_sr"),
+    ({"numerics": "te", "four_over_six": True}, "nvfp4_4over6_mae"),
+    ({"numerics": "te", "four_over_six": True, "err_mode": "mse", "e4m3_max": 256}, "nvfp4_4over6_mse"),
+    ({"numerics": "te", "rht": True}, "nvfp4_rht"),
+    ({"numerics": "te", "rht": True, "transform_dtype": "float32"}, "nvfp4_rht_float32"),
 ])
 def test_supported_options_pick_their_quantizer(options, quantizer):
     """Stochastic rounding's mask is round to nearest's (the same scale bytes)."""
     ops = _cupy_ops()
     assert ops.gpu_quantizer(None, options) == quantizer
-    assert ops.gpu_quantizer(None, options, mask=True) == ("nvfp4_ieee" if quantizer == "nvfp4_sr" else quantizer)
+    if not options.get("rht"):  # (refused below)
+        assert ops.gpu_quantizer(None, options, mask=True) == ("nvfp4_ieee" if quantizer == "nvfp4_sr" else quantizer)
 
 
 @pytest.mark.parametrize("options", [
     {"numerics": "te", "tile": "16x16"},
-    {"numerics": "te", "four_over_six": True},
-    {"numerics": "te", "rht": True},
 ])
 def test_variants_without_a_gpu_kernel_are_refused_by_name(options):
     ops = _cupy_ops()
@@ -169,11 +172,13 @@ def golden_torch_ops(monkeypatch):
     def scale_of(global_scale):
         return global_scale.cpu().numpy() if isinstance(global_scale, torch.Tensor) else global_scale
 
-    def fake(x, global_scale=None, *, like=None, **options):
-        return _host_to_torch(fused.fake_quantize(_torch_to_host(x), scale_of(global_scale), **options))
+    def fake(x, global_scale=None, *, like=None, global_amax=None, **options):
+        return _host_to_torch(fused.fake_quantize(_torch_to_host(x), scale_of(global_scale),
+                                                  global_amax=scale_of(global_amax), **options))
 
-    def mask(x, global_scale=None, *, like=None, **options):
-        return torch.from_numpy(fused.saturation_mask(_torch_to_host(x), scale_of(global_scale), **options))
+    def mask(x, global_scale=None, *, like=None, global_amax=None, **options):
+        return torch.from_numpy(fused.saturation_mask(_torch_to_host(x), scale_of(global_scale),
+                                                      global_amax=scale_of(global_amax), **options))
 
     monkeypatch.setattr(nvt._fake_quantize, "fake_quantize", fake)
     monkeypatch.setattr(nvt._fake_quantize, "saturation_mask", mask)
@@ -237,30 +242,54 @@ def test_torch_compile_plumbing_traces_forward_and_backward(golden_torch_ops):
         assert_bytes_equal(bits(_torch_to_host(x.grad)), bits(want), f"gradient through {run.__name__}")
 
 
+FOUR_OVER_SIX = {"numerics": "te", "four_over_six": True}
+
+
 @pytest.mark.parametrize("options", [{"numerics": "te"}, {"numerics": "te", "row_scaled": True},
                                      {"fmt": "mxfp4", "mx_scale_rule": "rceil"},
                                      {"fmt": "mxfp4", "mx_scale_rule": "te_pow2"},
-                                     {"rounding": "stochastic", "seed": 2**63 + 5, "offset": 2**64 - 1}], ids=str)
+                                     {"rounding": "stochastic", "seed": 2**63 + 5, "offset": 2**64 - 1},
+                                     dict(FOUR_OVER_SIX, err_mode="MSE", e4m3_max=256, err_use_fast_math=True),
+                                     dict(FOUR_OVER_SIX, row_scaled=False),
+                                     dict(FOUR_OVER_SIX, row_scaled=True),
+                                     {"numerics": "te", "rht": True, "transform_dtype": "float32"},
+                                     {"numerics": "te", "rht": True, "row_scaled": True}], ids=str)
 def test_torch_ops_carry_the_variant_options(golden_torch_ops, options):
     """The options a GPU quantizer depends on reach it through the
     registered ops (torch.compile) and the backward's mask, not only
-    through the eager call."""
+    through the eager call; Four Over Six's and the RHT's global amax
+    through the ops' scale arguments."""
     torch, nvt = golden_torch_ops
     from nvfp4_cupy.reference import te
 
     host = make_input("specials", 6, 80, seed=8).astype(np.float32)
-    gs = None
-    if options.get("numerics") == "te":  # 4x TE's scale: values beyond a quarter of amax saturate
+    gs = amax = None
+    if options.get("four_over_six") or options.get("rht"):
+        if options.get("four_over_six") and not options.get("row_scaled"):
+            # a quarter of the amax (one, or one a row where row_scaled=False
+            # is spelled out): values beyond it saturate
+            per_row = "row_scaled" in options
+            amax = np.max(np.abs(host), axis=1 if per_row else None).astype(np.float32) / np.float32(4)
+            amax = np.atleast_1d(np.where(np.isfinite(amax), amax, np.float32(1e3)).astype(np.float32))
+        # else computed from x (the RHT: from the transformed x)
+    elif options.get("numerics") == "te":  # 4x TE's scale: values beyond a quarter of amax saturate
         gs = np.float32(4) * te.compute_global_scale_te(host, per_row=options.get("row_scaled", False))
     elif "rounding" in options:
         gs = np.float32(4) * ref.compute_global_scale(host)
-    want = fused.fake_quantize(host, gs, **options)
-    want_grad = fused.fake_quantize_backward(np.ones_like(host), host, gs, zero_saturated=True, **options)
+    masked = not options.get("rht")  # the RHT has no saturation mask
+    want = fused.fake_quantize(host, gs, global_amax=amax, **options)
+    want_grad = fused.fake_quantize_backward(np.ones_like(host), host, gs, zero_saturated=masked, global_amax=amax,
+                                             **options)
+    scalar = gs if amax is None else amax
+    scalar = None if scalar is None else torch.from_numpy(scalar)
 
-    def step(x, scale):
-        return nvt.fake_quantize(x, scale, zero_saturated=True, **options)
+    def step(x, scalar):
+        if amax is None:
+            return nvt.fake_quantize(x, scalar, zero_saturated=masked, **options)
+        return nvt.fake_quantize(x, zero_saturated=masked, global_amax=scalar, **options)
 
-    scale = None if gs is None else torch.from_numpy(gs)
+    scale = scalar
+    torch._dynamo.reset()  # each case compiles `step` anew (its closure differs), not a recompile
     for run in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
         x = _host_to_torch(host).requires_grad_()
         y = run(x, scale)
@@ -463,6 +492,90 @@ def test_te_and_mx_rule_variants_match_golden_and_the_unfused_ops(cp, case, dtyp
             assert_bytes_equal(got_mask, want_mask, f"{label}: saturation mask")
 
 
+# Four Over Six and the RHT: (options, the global amax forms each takes):
+# "host" / "device" one amax (a device array where x holds NaN or inf),
+# "rows" one a row, "computed" / "computed rows" None (row_scaled False / True).
+AMAX_VARIANTS = {
+    "4over6 MAE": (FOUR_OVER_SIX, ("one", "rows", "computed")),
+    "4over6 MSE 256": (dict(FOUR_OVER_SIX, err_mode="MSE", e4m3_max=256), ("one", "computed rows")),
+    "4over6 fast math": (dict(FOUR_OVER_SIX, err_use_fast_math=True), ("rows", "computed")),
+    "rht": ({"numerics": "te", "rht": True}, ("computed", "computed rows", "one")),
+    "rht float32": ({"numerics": "te", "rht": True, "transform_dtype": "float32"}, ("computed", "rows")),
+}
+
+
+def amax_case(x_host: np.ndarray, form: str, case: int, rng) -> tuple:
+    """(global amax for the golden model, for the GPU, row_scaled) of a
+    form: the largest magnitude of x (of each row) times a factor in [0.5,
+    2), so that some blocks saturate."""
+    if form.startswith("computed"):
+        return None, None, form == "computed rows"
+    magnitudes = np.abs(x_host.astype(np.float32))
+    amax = np.max(magnitudes, axis=1 if form == "rows" else None, keepdims=False).reshape(-1)
+    amax = (amax * rng.uniform(0.5, 2.0, amax.size)).astype(np.float32)
+    if form == "one" and case % 2 == 0 and np.isfinite(amax[0]):
+        return float(amax[0]), float(amax[0]), False
+    return amax, amax, False
+
+
+def unfused_amax_variant(cp, x, amax, options: dict, row_scaled: bool) -> np.ndarray:
+    """Our own GPU quantizer (scaled_fp4_quant_4over6 or _rht, linear
+    scales), then dequantize_fp4 under S_enc of the amax it used; for the
+    RHT to float32, transformed back on the host (reference.fused's
+    inverse) and rounded to x's dtype."""
+    import nvfp4_cupy as nv
+    from nvfp4_cupy.reference import te
+
+    dtype_name = "bfloat16" if x.dtype == HOST_DTYPES["bfloat16"] else x.dtype.name
+    settings = {k: v for k, v in options.items() if k in ("err_mode", "e4m3_max", "err_use_fast_math")}
+    if options.get("rht"):
+        packed, scales, used = nv.scaled_fp4_quant_rht(x, amax, layout="linear", per_row=row_scaled,
+                                                       transform_dtype=options.get("transform_dtype", "input"))
+    else:
+        packed, scales, used = nv.scaled_fp4_quant_4over6(x, amax, layout="linear", per_row=row_scaled, **settings)
+    used = cp.asnumpy(used) if isinstance(used, cp.ndarray) else np.float32(used)
+    s_enc = te.encode_scale_from_amax_te(np.atleast_1d(used).astype(np.float32), e4m3_max=settings.get("e4m3_max", 448))
+    values = nv.dequantize_fp4(packed, scales, cp.asarray(s_enc), n=x.shape[-1], layout="linear",
+                               dtype="float32" if options.get("rht") else dtype_name)
+    if not options.get("rht"):
+        return cp.asnumpy(values)
+    return fused._to_dtype(fused._inverse_rht_rows(cp.asnumpy(values)), dtype_name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", sorted(AMAX_VARIANTS))
+@pytest.mark.parametrize("dtype", sorted(HOST_DTYPES))
+@pytest.mark.parametrize("case", range(len(CASES)), ids=lambda i: "{}x{}-{}".format(*CASES[i][:2], CASES[i][3]))
+def test_four_over_six_and_rht_match_golden_and_the_unfused_ops(cp, case, dtype, variant):
+    """Four Over Six (both error modes, E4M3 max 448 and 256, fast math) and
+    the RHT (the transform rounded to x's dtype or kept in float32) under a
+    global amax given (host, device, one a row) or computed (per tensor or
+    per row), on the boundary cases (the RHT's with n a multiple of 16):
+    golden == GPU == our unfused GPU ops; and Four Over Six's saturation
+    mask."""
+    options, forms = AMAX_VARIANTS[variant]
+    m, n, _, kind = CASES[case]
+    if options.get("rht") and n % 16:
+        pytest.skip("the RHT needs n to be a multiple of 16")
+    rng = np.random.default_rng(case)
+    x_host = make_input(kind, m, n, seed=m * 31 + n).astype(HOST_DTYPES[dtype])
+    x = cp.asarray(x_host)
+    for form in forms:
+        amax_host, amax, row_scaled = amax_case(x_host, form, case, rng)
+        call = dict(options, row_scaled=row_scaled)
+        label = f"{dtype} {variant} {m}x{n} {kind} amax={form}"
+        want = fused.fake_quantize(x_host, global_amax=amax_host, **call)
+        got = fake_quantize_poisoned(cp, x, None, global_amax=device_scale(cp, amax), **call)
+        assert got.shape == x_host.shape and got.dtype == x_host.dtype
+        assert_bytes_equal(bits(got), bits(want), f"{label}: vs golden")
+        assert_bytes_equal(bits(got), bits(unfused_amax_variant(cp, x, device_scale(cp, amax), options, row_scaled)),
+                           f"{label}: vs unfused GPU ops")
+        if options.get("four_over_six"):
+            want_mask = fused.saturation_mask(x_host, global_amax=amax_host, **call).astype(np.uint8)
+            got_mask = fake_quantize_poisoned(cp, x, None, mask=True, global_amax=device_scale(cp, amax), **call)
+            assert_bytes_equal(got_mask, want_mask, f"{label}: saturation mask")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", sorted(HOST_DTYPES))
@@ -647,6 +760,36 @@ def test_torch_forward_and_backward_match_golden(nvt, dtype, fmt, zero_saturated
             assert mask.dtype == torch.bool
             assert_bytes_equal(mask.cpu().numpy().view(np.uint8),
                                fused.saturation_mask(shaped, gs_host, fmt=fmt).view(np.uint8), f"{label}: mask")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["4over6 MAE", "4over6 MSE 256", "rht", "rht float32"])
+def test_torch_four_over_six_and_rht_eager_and_compiled(nvt, variant):
+    """Four Over Six and the RHT through the torch ops, eager and under
+    torch.compile (the global amax a CUDA tensor, or computed): forward
+    bytes and the gradient (Four Over Six's zero_saturated mask) equal the
+    golden model's."""
+    torch, nvt = nvt
+    options, _ = AMAX_VARIANTS[variant]
+    host = make_input("outliers", 130, 7168, seed=14).astype(HOST_DTYPES["bfloat16"])
+    masked = bool(options.get("four_over_six"))
+    amax_host = np.array([np.max(np.abs(host.astype(np.float32))) / 4], np.float32) if masked else None
+    amax = None if amax_host is None else torch.from_numpy(amax_host).cuda()
+    want = fused.fake_quantize(host, global_amax=amax_host, **options)
+    want_grad = fused.fake_quantize_backward(np.ones_like(host), host, zero_saturated=masked, global_amax=amax_host,
+                                             **options)
+    assert not masked or not np.array_equal(bits(want_grad), bits(np.ones_like(host)))  # some values saturate
+
+    def step(x, amax):
+        return nvt.fake_quantize(x, zero_saturated=masked, global_amax=amax, **options)
+
+    torch._dynamo.reset()
+    for run in (step, torch.compile(step, fullgraph=True)):
+        x = _host_to_torch(host, "cuda").requires_grad_()
+        y = run(x, amax)
+        assert_bytes_equal(bits(_torch_to_host(y)), bits(want), f"{variant} forward through {run}")
+        y.sum().backward()
+        assert_bytes_equal(bits(_torch_to_host(x.grad)), bits(want_grad), f"{variant} gradient through {run}")
 
 
 @pytest.mark.gpu

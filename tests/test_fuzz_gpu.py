@@ -124,7 +124,7 @@ def test_stochastic_rounding_matches_golden(case, seed, offset):
     assert_bytes_equal(scales, want[1], f"{case} seed={seed} offset={offset}: scales")
 
 
-FUSED_OPS = ("fake_quantize", "fake_quantize_variant", "rms_norm_quant", "silu_and_mul_quant")
+FUSED_OPS = ("fake_quantize", "fake_quantize_variant", "fake_quantize_amax", "rms_norm_quant", "silu_and_mul_quant")
 MX_RULES = ("floor", "rceil", "te_pow2")
 
 
@@ -135,7 +135,8 @@ def test_fused_ops_match_golden(case, op):
     """The fused ops of issue 16 on the same drawn inputs, outputs poisoned:
     fake quantization reads x as drawn (row stride, base offset), with the
     default quantizer or a variant (numerics="te", stochastic rounding, an MX
-    scale rule); RMSNorm
+    scale rule, or NVFP4 Four Over Six or the RHT under the global amax of x,
+    per row for a per-row scale); RMSNorm
     (with a weight) and SiLU-and-mul read a contiguous copy, SiLU-and-mul
     its even part ([m, 2 * (n // 2)])."""
     from test_experts_gpu import run_poisoned
@@ -154,6 +155,16 @@ def test_fused_ops_match_golden(case, op):
                         {"rounding": "stochastic", "seed": case["seed"] * 2**31 + 7, "offset": case["seed"] ** 2})
         want = (fused.fake_quantize(x_host, gs_host, **options),)
         got = run_poisoned(lambda: (nv.fake_quantize(x, gs, **options),))
+    elif op == "fake_quantize_amax":
+        seed = case["seed"]
+        options = {"numerics": "te", "row_scaled": case["scale_kind"] == "row"}
+        if case["n"] % 16 == 0 and seed % 2:
+            options |= {"rht": True, "transform_dtype": ("input", "float32")[seed // 2 % 2]}
+        else:
+            options |= {"four_over_six": True, "err_mode": ("MAE", "MSE")[seed // 2 % 2],
+                        "e4m3_max": (448, 256)[seed // 4 % 2], "err_use_fast_math": seed % 3 == 0}
+        want = (fused.fake_quantize(x_host, **options),)
+        got = run_poisoned(lambda: (nv.fake_quantize(x, **options),))
     elif op == "rms_norm_quant":
         weight_host = rng.standard_normal(case["n"]).astype(x_host.dtype)
         want = fused.rms_norm_quant(x_host, weight_host, 1e-6, gs_host, padded_n=padded_n, layout=layout, fmt=fmt)

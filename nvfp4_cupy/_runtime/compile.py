@@ -323,6 +323,11 @@ class FakeQuantizer:
 
     cuda_struct: str
     fmt: str
+    # The most blocks a thread takes: None for the wide quantizer's 128 bytes
+    # of x; 1 for the quantizers whose block work dwarfs a thread's set-up
+    # (their unrolled steps would only multiply the code and the registers).
+    max_steps: int | None = None
+    has_mask: bool = True  # section 6.3 defines its saturation mask
 
 
 # Which quantizer runs, by name (ops/fake_quantize.py picks one from the
@@ -334,6 +339,10 @@ FAKE_QUANTIZERS = {
     "mxfp4_floor": FakeQuantizer("nvfp4::FloorMxfp4Quantizer", "mxfp4"),
     "mxfp4_rceil": FakeQuantizer("nvfp4::RceilMxfp4Quantizer", "mxfp4"),
     "mxfp4_te_pow2": FakeQuantizer("nvfp4::TePow2Mxfp4Quantizer", "mxfp4"),
+    "nvfp4_4over6_mae": FakeQuantizer("nvfp4::FourOverSixQuantizer<false>", "nvfp4", max_steps=1),
+    "nvfp4_4over6_mse": FakeQuantizer("nvfp4::FourOverSixQuantizer<true>", "nvfp4", max_steps=1),
+    "nvfp4_rht": FakeQuantizer("nvfp4::RhtQuantizer<true>", "nvfp4", max_steps=1, has_mask=False),
+    "nvfp4_rht_float32": FakeQuantizer("nvfp4::RhtQuantizer<false>", "nvfp4", max_steps=1, has_mask=False),
 }
 
 
@@ -352,8 +361,10 @@ class FakeQuantizeVariant:
 
     @property
     def max_blocks_per_thread(self) -> int:
-        """The kernel's kMaxSteps: the wide quantizer's 128 bytes of x a thread."""
-        return wide_blocks_per_thread(self.dtype_name, FAKE_QUANTIZERS[self.quantizer].fmt)
+        """The kernel's kMaxSteps: the quantizer's max_steps, or the wide
+        quantizer's 128 bytes of x a thread."""
+        quantizer = FAKE_QUANTIZERS[self.quantizer]
+        return quantizer.max_steps or wide_blocks_per_thread(self.dtype_name, quantizer.fmt)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -482,7 +493,8 @@ def all_variants() -> list:
         + [SiluAndMulVariant(d) for d in ELEMENT_STRUCTS]
         # (stochastic rounding has round to nearest's scale bytes, so its mask is nvfp4_ieee's)
         + [FakeQuantizeVariant(d, q, vector, mask) for d in ELEMENT_STRUCTS for q in FAKE_QUANTIZERS
-           for vector in flags for mask in flags if not (mask and q == "nvfp4_sr")]
+           for vector in flags for mask in flags
+           if not mask or (FAKE_QUANTIZERS[q].has_mask and q != "nvfp4_sr")]  # (SR's mask is ieee's)
         + [ColumnwiseVariant(d, layout, vector, scales, square) for d in ELEMENT_STRUCTS for layout in LAYOUTS.values()
            for vector in flags for scales in TE_GLOBAL_SCALES for square in flags
            if not (square and scales == "row")]  # (TE's 16x16 tiles have no row-scaled form)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._format import resolve_padded_n, round_up, row_view, rows_and_n
+from .._format import LAYOUTS, resolve_padded_n, round_up, row_view, rows_and_n
 from .._runtime.arrays import (
     CUPY,
+    GlobalScale,
     check_disjoint,
     check_output,
     frontend_of,
@@ -29,12 +30,14 @@ from .._runtime.arrays import (
     output_frontend,
     resolve_stream,
 )
-from .._runtime.compile import FAKE_QUANTIZERS, FakeQuantizeVariant, Target
+from .._runtime.compile import FAKE_QUANTIZERS, FakeQuantizeVariant, RhtVariant, Target
 from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
+from ..reference import te_rht as _te_rht
 from ..reference.fused import _FAKE_DEFAULTS, _check_fake_options, _fake_options
 from .dequantize import blocks_per_thread
-from .global_scale import prepare_global_scale
+from .global_scale import prepare_global_amax, prepare_global_scale
 from .quantize import SR_WORDS, _read_range, sr_words, te_kind_of_shape
+from .rht import amax_argument, rht_amax_launcher
 
 # The mask's vector path stores 8 bytes (8 values) at a time.
 MASK_VECTOR_BYTES = 8
@@ -52,14 +55,19 @@ def fake_quantize(x, global_scale=None, *, fmt="nvfp4", numerics="ieee", tile="1
 
     On the GPU now: NVFP4 with numerics="ieee" (rounding="nearest", or
     "stochastic" with a seed and an offset) or "te" (1x16 blocks; with
-    row_scaled=True one S_enc per row), and MXFP4 with every mx_scale_rule
-    ("floor", "rceil", "te_pow2"). The other options of
-    the golden model are checked as it checks them, then refused with a
-    ValueError (not on the GPU yet). `global_scale`: a host float, or a
-    float32 device array of one element, one per row, or one per expert for
-    x [E, m, n]; None computes the global scale on the device first (one
-    more read of x): 448 * 6 / amax(|x|), or for numerics="te" TE's S_enc
-    (compute_global_scale(x, per_row=row_scaled, numerics="te")). `out`: a
+    row_scaled=True one S_enc per row; four_over_six=True with its e4m3_max,
+    err_mode and err_use_fast_math; rht=True with its transform_dtype, n a
+    multiple of 16), and MXFP4 with every mx_scale_rule ("floor", "rceil",
+    "te_pow2"). 16x16 tiles are checked as the golden model checks them,
+    then refused with a ValueError (not on the GPU yet). `global_scale`: a
+    host float, or a float32 device array of one element, one per row, or
+    one per expert for x [E, m, n]; None computes the global scale on the
+    device first (one more read of x): 448 * 6 / amax(|x|), or for
+    numerics="te" TE's S_enc (compute_global_scale(x, per_row=row_scaled,
+    numerics="te")). Four Over Six and the RHT take `global_amax` instead
+    (a host number, or a float32 device array of one or, with row_scaled,
+    one per row of x's rows): None computes max |x| (max |RHT(x)| for the
+    RHT) on the device first, per row with row_scaled. `out`: a
     C-contiguous buffer of x's dtype and shape (every element is written).
     `stream` and `like` as for scaled_fp4_quant."""
     options = dict(fmt=fmt, numerics=numerics, tile=tile, row_scaled=row_scaled, rounding=rounding, seed=seed,
@@ -84,8 +92,9 @@ def saturation_mask(x, global_scale=None, *, out=None, stream=None, like=None, *
 
 
 # The quantizers on the GPU, by (fmt, variant, MX scale rule, rounding) of
-# the resolved options (reference.fused._check_fake_options); the tile must
-# be "1x16" (16x16 tiles, Four Over Six and the RHT are not on the GPU yet).
+# the resolved options (reference.fused._check_fake_options); Four Over Six's
+# by its err_mode, the RHT's by its transform_dtype. The tile must be "1x16"
+# (16x16 tiles are not on the GPU yet).
 GPU_QUANTIZERS = {
     ("nvfp4", "ieee", "floor", "nearest"): "nvfp4_ieee",
     ("nvfp4", "ieee", "floor", "stochastic"): "nvfp4_sr",
@@ -95,8 +104,12 @@ GPU_QUANTIZERS = {
     ("mxfp4", "ieee", "te_pow2", "nearest"): "mxfp4_te_pow2",
 }
 # The options a GPU quantizer depends on (the others are at their defaults),
-# in the order the torch ops take them.
-GPU_OPTIONS = ("fmt", "numerics", "mx_scale_rule", "row_scaled", "rounding", "seed", "offset")
+# in the order the torch ops take them; Four Over Six's settings are None
+# without it.
+GPU_OPTIONS = ("fmt", "numerics", "mx_scale_rule", "row_scaled", "rounding", "seed", "offset", "four_over_six",
+               "e4m3_max", "err_mode", "err_use_fast_math", "rht", "transform_dtype")
+# The variants whose global scale comes from a global amax (global_amax).
+AMAX_VARIANTS = ("4over6", "rht")
 
 
 def gpu_quantizer(global_scale, options: dict, *, mask: bool = False) -> str:
@@ -118,17 +131,41 @@ def gpu_variant(global_scale, options: dict, *, mask: bool = False) -> tuple[str
         raise ValueError("the saturation mask is not defined with rht=True (it would live in the transformed "
                          "domain, docs/fused_ops.md section 6.3); use the plain straight-through gradient")
     rounding = "nearest" if resolved["seed"] is None else "stochastic"
-    quantizer = GPU_QUANTIZERS.get((args["fmt"], variant, resolved["rule"], rounding))
+    if variant == "4over6":
+        quantizer = f"nvfp4_4over6_{resolved['err_mode'].lower()}"
+    elif variant == "rht":
+        quantizer = "nvfp4_rht" if args["transform_dtype"] == "input" else "nvfp4_rht_float32"
+    else:
+        quantizer = GPU_QUANTIZERS.get((args["fmt"], variant, resolved["rule"], rounding))
     if quantizer is not None and args["tile"] == "1x16":
         if mask and quantizer == "nvfp4_sr":
             quantizer = "nvfp4_ieee"  # stochastic rounding has round to nearest's scale bytes, and so its mask
-        return quantizer, dict(zip(GPU_OPTIONS, (args["fmt"], variant, resolved["rule"], bool(args["row_scaled"]),
-                                                 rounding, resolved["seed"], resolved["offset"] or 0)))
+        four_over_six = variant == "4over6"
+        settings = (resolved["e4m3_max"], resolved["err_mode"], resolved["fast"]) if four_over_six else (None,) * 3
+        return quantizer, dict(zip(GPU_OPTIONS, (args["fmt"], variant if variant in ("ieee", "te") else "te",
+                                                 resolved["rule"], bool(args["row_scaled"]), rounding,
+                                                 resolved["seed"], resolved["offset"] or 0, four_over_six, *settings,
+                                                 variant == "rht",
+                                                 args["transform_dtype"] if variant == "rht" else "input")))
     chosen = [f"{name}={args[name]!r}" for name in _FAKE_DEFAULTS
               if name not in ("fmt", "global_amax") and args[name] != _FAKE_DEFAULTS[name]]
     raise ValueError(f"fake quantization with {', '.join(chosen)} is not available on the GPU yet (GPU: fmt='nvfp4' "
                      "with numerics='ieee' (rounding 'nearest' or 'stochastic') or 'te' (1x16 blocks, row_scaled or "
-                     "not), fmt='mxfp4' with every mx_scale_rule); nvfp4_cupy.reference.fused computes it on the CPU")
+                     "not, four_over_six or rht), fmt='mxfp4' with every mx_scale_rule); nvfp4_cupy.reference.fused "
+                     "computes it on the CPU")
+
+
+def row_scalar(gpu: dict, global_scale, options: dict):
+    """The row's scalar of a call whose canonical options are `gpu`: its
+    global_amax (Four Over Six, the RHT) or its global scale."""
+    return options.get("global_amax") if gpu["four_over_six"] or gpu["rht"] else global_scale
+
+
+def scalar_arguments(gpu: dict, scalar) -> dict:
+    """row_scalar's inverse: the keyword arguments that pass `scalar`."""
+    if gpu["four_over_six"] or gpu["rht"]:
+        return dict(global_scale=None, global_amax=scalar)
+    return dict(global_scale=scalar)
 
 
 @dataclass(frozen=True)
@@ -142,7 +179,7 @@ _plans: dict = {}
 _MAX_PLANS = 4096
 
 
-def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, target) -> _Plan:
+def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, settings: tuple, target) -> _Plan:
     view = row_view(x.shape, x.strides, x.itemsize, scale_kind == "expert")
     block = 32 if FAKE_QUANTIZERS[quantizer].fmt == "mxfp4" else 16
     blocks_per_row = -(-view.n // block)
@@ -154,7 +191,7 @@ def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, 
     expert_step, row_step = global_scale_steps(scale_kind, view.m)
     static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n,
                   blocks_per_row=blocks_per_row, steps=steps, global_scale_expert_step=expert_step,
-                  global_scale_row_step=row_step)
+                  global_scale_row_step=row_step, denominator=settings[0], fast_math=settings[1])
     # past `out`, the seed and offset halves (zeros for the quantizers without stochastic rounding)
     dynamic = ("x", "global_scale_ptr", "global_scale_value", "out") + (() if mask else SR_WORDS)
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
@@ -164,11 +201,11 @@ def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, 
                  (view.experts, view.expert_stride, view.m, view.row_stride, view.n))
 
 
-def _plan_for(x, dtype_name, scale_kind, quantizer, mask, target) -> _Plan:
-    key = (x.dtype, x.shape, x.strides, scale_kind, quantizer, mask, target)
+def _plan_for(x, dtype_name, scale_kind, quantizer, mask, settings, target) -> _Plan:
+    key = (x.dtype, x.shape, x.strides, scale_kind, quantizer, mask, settings, target)
     plan = _plans.get(key)
     if plan is None:
-        plan = _make_plan(x, dtype_name, scale_kind, quantizer, mask, target)
+        plan = _make_plan(x, dtype_name, scale_kind, quantizer, mask, settings, target)
         if len(_plans) < _MAX_PLANS:
             _plans[key] = plan
     return plan
@@ -184,33 +221,45 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
     array = frontend.array(x, "x")
     device_id = array.device_id
     dtype_name = frontend.dtype_name(array.dtype)
-    resolve_padded_n(rows_and_n(array.shape)[1], None)  # n >= 1
+    rows, n = rows_and_n(array.shape)
+    resolve_padded_n(n, None)  # n >= 1
     quantizer, gpu = gpu_variant(global_scale, options, mask=mask)
-    # the kernel's seed and offset halves (the mask kernel takes none)
+    takes_amax = gpu["four_over_six"] or gpu["rht"]
+    if gpu["rht"]:
+        _te_rht._check_rht_k(n)
+    # the kernel's seed and offset halves (the mask kernel takes none), 6 * e4m3_max and fast math
     words = () if mask else sr_words(gpu["seed"] or 0, gpu["offset"])
+    settings = (float(6 * (gpu["e4m3_max"] or 448)), int(bool(gpu["err_use_fast_math"])))
     fmt = FAKE_QUANTIZERS[quantizer].fmt
     te_numerics = quantizer == "nvfp4_te"
     row_scaled = bool(options.get("row_scaled", False))
-    computed_scale = fmt == "nvfp4" and global_scale is None
+    # The row's scalar the kernel reads: the global scale, or (Four Over Six,
+    # the RHT) the global amax; None where it is computed on the device first.
+    given = row_scalar(gpu, global_scale, options)
+    computed_scale = fmt == "nvfp4" and given is None
     scale = None
-    if fmt == "nvfp4" and not computed_scale:
+    if takes_amax and not computed_scale:
+        amax_array, amax_value, per_row_amax = amax_argument(given, row_scaled, device_id, rows, n)
+        scale = GlobalScale(amax_array, 0 if amax_array is None else amax_array.pointer, amax_value,
+                            "row" if per_row_amax else "one")
+    elif fmt == "nvfp4" and not computed_scale:
         if te_numerics:  # before the generic shape check, which does not know TE's [E, m] per-row form
             te_fake_scale_kind(global_scale, array.shape, row_scaled)
         scale = global_scale_argument(global_scale, device_id, array.shape)
-    # A computed scale is one, or one per row for numerics="te" with row_scaled.
-    scale_kind = scale.kind if scale is not None else "row" if computed_scale and te_numerics and row_scaled else "one"
-    plan = _plan_for(array, dtype_name, scale_kind, quantizer, mask, target)
+    # A computed scale is one, or one per row with row_scaled (numerics="te" and its variants).
+    scale_kind = scale.kind if scale is not None else "row" if computed_scale and row_scaled else "one"
+    plan = _plan_for(array, dtype_name, scale_kind, quantizer, mask, settings, target)
     handle = resolve_stream(stream, device_id, frontend)
     results = output_frontend(like, frontend)
     out_dtype = "bool" if mask else dtype_name
-    given = None
+    given_out = None
     if out is not None:
-        given = check_output(out, "out", array.shape, out_dtype, device_id, "x")
+        given_out = check_output(out, "out", array.shape, out_dtype, device_id, "x")
         if not plan.empty:
             reads = [("x", _read_range(array, plan.row_span))]
             if scale is not None and scale.array is not None:
-                reads.append(("global_scale", scale.array.byte_range()))
-            check_disjoint(reads, [("out", given.byte_range())])
+                reads.append(("global_amax" if takes_amax else "global_scale", scale.array.byte_range()))
+            check_disjoint(reads, [("out", given_out.byte_range())])
         result = results.as_frontend((out,))[0]
     else:
         result = results.allocator(device_id, handle)(array.shape, "uint8" if mask else dtype_name)
@@ -218,16 +267,15 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
             result = result.view(np.bool_ if results is CUPY else results.torch.bool)
     if plan.empty:
         return _nothing, result
-    out_pointer = given.pointer if given is not None else results.pointer(result)
+    out_pointer = given_out.pointer if given_out is not None else results.pointer(result)
     alignment = MASK_VECTOR_BYTES if mask else VECTOR_BYTES
     kernel = plan.kernels[plan.kernels[1] is not None and array.pointer % VECTOR_BYTES == 0
                           and out_pointer % alignment == 0]
-    if computed_scale:  # TE's S_enc for numerics="te" (one per row with row_scaled), else ours
-        scale_launch, computed = (prepare_global_scale(x, row_scaled, stream, like, "te") if te_numerics else
-                                  prepare_global_scale(x, False, stream, like))
-        scale = global_scale_argument(computed, device_id, array.shape)
-        fake_launch = functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, 0.0, out_pointer,
-                                        *words)
+    if computed_scale:
+        scale_launch, computed = _computed_scale(x, array, dtype_name, gpu, row_scaled, stream, like, results,
+                                                 device_id, handle)
+        fake_launch = functools.partial(kernel, device_id, handle, array.pointer, results.pointer(computed), 0.0,
+                                        out_pointer, *words)
 
         def launch(computed=computed) -> None:  # holds the computed scale until both are launched
             scale_launch()
@@ -238,6 +286,27 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
         return functools.partial(kernel, device_id, handle, array.pointer, 0, 0.0, out_pointer, *words), result
     return (functools.partial(kernel, device_id, handle, array.pointer, scale.pointer, scale.value, out_pointer, *words),
             result)
+
+
+def _computed_scale(x, array, dtype_name: str, gpu: dict, row_scaled: bool, stream, like, results, device_id: int,
+                    handle: int):
+    """(launch, float32 device array) of the row's scalar computed on the
+    device: TE's S_enc for numerics="te" (one per row with row_scaled), the
+    global amax max |x| (Four Over Six) or max |RHT(x)| (the RHT), each per
+    row with row_scaled; else our global scale."""
+    if gpu["rht"]:
+        rows, n = rows_and_n(array.shape)
+        amax = results.allocator(device_id, handle)((rows if row_scaled else 1,), "float32")
+        view = row_view(array.shape, array.strides, array.itemsize, False)
+        vectors = rows_allow_vectors((view.row_stride * array.itemsize,), n) and array.pointer % VECTOR_BYTES == 0
+        variant = RhtVariant(dtype_name, LAYOUTS["linear"], vectors, gpu["transform_dtype"] == "input")
+        launch = rht_amax_launcher(variant, array, view.row_stride, rows, n, row_scaled)
+        return functools.partial(launch, device_id, handle, results.pointer(amax)), amax
+    if gpu["four_over_six"]:
+        return prepare_global_amax(x, row_scaled, stream, like)
+    if gpu["numerics"] == "te":
+        return prepare_global_scale(x, row_scaled, stream, like, "te")
+    return prepare_global_scale(x, False, stream, like)
 
 
 def te_fake_scale_kind(global_scale, x_shape: tuple, row_scaled: bool) -> None:

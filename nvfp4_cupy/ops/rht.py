@@ -6,6 +6,7 @@ the outputs are allocated or a kernel launched."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -48,20 +49,16 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
     specs = (((m, call.padded_n // 2), "uint8"), (call.scale_shape, "uint8")) + (((amax_rows,), "float32"),) * computed
     outputs = tuple(results.outputs(device_id, handle, specs))
     returned = outputs if computed else outputs + (global_amax,)
-    if computed:  # the amax kernel maxes into zeros; no values (m = 0) have amax 0
-        amax_pointer = results.pointer(outputs[2])
-        _memset_zero(amax_pointer, 4 * amax_rows, device_id, handle)
-    if m == 0:
-        return returned
     row_stride = call.view.row_stride
     vectors = rows_allow_vectors((row_stride * array.itemsize,), k) and array.pointer % VECTOR_BYTES == 0
     variant = RhtVariant(dtype_name, call.scale_layout, vectors, to_input)
     if computed:
-        amax_kernel = bound_kernel(variant, *_amax_geometry(m, k, f"x: shape {array.shape}"),
-                                   dict(row_stride=row_stride, m=m, n=k, per_row=int(call.per_row)), ("x", "amax"))
-        amax_kernel(device_id, handle, array.pointer, amax_pointer)
+        amax_pointer = results.pointer(outputs[2])
+        rht_amax_launcher(variant, array, row_stride, m, k, call.per_row)(device_id, handle, amax_pointer)
     else:
         amax_pointer = call.amax_pointer
+    if m == 0:
+        return returned
     quantize = bound_kernel(variant, *call.geometry,
                             dict(row_stride=row_stride, m=m, n=k, padded_n=call.padded_n,
                                  scale_rows=call.scale_shape[0], scale_cols=call.scale_shape[1],
@@ -69,6 +66,24 @@ def scaled_fp4_quant_rht(x, global_amax=None, is_sf_swizzled_layout=True, padded
                             ("x", "amax_ptr", "amax_value", "packed", "scales"), index=1)
     quantize(device_id, handle, array.pointer, amax_pointer, call.amax_value, *(results.pointer(o) for o in outputs[:2]))
     return returned
+
+
+def rht_amax_launcher(variant: RhtVariant, array, row_stride: int, m: int, k: int, per_row: bool):
+    """launch(device_id, stream handle, amax pointer): zeroes the float32
+    amax ([m] with per_row, else [1]) and maxes max |y| over the transformed
+    rows of x [m, k] into it with `variant`'s rht_amax (no launch for m = 0:
+    no values have amax 0)."""
+    kernel = None
+    if m:
+        kernel = bound_kernel(variant, *_amax_geometry(m, k, f"x: shape {array.shape}"),
+                              dict(row_stride=row_stride, m=m, n=k, per_row=int(per_row)), ("x", "amax"))
+    return functools.partial(_zero_and_max, 4 * (m if per_row else 1), kernel, array.pointer)
+
+
+def _zero_and_max(amax_bytes: int, kernel, x_pointer: int, device_id: int, handle: int, amax_pointer: int) -> None:
+    _memset_zero(amax_pointer, amax_bytes, device_id, handle)  # the kernel maxes into zeros
+    if kernel is not None:
+        kernel(device_id, handle, x_pointer, amax_pointer)
 
 
 # rht_amax's thread blocks loop over rows, so that a large tensor makes at
