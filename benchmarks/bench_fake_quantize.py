@@ -5,11 +5,11 @@ scales, x's dtype out), bf16 x at 16384 x 16384, 16384 x 7168 and
 4096 x 7168, NVFP4 with a device global scale (and MXFP4 at 16384 x 16384).
 Targets: >= 90% of the copy ceiling for the bytes it moves (read x + write
 x) at 16384^2, and >= 2x faster than the unfused pair. Then TE's variants
-that take a global amax (Four Over Six, the RHT) at 16384 x 7168, the amax
-given as a device array: against their own unfused pair (Four Over Six:
-scaled_fp4_quant_4over6 then dequantize_fp4; the RHT has no GPU inverse
-transform outside the fused kernel, so only its time) and against plain
-NVFP4 fake quantization of the same x.
+at 16384 x 7168: Four Over Six and the RHT under a global amax given as a
+device array, 16x16 tiles under that amax's S_enc; against their own
+unfused pair (the GPU quantizer then dequantize_fp4; the RHT has no GPU
+inverse transform outside the fused kernel, so only its time) and against
+plain NVFP4 fake quantization of the same x.
 
 Every op writes into preallocated outputs, so that only kernels are timed.
 Before timing, the fused result is checked against the unfused one on the
@@ -40,6 +40,7 @@ VARIANTS = {
     "4over6 MSE": dict(numerics="te", four_over_six=True, err_mode="MSE"),
     "4over6 fast": dict(numerics="te", four_over_six=True, err_use_fast_math=True),
     "rht": dict(numerics="te", rht=True),
+    "te 16x16": dict(numerics="te", tile="16x16"),  # under S_enc of the same amax, as a global scale
 }
 
 
@@ -85,15 +86,21 @@ def bench_variant(name: str, ceiling: float, plain_us: float) -> dict:
     amax = cp.asarray(np.array([AMAX], np.float32))
     s_enc = cp.asarray(te.encode_scale_from_amax_te(np.array([AMAX], np.float32)))
     out = cp.empty_like(x[0])
-    packed, scales = nv.create_fp4_output_tensors(m, n, layout="linear")
     unfused_out = cp.empty_like(x[0])
     settings = {k: v for k, v in options.items() if k in ("err_mode", "err_use_fast_math")}
 
+    tiles = options.get("tile") == "16x16"
+    scalar = dict(global_scale=s_enc) if tiles else dict(global_amax=amax)
+    packed, scales = nv.create_fp4_output_tensors(m, n, layout="linear")
+
     def fused(i):
-        nv.fake_quantize(x[i], global_amax=amax, out=out, **options)
+        nv.fake_quantize(x[i], **scalar, out=out, **options)
 
     def unfused(i):
-        got = nv.scaled_fp4_quant_4over6(x[i], amax, layout="linear", **settings)
+        if tiles:
+            got = nv.scaled_fp4_quant(x[i], s_enc, layout="linear", out=packed, out_scale=scales, **options)
+        else:
+            got = nv.scaled_fp4_quant_4over6(x[i], amax, layout="linear", **settings)
         nv.dequantize_fp4(got[0], got[1], s_enc, n=n, layout="linear", dtype=DTYPE, out=unfused_out)
 
     rht = options.get("rht")

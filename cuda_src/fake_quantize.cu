@@ -29,6 +29,7 @@
 #include "blocks.cuh"
 #include "four_over_six.cuh"
 #include "rht.cuh"
+#include "row_tiles.cuh"
 
 namespace nvfp4 {
 
@@ -538,6 +539,102 @@ saturation_mask(const typename Input::raw_t* __restrict__ x, const float* __rest
   fake_quantize_rows<Input, Float32Output, Quantizer, kVector, true, kMaxSteps>(
       x, global_scale_ptr, global_scale_value, out, 0u, 0u, 0u, 0u, row_stride, expert_stride, m, n, blocks_per_row,
       steps, global_scale_expert_step, global_scale_row_step, denominator, fast_math);
+}
+
+// ---------------------------------------------------------------------------
+// numerics="te" with 16x16 tiles (TE's weight recipe, docs/te_numerics.md
+// section 4) on row_tiles.cuh's thread-block tile, as quantize.cu's
+// quantize_nvfp4_te_tiles: its threads load the tile's row blocks once,
+// SquareTileAmax reduces each 16x16 tile's amax in shared memory (rows past m
+// count as zeros), and each thread quantizes its row blocks with their tile's
+// amax (TeNvfp4Quantizer's scale and codes), decodes them in registers and
+// stores the values (kMask: section 6.3's mask bytes) straight to global
+// memory: 32 or 64 contiguous bytes a block. One S_enc for all of x:
+// global_scale_ptr[0], or global_scale_value without a pointer.
+// ---------------------------------------------------------------------------
+template <typename Input, typename Output, bool kVector, bool kMask, typename Out>
+__device__ __forceinline__ void fake_quantize_tile_rows(const typename Input::raw_t* __restrict__ x,
+                                                        const float* __restrict__ global_scale_ptr,
+                                                        float global_scale_value, Out* __restrict__ out,
+                                                        long long row_stride, int m, int n) {
+  typedef RowTile<Input> Tile;
+  typedef typename Output::raw_t raw_t;
+  const int first_row = blockIdx.x * kTileRows;
+  const int first_col = blockIdx.y * Tile::kCols;
+  const int t = threadIdx.x;
+  const int r = t / kThreadsPerRow;
+  const int row = first_row + r;
+  u32 words[Tile::kBlocksPerThread][Tile::kWords];
+  load_tile_row<Input, kVector>(x, row_stride, m, n, first_row, first_col, words);
+  __shared__ SquareTileAmax<Input> square;
+  square.reduce(words, r, t);  // every thread of the thread block: two barriers
+  if (row >= m) return;
+  const float gs = global_scale_ptr ? __ldg(global_scale_ptr) : global_scale_value;
+  const TeNvfp4Quantizer quantizer(QuantizerArgs{gs, 0u, 0u, 0u, 0u, 0ull, 0.0f, 0});
+  const BlockDecoder<Output, false> decoder(gs);
+  const u32 largest_bits = __float_as_uint(quantizer.largest());
+  Out* out_row = out + (long long)row * n;
+#pragma unroll
+  for (int b = 0; b < Tile::kBlocksPerThread; ++b) {
+    const int k_local = t % kThreadsPerRow + b * kThreadsPerRow;
+    const int col = first_col + k_local * kBlockSize;
+    if (col >= n) break;  // col grows with b
+    const BlockScale scale = quantizer.scale(square.tiles[r / kBlockSize][k_local]);
+    if constexpr (kMask) {
+      u32 mask[4] = {0u, 0u, 0u, 0u};
+      if (TeNvfp4Quantizer::saturates(scale.scale_byte)) saturated_bytes<Input>(words[b], largest_bits, mask);
+      if constexpr (kVector) {  // n % 8 == 0 and an 8-byte aligned mask: 8-value pieces lie wholly in [0, n) or past it
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          if (col + 8 * q < n) store_global(reinterpret_cast<uint2*>(out_row + col + 8 * q), make_uint2(mask[2 * q], mask[2 * q + 1]));
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < kBlockSize; ++v) {
+          if (col + v < n) store_global(out_row + col + v, (mask[v >> 2] >> (8 * (v & 3))) & 0xffu);
+        }
+      }
+    } else {
+      const uint2 codes = pack_block<Input, TeNvfp4Quantizer::Codes>(words[b], scale);
+      const MagnitudeTable<Output> table = decoder.table(scale.scale_byte);
+      const BlockWords<Output> block =
+          table.plane[0] != kSlow ? decode_block<Output>(codes, table) : decoder.exact(codes, scale.scale_byte);
+      if constexpr (kVector) {  // n % 8 == 0 and a 16-byte aligned out: 16-byte pieces lie wholly in or past the row
+        constexpr int kPieceValues = 16 / sizeof(raw_t);
+#pragma unroll
+        for (int q = 0; q < (int)sizeof(raw_t); ++q) {
+          if (col + q * kPieceValues < n) {
+            store_global(reinterpret_cast<uint4*>(out_row + col) + q,
+                         make_uint4(block.w[4 * q], block.w[4 * q + 1], block.w[4 * q + 2], block.w[4 * q + 3]));
+          }
+        }
+      } else {
+#pragma unroll
+        for (int v = 0; v < kBlockSize; ++v) {
+          if (col + v < n) {
+            store_global(out_row + col + v, sizeof(raw_t) == 4 ? block.w[v] : block.w[v >> 1] >> (16 * (v & 1)));
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename Input, typename Output, bool kVector>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+fake_quantize_te_tiles(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
+                       float global_scale_value, typename Output::raw_t* __restrict__ out, long long row_stride, int m,
+                       int n) {
+  fake_quantize_tile_rows<Input, Output, kVector, false>(x, global_scale_ptr, global_scale_value, out, row_stride, m,
+                                                         n);
+}
+
+template <typename Input, bool kVector>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+saturation_mask_te_tiles(const typename Input::raw_t* __restrict__ x, const float* __restrict__ global_scale_ptr,
+                         float global_scale_value, u8* __restrict__ out, long long row_stride, int m, int n) {
+  fake_quantize_tile_rows<Input, Float32Output, kVector, true>(x, global_scale_ptr, global_scale_value, out,
+                                                               row_stride, m, n);
 }
 
 }  // namespace nvfp4

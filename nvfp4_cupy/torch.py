@@ -481,14 +481,14 @@ def _launch_arguments(global_scale, global_scale_value, options: tuple) -> dict:
 
 @torch.library.custom_op("nvfp4::fake_quantize", mutates_args=())
 def _fake_quantize_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
-                      fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
-                      offset: int, four_over_six: bool, e4m3_max: Optional[int], err_mode: Optional[str],
+                      fmt: str, numerics: str, tile: str, mx_scale_rule: str, row_scaled: bool, rounding: str,
+                      seed: int, offset: int, four_over_six: bool, e4m3_max: Optional[int], err_mode: Optional[str],
                       err_use_fast_math: Optional[bool], rht: bool, transform_dtype: str,
                       zero_saturated: bool) -> torch.Tensor:
     # detach: the backward may run with grad mode on (create_graph), and the
     # launcher refuses tensors that require grad.
-    options = (fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset, four_over_six, e4m3_max, err_mode,
-               err_use_fast_math, rht, transform_dtype)
+    options = (fmt, numerics, tile, mx_scale_rule, row_scaled, rounding, seed, offset, four_over_six, e4m3_max,
+               err_mode, err_use_fast_math, rht, transform_dtype)
     return _fake_quantize.fake_quantize(x.detach(), **_launch_arguments(global_scale, global_scale_value, options),
                                         like=_LIKE)
 
@@ -500,11 +500,11 @@ def _(x, global_scale, global_scale_value, *options_and_zero_saturated):
 
 @torch.library.custom_op("nvfp4::saturation_mask", mutates_args=())
 def _saturation_mask_op(x: torch.Tensor, global_scale: Optional[torch.Tensor], global_scale_value: Optional[float],
-                        fmt: str, numerics: str, mx_scale_rule: str, row_scaled: bool, rounding: str, seed: int,
-                        offset: int, four_over_six: bool, e4m3_max: Optional[int], err_mode: Optional[str],
+                        fmt: str, numerics: str, tile: str, mx_scale_rule: str, row_scaled: bool, rounding: str,
+                        seed: int, offset: int, four_over_six: bool, e4m3_max: Optional[int], err_mode: Optional[str],
                         err_use_fast_math: Optional[bool], rht: bool, transform_dtype: str) -> torch.Tensor:
-    options = (fmt, numerics, mx_scale_rule, row_scaled, rounding, seed, offset, four_over_six, e4m3_max, err_mode,
-               err_use_fast_math, rht, transform_dtype)
+    options = (fmt, numerics, tile, mx_scale_rule, row_scaled, rounding, seed, offset, four_over_six, e4m3_max,
+               err_mode, err_use_fast_math, rht, transform_dtype)
     return _fake_quantize.saturation_mask(x.detach(), **_launch_arguments(global_scale, global_scale_value, options),
                                           like=_LIKE)
 

@@ -156,7 +156,12 @@ def fused_and_variants(rng) -> int:
               f"Four Over Six saturation mask {name}")
         check(nv.fake_quantize(strided_tokens, numerics="te", rht=True),
               fused.fake_quantize(tokens, numerics="te", rht=True), f"RHT fake_quantize {name}")
-        calls += 19
+        check(nv.fake_quantize(x, numerics="te", tile="16x16"), fused.fake_quantize(host, numerics="te", tile="16x16"),
+              f"16x16 tiles fake_quantize {name}")
+        check(nv.saturation_mask(x, cp.asarray(4 * te_gs), numerics="te", tile="16x16"),
+              fused.saturation_mask(host, 4 * te_gs, numerics="te", tile="16x16"),
+              f"16x16 tiles saturation mask {name}")
+        calls += 21
     return calls
 
 

@@ -80,6 +80,7 @@ def _cupy_ops():
     ({"numerics": "te", "four_over_six": True, "err_mode": "mse", "e4m3_max": 256}, "nvfp4_4over6_mse"),
     ({"numerics": "te", "rht": True}, "nvfp4_rht"),
     ({"numerics": "te", "rht": True, "transform_dtype": "float32"}, "nvfp4_rht_float32"),
+    ({"numerics": "te", "tile": "16x16"}, "nvfp4_te_tiles"),
 ])
 def test_supported_options_pick_their_quantizer(options, quantizer):
     """Stochastic rounding's mask is round to nearest's (the same scale bytes)."""
@@ -89,16 +90,29 @@ def test_supported_options_pick_their_quantizer(options, quantizer):
         assert ops.gpu_quantizer(None, options, mask=True) == ("nvfp4_ieee" if quantizer == "nvfp4_sr" else quantizer)
 
 
-@pytest.mark.parametrize("options", [
-    {"numerics": "te", "tile": "16x16"},
-])
-def test_variants_without_a_gpu_kernel_are_refused_by_name(options):
+def test_every_golden_combination_has_a_gpu_quantizer():
+    """Every combination of options the golden model accepts maps to a
+    quantizer of fake_quantize.cu (none is refused for want of a kernel)."""
+    import itertools
+
     ops = _cupy_ops()
-    fused.fake_quantize(np.ones((2, 16), np.float32), **options)  # the golden model computes them
-    with pytest.raises(ValueError, match="not available on the GPU yet") as error:
-        ops.gpu_quantizer(None, options)
-    last = list(options.items())[-1]
-    assert f"{last[0]}={last[1]!r}" in str(error.value)
+    from nvfp4_cupy._runtime.compile import FAKE_QUANTIZERS
+
+    grid = dict(fmt=("nvfp4", "mxfp4"), numerics=("ieee", "te"), tile=("1x16", "16x16"), row_scaled=(False, True),
+                rounding=("nearest", "stochastic"), mx_scale_rule=("floor", "rceil", "te_pow2"),
+                four_over_six=(False, True), err_mode=(None, "MSE"), rht=(False, True),
+                transform_dtype=("input", "float32"))
+    accepted = set()
+    for values in itertools.product(*grid.values()):
+        options = dict(zip(grid, values))
+        if options["rounding"] == "stochastic":
+            options["seed"] = 1
+        try:
+            fused._check_fake_options(**fused._fake_options(None, options))
+        except ValueError:
+            continue
+        accepted.add(ops.gpu_quantizer(None, options))
+    assert accepted == set(FAKE_QUANTIZERS)
 
 
 @pytest.mark.parametrize("global_scale, options", [
@@ -246,6 +260,7 @@ FOUR_OVER_SIX = {"numerics": "te", "four_over_six": True}
 
 
 @pytest.mark.parametrize("options", [{"numerics": "te"}, {"numerics": "te", "row_scaled": True},
+                                     {"numerics": "te", "tile": "16x16"},
                                      {"fmt": "mxfp4", "mx_scale_rule": "rceil"},
                                      {"fmt": "mxfp4", "mx_scale_rule": "te_pow2"},
                                      {"rounding": "stochastic", "seed": 2**63 + 5, "offset": 2**64 - 1},
@@ -416,6 +431,7 @@ def test_fake_quantize_matches_golden_and_the_unfused_ops(cp, case, dtype, fmt):
 VARIANTS = {
     "te": ({"numerics": "te"}, ("one", "expert")),
     "te row_scaled": ({"numerics": "te", "row_scaled": True}, ("row", "computed")),
+    "te 16x16": ({"numerics": "te", "tile": "16x16"}, ("one",)),
     "mxfp4 rceil": ({"fmt": "mxfp4", "mx_scale_rule": "rceil"}, ("mx",)),
     "mxfp4 te_pow2": ({"fmt": "mxfp4", "mx_scale_rule": "te_pow2"}, ("mx",)),
     "sr": ({"rounding": "stochastic", "seed": 2**40 + 5, "offset": 2**63 + 3}, ("one", "row", "expert")),
@@ -682,8 +698,17 @@ def _bad_calls(cp):
         ("n = 0", lambda: nv.fake_quantize(cp.ones((4, 0), cp.float16), 1.0), ValueError, "must be positive"),
         ("strided last dim", lambda: nv.fake_quantize(cp.ones((4, 64), cp.float16)[:, ::2], 1.0), ValueError,
          "last dimension must be contiguous"),
-        ("te 16x16 tiles", lambda: nv.fake_quantize(x, numerics="te", tile="16x16"), ValueError,
-         "not available on the GPU yet"),
+        ("te 16x16 tiles, a scale per expert", lambda: nv.fake_quantize(
+            cp.ones((2, 4, 32), cp.float16), cp.ones(2, cp.float32), numerics="te", tile="16x16"),
+         ValueError, "not available on the GPU yet"),
+        ("rht with n not a multiple of 16", lambda: nv.fake_quantize(cp.ones((4, 24), cp.float16), numerics="te",
+                                                                     rht=True), ValueError, "multiple of 16"),
+        ("4over6 with a global scale", lambda: nv.fake_quantize(x, 1.0, numerics="te", four_over_six=True),
+         ValueError, "global_amax"),
+        ("4over6 amax shape", lambda: nv.fake_quantize(x, numerics="te", four_over_six=True,
+                                                       global_amax=cp.ones(3, cp.float32)), ValueError, "one per row"),
+        ("4over6 amax dtype", lambda: nv.fake_quantize(x, numerics="te", four_over_six=True,
+                                                       global_amax=cp.ones(1, cp.float16)), TypeError, "float32"),
         ("stochastic without a seed", lambda: nv.fake_quantize(x, rounding="stochastic"), ValueError, "seed"),
         ("te per-row scale without row_scaled", lambda: nv.fake_quantize(x, cp.ones(4, cp.float32), numerics="te"),
          ValueError, "row_scaled"),

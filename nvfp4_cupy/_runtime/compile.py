@@ -328,6 +328,7 @@ class FakeQuantizer:
     # (their unrolled steps would only multiply the code and the registers).
     max_steps: int | None = None
     has_mask: bool = True  # section 6.3 defines its saturation mask
+    tiles: bool = False  # 16x16 tiles: the kernels fake_quantize_te_tiles / saturation_mask_te_tiles
 
 
 # Which quantizer runs, by name (ops/fake_quantize.py picks one from the
@@ -335,6 +336,7 @@ class FakeQuantizer:
 FAKE_QUANTIZERS = {
     "nvfp4_ieee": FakeQuantizer("nvfp4::IeeeNvfp4Quantizer", "nvfp4"),
     "nvfp4_te": FakeQuantizer("nvfp4::TeNvfp4Quantizer", "nvfp4"),
+    "nvfp4_te_tiles": FakeQuantizer("nvfp4::TeNvfp4Quantizer", "nvfp4", tiles=True),
     "nvfp4_sr": FakeQuantizer("nvfp4::SrNvfp4Quantizer", "nvfp4"),
     "mxfp4_floor": FakeQuantizer("nvfp4::FloorMxfp4Quantizer", "mxfp4"),
     "mxfp4_rceil": FakeQuantizer("nvfp4::RceilMxfp4Quantizer", "mxfp4"),
@@ -369,6 +371,10 @@ class FakeQuantizeVariant:
     @property
     def names(self) -> tuple[str, ...]:
         structs = ELEMENT_STRUCTS[self.dtype_name]
+        if FAKE_QUANTIZERS[self.quantizer].tiles:
+            if self.mask:
+                return (f"nvfp4::saturation_mask_te_tiles<{structs.input}, {_flag(self.vector)}>",)
+            return (f"nvfp4::fake_quantize_te_tiles<{structs.input}, {structs.output}, {_flag(self.vector)}>",)
         tail = f"{FAKE_QUANTIZERS[self.quantizer].cuda_struct}, {_flag(self.vector)}, {self.max_blocks_per_thread}"
         if self.mask:
             return (f"nvfp4::saturation_mask<{structs.input}, {tail}>",)

@@ -5,10 +5,11 @@ nvfp4_cupy.reference.fused.fake_quantize; and the saturation mask the
 straight-through gradient uses (section 6.3).
 
 The options are those of the golden model and are checked by its own checks
-(reference.fused); the variants whose quantizer has no GPU kernel yet are
-refused with a ValueError that says so. As in ops/quantize.py, everything a
-caller can get wrong is checked before anything is allocated or launched,
-and what follows from the call's form is worked out once into a cached plan.
+(reference.fused); every quantizer it defines has its GPU kernel (a few
+global-scale forms are refused with a ValueError that says so). As in
+ops/quantize.py, everything a caller can get wrong is checked before
+anything is allocated or launched, and what follows from the call's form is
+worked out once into a cached plan.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from .._runtime.arrays import (
 from .._runtime.compile import FAKE_QUANTIZERS, FakeQuantizeVariant, RhtVariant, Target
 from .._runtime.launch import VECTOR_BYTES, BoundKernel, launch_geometry, rows_allow_vectors
 from ..reference import te_rht as _te_rht
-from ..reference.fused import _FAKE_DEFAULTS, _check_fake_options, _fake_options
+from ..reference.fused import _check_fake_options, _fake_options
 from .dequantize import blocks_per_thread
 from .global_scale import prepare_global_amax, prepare_global_scale
-from .quantize import SR_WORDS, _read_range, sr_words, te_kind_of_shape
+from .quantize import SR_WORDS, _read_range, _square_tile_geometry, sr_words, te_kind_of_shape
 from .rht import amax_argument, rht_amax_launcher
 
 # The mask's vector path stores 8 bytes (8 values) at a time.
@@ -57,16 +58,15 @@ def fake_quantize(x, global_scale=None, *, fmt="nvfp4", numerics="ieee", tile="1
     "stochastic" with a seed and an offset) or "te" (1x16 blocks; with
     row_scaled=True one S_enc per row; four_over_six=True with its e4m3_max,
     err_mode and err_use_fast_math; rht=True with its transform_dtype, n a
-    multiple of 16), and MXFP4 with every mx_scale_rule ("floor", "rceil",
-    "te_pow2"). 16x16 tiles are checked as the golden model checks them,
-    then refused with a ValueError (not on the GPU yet). `global_scale`: a
+    multiple of 16; tile="16x16" with one S_enc for all of x), and MXFP4
+    with every mx_scale_rule ("floor", "rceil", "te_pow2"). `global_scale`: a
     host float, or a float32 device array of one element, one per row, or
     one per expert for x [E, m, n]; None computes the global scale on the
     device first (one more read of x): 448 * 6 / amax(|x|), or for
     numerics="te" TE's S_enc (compute_global_scale(x, per_row=row_scaled,
     numerics="te")). Four Over Six and the RHT take `global_amax` instead
-    (a host number, or a float32 device array of one or, with row_scaled,
-    one per row of x's rows): None computes max |x| (max |RHT(x)| for the
+    (a host number, or a float32 device array of one, or of one per row of
+    x's rows): None computes max |x| (max |RHT(x)| for the
     RHT) on the device first, per row with row_scaled. `out`: a
     C-contiguous buffer of x's dtype and shape (every element is written).
     `stream` and `like` as for scaled_fp4_quant."""
@@ -93,8 +93,8 @@ def saturation_mask(x, global_scale=None, *, out=None, stream=None, like=None, *
 
 # The quantizers on the GPU, by (fmt, variant, MX scale rule, rounding) of
 # the resolved options (reference.fused._check_fake_options); Four Over Six's
-# by its err_mode, the RHT's by its transform_dtype. The tile must be "1x16"
-# (16x16 tiles are not on the GPU yet).
+# by its err_mode, the RHT's by its transform_dtype, numerics="te" with 16x16
+# tiles "nvfp4_te_tiles".
 GPU_QUANTIZERS = {
     ("nvfp4", "ieee", "floor", "nearest"): "nvfp4_ieee",
     ("nvfp4", "ieee", "floor", "stochastic"): "nvfp4_sr",
@@ -106,7 +106,7 @@ GPU_QUANTIZERS = {
 # The options a GPU quantizer depends on (the others are at their defaults),
 # in the order the torch ops take them; Four Over Six's settings are None
 # without it.
-GPU_OPTIONS = ("fmt", "numerics", "mx_scale_rule", "row_scaled", "rounding", "seed", "offset", "four_over_six",
+GPU_OPTIONS = ("fmt", "numerics", "tile", "mx_scale_rule", "row_scaled", "rounding", "seed", "offset", "four_over_six",
                "e4m3_max", "err_mode", "err_use_fast_math", "rht", "transform_dtype")
 # The variants whose global scale comes from a global amax (global_amax).
 AMAX_VARIANTS = ("4over6", "rht")
@@ -116,8 +116,7 @@ def gpu_quantizer(global_scale, options: dict, *, mask: bool = False) -> str:
     """The fake_quantize.cu quantizer (a key of FAKE_QUANTIZERS) for these
     options, after the golden model's checks of section 6.4 (`options`: any
     of fake_quantize's keyword options; unknown ones are a TypeError).
-    A ValueError for the options whose quantizer has no GPU kernel yet, and
-    for the mask with rht=True (not defined, section 6.3)."""
+    A ValueError for the mask with rht=True (not defined, section 6.3).""" 
     return gpu_variant(global_scale, options, mask=mask)[0]
 
 
@@ -135,24 +134,18 @@ def gpu_variant(global_scale, options: dict, *, mask: bool = False) -> tuple[str
         quantizer = f"nvfp4_4over6_{resolved['err_mode'].lower()}"
     elif variant == "rht":
         quantizer = "nvfp4_rht" if args["transform_dtype"] == "input" else "nvfp4_rht_float32"
-    else:
-        quantizer = GPU_QUANTIZERS.get((args["fmt"], variant, resolved["rule"], rounding))
-    if quantizer is not None and args["tile"] == "1x16":
-        if mask and quantizer == "nvfp4_sr":
-            quantizer = "nvfp4_ieee"  # stochastic rounding has round to nearest's scale bytes, and so its mask
-        four_over_six = variant == "4over6"
-        settings = (resolved["e4m3_max"], resolved["err_mode"], resolved["fast"]) if four_over_six else (None,) * 3
-        return quantizer, dict(zip(GPU_OPTIONS, (args["fmt"], variant if variant in ("ieee", "te") else "te",
-                                                 resolved["rule"], bool(args["row_scaled"]), rounding,
-                                                 resolved["seed"], resolved["offset"] or 0, four_over_six, *settings,
-                                                 variant == "rht",
-                                                 args["transform_dtype"] if variant == "rht" else "input")))
-    chosen = [f"{name}={args[name]!r}" for name in _FAKE_DEFAULTS
-              if name not in ("fmt", "global_amax") and args[name] != _FAKE_DEFAULTS[name]]
-    raise ValueError(f"fake quantization with {', '.join(chosen)} is not available on the GPU yet (GPU: fmt='nvfp4' "
-                     "with numerics='ieee' (rounding 'nearest' or 'stochastic') or 'te' (1x16 blocks, row_scaled or "
-                     "not, four_over_six or rht), fmt='mxfp4' with every mx_scale_rule); nvfp4_cupy.reference.fused "
-                     "computes it on the CPU")
+    elif args["tile"] == "16x16":  # numerics="te" (te.check_numerics refuses tiles with any other)
+        quantizer = "nvfp4_te_tiles"
+    else:  # every other combination the golden model's checks let through
+        quantizer = GPU_QUANTIZERS[(args["fmt"], variant, resolved["rule"], rounding)]
+    if mask and quantizer == "nvfp4_sr":
+        quantizer = "nvfp4_ieee"  # stochastic rounding has round to nearest's scale bytes, and so its mask
+    four_over_six = variant == "4over6"
+    settings = (resolved["e4m3_max"], resolved["err_mode"], resolved["fast"]) if four_over_six else (None,) * 3
+    return quantizer, dict(zip(GPU_OPTIONS, (args["fmt"], variant if variant in ("ieee", "te") else "te",
+                                             args["tile"], resolved["rule"], bool(args["row_scaled"]), rounding,
+                                             resolved["seed"], resolved["offset"] or 0, four_over_six, *settings,
+                                             variant == "rht", args["transform_dtype"] if variant == "rht" else "input")))
 
 
 def row_scalar(gpu: dict, global_scale, options: dict):
@@ -184,16 +177,21 @@ def _make_plan(x, dtype_name: str, scale_kind: str, quantizer: str, mask: bool, 
     block = 32 if FAKE_QUANTIZERS[quantizer].fmt == "mxfp4" else 16
     blocks_per_row = -(-view.n // block)
     variants = [FakeQuantizeVariant(dtype_name, quantizer, vector, mask) for vector in (False, True)]
-    steps = blocks_per_thread(view.m * view.experts, blocks_per_row, variants[0].max_blocks_per_thread)
-    # launch_geometry maps one thread per unit of a row; here a unit is a thread's `steps` blocks.
-    grid, block_shape = launch_geometry(view.m, -(-blocks_per_row // steps), batch=view.experts,
-                                        columns=round_up(view.n, block), what=f"x: shape {x.shape}")
-    expert_step, row_step = global_scale_steps(scale_kind, view.m)
-    static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n,
-                  blocks_per_row=blocks_per_row, steps=steps, global_scale_expert_step=expert_step,
-                  global_scale_row_step=row_step, denominator=settings[0], fast_math=settings[1])
-    # past `out`, the seed and offset halves (zeros for the quantizers without stochastic rounding)
-    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out") + (() if mask else SR_WORDS)
+    dynamic = ("x", "global_scale_ptr", "global_scale_value", "out")
+    if FAKE_QUANTIZERS[quantizer].tiles:  # a thread block a tile of row_tiles.cuh, as quantize.cu's te_tiles
+        grid, block_shape = _square_tile_geometry(view.m, blocks_per_row, x.itemsize, f"x: shape {x.shape}")
+        static = dict(row_stride=view.row_stride, m=view.m, n=view.n)
+    else:
+        steps = blocks_per_thread(view.m * view.experts, blocks_per_row, variants[0].max_blocks_per_thread)
+        # launch_geometry maps one thread per unit of a row; here a unit is a thread's `steps` blocks.
+        grid, block_shape = launch_geometry(view.m, -(-blocks_per_row // steps), batch=view.experts,
+                                            columns=round_up(view.n, block), what=f"x: shape {x.shape}")
+        expert_step, row_step = global_scale_steps(scale_kind, view.m)
+        static = dict(row_stride=view.row_stride, expert_stride=view.expert_stride, m=view.m, n=view.n,
+                      blocks_per_row=blocks_per_row, steps=steps, global_scale_expert_step=expert_step,
+                      global_scale_row_step=row_step, denominator=settings[0], fast_math=settings[1])
+        # past `out`, the seed and offset halves (zeros for the quantizers without stochastic rounding)
+        dynamic += () if mask else SR_WORDS
     vectors = rows_allow_vectors((view.row_stride * x.itemsize, view.expert_stride * x.itemsize), view.n)
     kernels = tuple(BoundKernel(variant, grid, block_shape, static, dynamic, target=target)
                     if (vectors or not variant.vector) else None for variant in variants)
@@ -228,10 +226,10 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
     if gpu["rht"]:
         _te_rht._check_rht_k(n)
     # the kernel's seed and offset halves (the mask kernel takes none), 6 * e4m3_max and fast math
-    words = () if mask else sr_words(gpu["seed"] or 0, gpu["offset"])
+    words = () if mask or FAKE_QUANTIZERS[quantizer].tiles else sr_words(gpu["seed"] or 0, gpu["offset"])
     settings = (float(6 * (gpu["e4m3_max"] or 448)), int(bool(gpu["err_use_fast_math"])))
     fmt = FAKE_QUANTIZERS[quantizer].fmt
-    te_numerics = quantizer == "nvfp4_te"
+    te_numerics = quantizer in ("nvfp4_te", "nvfp4_te_tiles")
     row_scaled = bool(options.get("row_scaled", False))
     # The row's scalar the kernel reads: the global scale, or (Four Over Six,
     # the RHT) the global amax; None where it is computed on the device first.
@@ -246,6 +244,9 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
         if te_numerics:  # before the generic shape check, which does not know TE's [E, m] per-row form
             te_fake_scale_kind(global_scale, array.shape, row_scaled)
         scale = global_scale_argument(global_scale, device_id, array.shape)
+        if FAKE_QUANTIZERS[quantizer].tiles and scale.kind != "one":
+            raise ValueError(f"numerics='te' with 16x16 tiles and a global scale per {scale.kind} is not available on "
+                             "the GPU yet (it takes one for all of x); nvfp4_cupy.reference.fused computes it on the CPU")
     # A computed scale is one, or one per row with row_scaled (numerics="te" and its variants).
     scale_kind = scale.kind if scale is not None else "row" if computed_scale and row_scaled else "one"
     plan = _plan_for(array, dtype_name, scale_kind, quantizer, mask, settings, target)
