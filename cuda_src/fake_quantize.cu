@@ -559,15 +559,9 @@ __device__ __forceinline__ void fake_quantize_tile_rows(const typename Input::ra
                                                         long long row_stride, int m, int n) {
   typedef RowTile<Input> Tile;
   typedef typename Output::raw_t raw_t;
-  const int first_row = blockIdx.x * kTileRows;
-  const int first_col = blockIdx.y * Tile::kCols;
-  const int t = threadIdx.x;
-  const int r = t / kThreadsPerRow;
-  const int row = first_row + r;
   u32 words[Tile::kBlocksPerThread][Tile::kWords];
-  load_tile_row<Input, kVector>(x, row_stride, m, n, first_row, first_col, words);
   __shared__ SquareTileAmax<Input> square;
-  square.reduce(words, r, t);  // every thread of the thread block: two barriers
+  const auto [first_row, first_col, t, r, row] = load_square_tiles<Input, kVector>(x, row_stride, m, n, words, square);
   if (row >= m) return;
   const float gs = global_scale_ptr ? __ldg(global_scale_ptr) : global_scale_value;
   const TeNvfp4Quantizer quantizer(QuantizerArgs{gs, 0u, 0u, 0u, 0u, 0ull, 0.0f, 0});

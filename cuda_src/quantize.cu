@@ -178,15 +178,9 @@ quantize_nvfp4_te_tiles(const typename Input::raw_t* __restrict__ x, const float
                         long long row_stride, long long expert_stride, int m, int n, int padded_n, int scale_rows,
                         int scale_cols) {
   typedef RowTile<Input> Tile;
-  const int first_row = blockIdx.x * kTileRows;
-  const int first_col = blockIdx.y * Tile::kCols;
-  const int t = threadIdx.x;
-  const int r = t / kThreadsPerRow;
-  const int row = first_row + r;
   u32 words[Tile::kBlocksPerThread][Tile::kWords];
-  load_tile_row<Input, kVectorLoads>(x, row_stride, m, n, first_row, first_col, words);
   __shared__ SquareTileAmax<Input> square;
-  square.reduce(words, r, t);  // every thread of the thread block: two barriers
+  const auto [first_row, first_col, t, r, row] = load_square_tiles<Input, kVectorLoads>(x, row_stride, m, n, words, square);
   if (row >= scale_rows) return;
   const Nvfp4TeBlocks blocks =
       Nvfp4TeBlocks::from_global_scale(global_scale_ptr ? __ldg(global_scale_ptr) : global_scale_value);

@@ -29,6 +29,23 @@ struct RowTile {
   static constexpr int kBlocksPerThread = kTileRows * kCols / kBlockSize / kThreadsPerBlock;
 };
 
+// Where a thread of a thread block sits in the block's tile (grid x over
+// tiles of rows, grid y over tiles of columns): the tile's first row and
+// column of x, the thread t, its tile row r = t / kThreadsPerRow and that
+// row of x.
+struct TileThread {
+  int first_row, first_col, t, r, row;
+};
+
+template <typename Input>
+__device__ __forceinline__ TileThread tile_thread() {
+  const int first_row = blockIdx.x * kTileRows;
+  const int first_col = blockIdx.y * RowTile<Input>::kCols;
+  const int t = threadIdx.x;
+  const int r = t / kThreadsPerRow;
+  return TileThread{first_row, first_col, t, r, first_row + r};
+}
+
 // A thread's row blocks of the tile: tile row t / kThreadsPerRow, blocks
 // t % kThreadsPerRow, + kThreadsPerRow, ... of it (each load instruction of
 // a warp contiguous in a row); rows past m (and columns past n) read as zeros.
@@ -80,6 +97,20 @@ struct SquareTileAmax {
     __syncthreads();
   }
 };
+
+// The 16x16-tile kernels' prologue (quantize.cu's, fake_quantize.cu's): the
+// thread's row blocks of the tile loaded into `words`, and every 16x16
+// tile's amax reduced into `square` (every thread of the thread block: two
+// barriers). Returns where the thread sits.
+template <typename Input, bool kVectorLoads>
+__device__ __forceinline__ TileThread load_square_tiles(
+    const typename Input::raw_t* __restrict__ x, long long row_stride, int m, int n,
+    u32 (&words)[RowTile<Input>::kBlocksPerThread][RowTile<Input>::kWords], SquareTileAmax<Input>& square) {
+  const TileThread at = tile_thread<Input>();
+  load_tile_row<Input, kVectorLoads>(x, row_stride, m, n, at.first_row, at.first_col, words);
+  square.reduce(words, at.r, at.t);
+  return at;
+}
 
 // One block's outputs: its codes at packed[row * (padded_k / 16) + k] and
 // its scale byte, when the block lies in [0, padded_k) of a row < rows;

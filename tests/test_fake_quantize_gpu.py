@@ -875,6 +875,8 @@ def test_torch_bad_input_is_refused_before_launch(nvt):
     with pytest.raises(TypeError, match="zero_saturated must be a bool"):
         nvt.fake_quantize(x, zero_saturated=1)
     with pytest.raises(ValueError, match="not available on the GPU yet"):
-        nvt.fake_quantize(x, numerics="te", tile="16x16")
+        nvt.fake_quantize(x.reshape(2, 2, 32), torch.ones(2, device="cuda"), numerics="te", tile="16x16")
+    with pytest.raises(ValueError, match="global_amax"):
+        nvt.fake_quantize(x, 1.0, numerics="te", rht=True)
     with pytest.raises(TypeError, match="unexpected keyword"):
         nvt.fake_quantize(x, numeric="te")
