@@ -108,15 +108,13 @@ GPU_QUANTIZERS = {
 # without it.
 GPU_OPTIONS = ("fmt", "numerics", "tile", "mx_scale_rule", "row_scaled", "rounding", "seed", "offset", "four_over_six",
                "e4m3_max", "err_mode", "err_use_fast_math", "rht", "transform_dtype")
-# The variants whose global scale comes from a global amax (global_amax).
-AMAX_VARIANTS = ("4over6", "rht")
 
 
 def gpu_quantizer(global_scale, options: dict, *, mask: bool = False) -> str:
     """The fake_quantize.cu quantizer (a key of FAKE_QUANTIZERS) for these
     options, after the golden model's checks of section 6.4 (`options`: any
     of fake_quantize's keyword options; unknown ones are a TypeError).
-    A ValueError for the mask with rht=True (not defined, section 6.3).""" 
+    A ValueError for the mask with rht=True (not defined, section 6.3)."""
     return gpu_variant(global_scale, options, mask=mask)[0]
 
 
@@ -148,17 +146,21 @@ def gpu_variant(global_scale, options: dict, *, mask: bool = False) -> tuple[str
                                              variant == "rht", args["transform_dtype"] if variant == "rht" else "input")))
 
 
+def takes_global_amax(gpu: dict) -> bool:
+    """Whether the quantizer of canonical options `gpu` (Four Over Six, the
+    RHT) makes its scale from a global amax rather than taking a global scale."""
+    return gpu["four_over_six"] or gpu["rht"]
+
+
 def row_scalar(gpu: dict, global_scale, options: dict):
     """The row's scalar of a call whose canonical options are `gpu`: its
-    global_amax (Four Over Six, the RHT) or its global scale."""
-    return options.get("global_amax") if gpu["four_over_six"] or gpu["rht"] else global_scale
+    global_amax or its global scale."""
+    return options.get("global_amax") if takes_global_amax(gpu) else global_scale
 
 
 def scalar_arguments(gpu: dict, scalar) -> dict:
     """row_scalar's inverse: the keyword arguments that pass `scalar`."""
-    if gpu["four_over_six"] or gpu["rht"]:
-        return dict(global_scale=None, global_amax=scalar)
-    return dict(global_scale=scalar)
+    return dict(global_scale=None, global_amax=scalar) if takes_global_amax(gpu) else dict(global_scale=scalar)
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,7 @@ def prepare_fake_quantize(x, global_scale, options: dict, out, stream, like, *, 
     rows, n = rows_and_n(array.shape)
     resolve_padded_n(n, None)  # n >= 1
     quantizer, gpu = gpu_variant(global_scale, options, mask=mask)
-    takes_amax = gpu["four_over_six"] or gpu["rht"]
+    takes_amax = takes_global_amax(gpu)
     if gpu["rht"]:
         _te_rht._check_rht_k(n)
     # the kernel's seed and offset halves (the mask kernel takes none), 6 * e4m3_max and fast math
