@@ -414,9 +414,8 @@ def fake_quantize(x, global_scale=None, *, zero_saturated=False, **options):
     `global_scale` (a float, a float32 CUDA tensor of one, per row or per
     expert scales, or None for 448 * 6 / amax(|x|) computed on the device)
     or to `global_amax` (Four Over Six, the RHT). `options`: those of
-    nvfp4_cupy.fake_quantize (fmt, ...); the ones with no GPU kernel yet are
-    a ValueError. Works under torch.compile (no graph break) and in
-    training steps."""
+    nvfp4_cupy.fake_quantize (fmt, ...), checked as it checks them. Works
+    under torch.compile (no graph break) and in training steps."""
     zero_saturated = check_bool(zero_saturated, "zero_saturated")
     gpu = _fake_quantize.gpu_variant(global_scale, options)[1]  # every option check, before anything runs
     scalar = _fake_quantize.row_scalar(gpu, global_scale, options)
