@@ -188,4 +188,40 @@ __global__ void dequantize_pattern(const u8* __restrict__ packed, const u8* __re
   store_words<kOutWords>(out + t.index * (4 * kOutWords), words);
 }
 
+// Dequantization's bytes as dequantize_pattern, stored the way the library's
+// dequantize stores them: every store instruction of a warp writes 512
+// consecutive bytes of out. The warp's 32 groups are one run of a row
+// (the benchmark launches this kernel only where a row has whole warps of
+// groups); lane L stores 16-byte piece j * 32 + L of the run, loads the
+// codes of that piece's values, and takes their block's scale byte from the
+// lane that loaded it (one scale access a thread, as above).
+template <int kOutputBytes, int kBlocksPerThread>
+__global__ void dequantize_pattern_coalesced(const u8* __restrict__ packed, const u8* __restrict__ scales, int m,
+                                             int groups, int scale_cols, u8* __restrict__ out) {
+  constexpr int kValues = 16 * kBlocksPerThread;
+  constexpr int kPieces = kValues * kOutputBytes / 16;  // 16-byte stores a thread
+  constexpr int kPieceValues = 16 / kOutputBytes;
+  constexpr int kPieceCodeBytes = kPieceValues / 2;  // 4 or 2
+  GroupThread t;
+  if (!t.locate(m, groups)) return;  // whole warps: all lanes return or none
+  const int lane = threadIdx.x & 31;
+  const long long run = t.index - lane;  // the warp's first group
+  const u32 scale_bytes =
+      load_scales<kBlocksPerThread>(scales + nvfp4::SwizzledScales::offset(t.row, t.group * kBlocksPerThread, scale_cols));
+  const u8* codes = packed + run * (kValues / 2);
+  uint4* dst = reinterpret_cast<uint4*>(out + run * (kValues * kOutputBytes));
+#pragma unroll
+  for (int j = 0; j < kPieces; ++j) {
+    const int piece = j * 32 + lane;
+    const u32 code = kPieceCodeBytes == 4 ? __ldg(reinterpret_cast<const u32*>(codes) + piece)
+                                          : (u32)__ldg(reinterpret_cast<const u16*>(codes) + piece);
+    const int block = piece * kPieceValues / 16;  // in the run
+    const u32 scale = __shfl_sync(0xffffffffu, scale_bytes, block / kBlocksPerThread) >> (8 * (block % kBlocksPerThread));
+    u32 words[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) words[i] = __byte_perm(code, scale, 0x4040u + 0x0101u * (i % kPieceCodeBytes));
+    dst[piece] = make_uint4(words[0], words[1], words[2], words[3]);
+  }
+}
+
 }  // namespace bench

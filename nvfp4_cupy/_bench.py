@@ -223,8 +223,9 @@ def reduce_pattern_name(values_per_thread: int, interleaved: bool) -> str:
     return f"bench::reduce_pattern<{REDUCE_THREADS}, {values_per_thread}, {'true' if interleaved else 'false'}>"
 
 
-def dequantize_pattern_name(output_bytes: int, blocks_per_thread: int) -> str:
-    return f"bench::dequantize_pattern<{output_bytes}, {blocks_per_thread}>"
+def dequantize_pattern_name(output_bytes: int, blocks_per_thread: int, coalesced: bool = False) -> str:
+    kernel = "dequantize_pattern_coalesced" if coalesced else "dequantize_pattern"
+    return f"bench::{kernel}<{output_bytes}, {blocks_per_thread}>"
 
 
 def ceiling_kernel_names() -> tuple[str, ...]:
@@ -234,8 +235,9 @@ def ceiling_kernel_names() -> tuple[str, ...]:
               for _, dtype, fmt in QUANTIZE_PATTERNS for per_thread in PATTERN_BLOCKS_PER_THREAD)
         + tuple(reduce_pattern_name(values, interleaved)
                 for values in REDUCE_VALUES_PER_THREAD for interleaved in (False, True))
-        + tuple(dequantize_pattern_name(output_bytes, per_thread)
-                for _, output_bytes in DEQUANTIZE_PATTERNS for per_thread in PATTERN_BLOCKS_PER_THREAD)
+        + tuple(dequantize_pattern_name(output_bytes, per_thread, coalesced)
+                for _, output_bytes in DEQUANTIZE_PATTERNS for per_thread in PATTERN_BLOCKS_PER_THREAD
+                for coalesced in (False, True))
     )
 
 
@@ -298,20 +300,27 @@ def _sweep(what: str, configs: list, moved: int, buffers: int, check) -> dict:
     return {"bytes": moved, "best": min(timed, key=lambda entry: entry["us"]) if timed else None, "sweep": sweep}
 
 
-def _group_configs(m: int, n: int, block_values: int, kernel_for, arguments) -> list:
+def _group_configs(m: int, n: int, block_values: int, kernel_for, arguments, store_mappings=(False,)) -> list:
     """(config, launch(i)) for the quantize and dequantize patterns: every
-    blocks per thread (kernel_for(blocks per thread) is its kernel) and
-    thread count; arguments(i, groups) are the kernel's for input i."""
+    blocks per thread, store mapping (coalesced or not; kernel_for(blocks
+    per thread, coalesced) is its kernel) and thread count; arguments(i,
+    groups) are the kernel's for input i. A coalesced kernel needs a row's
+    groups in whole warps."""
     configs = []
     for per_thread in PATTERN_BLOCKS_PER_THREAD:
-        kernel = kernel_for(per_thread)
         groups = n // (block_values * per_thread)
-        for threads in PATTERN_THREADS:
-            grid, cta = pattern_geometry(m, groups, threads)
-            configs.append(({"blocks_per_thread": per_thread, "threads": threads,
-                             "label": f"{per_thread} block{'s' * (per_thread > 1)}/thread, {threads} threads"},
-                            lambda i, kernel=kernel, groups=groups, grid=grid, cta=cta: kernel(
-                                grid, cta, arguments(i, groups))))
+        for coalesced in store_mappings:
+            if coalesced and groups % 32:
+                continue
+            kernel = kernel_for(per_thread, coalesced)
+            for threads in PATTERN_THREADS:
+                grid, cta = pattern_geometry(m, groups, threads)
+                label = (f"{per_thread} block{'s' * (per_thread > 1)}/thread, {threads} threads"
+                         + ", coalesced stores" * coalesced)
+                configs.append(({"blocks_per_thread": per_thread, "threads": threads, "coalesced": coalesced,
+                                 "label": label},
+                                lambda i, kernel=kernel, groups=groups, grid=grid, cta=cta: kernel(
+                                    grid, cta, arguments(i, groups))))
     return configs
 
 
@@ -350,7 +359,7 @@ def _quantize_ceiling(kernels, x: list, m: int, n: int, fmt: str) -> dict:
         return None
 
     configs = _group_configs(
-        m, n, block, lambda per_thread: kernels[quantize_pattern_name(itemsize, block, per_thread)],
+        m, n, block, lambda per_thread, _: kernels[quantize_pattern_name(itemsize, block, per_thread)],
         lambda i, groups: (x[i], np.int32(m), np.int32(groups), np.int32(scale_shape[1]), packed, scales))
     return _sweep(f"{fmt} quantize pattern, {dtype}, {m} x {n}", configs, fp4_bytes(m, n, n, dtype, "swizzled", fmt),
                   len(x), check)
@@ -416,8 +425,10 @@ def _dequantize_ceiling(kernels, packs: list, m: int, n: int, dtype: str) -> dic
         return None
 
     configs = _group_configs(
-        m, n, BLOCK_SIZE, lambda per_thread: kernels[dequantize_pattern_name(output_bytes, per_thread)],
-        lambda i, groups: (packs[i][0], packs[i][1], np.int32(m), np.int32(groups), np.int32(scale_cols), out))
+        m, n, BLOCK_SIZE,
+        lambda per_thread, coalesced: kernels[dequantize_pattern_name(output_bytes, per_thread, coalesced)],
+        lambda i, groups: (packs[i][0], packs[i][1], np.int32(m), np.int32(groups), np.int32(scale_cols), out),
+        store_mappings=(False, True))
     return _sweep(f"dequantize pattern, {dtype}, {m} x {n}", configs, fp4_bytes(m, n, n, dtype), len(packs), check)
 
 

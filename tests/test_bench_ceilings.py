@@ -14,6 +14,9 @@ import pytest
 from nvfp4_cupy import reference
 from nvfp4_cupy._bench import (
     CEILING_SHAPES,
+    PATTERN_BLOCKS_PER_THREAD,
+    PATTERN_THREADS,
+    _group_configs,
     REDUCE_THREADS,
     REDUCE_VALUES_PER_THREAD,
     ceiling_kernel_names,
@@ -65,6 +68,20 @@ def test_pattern_geometry_is_the_launchers_at_its_thread_count():
     for rows, groups in [(1, 1), (128, 7), (4096, 448), (16384, 1024)]:
         grid, block = launch_geometry(rows, groups, columns=16 * groups, what="x")
         assert (tuple(grid), tuple(block)) == pattern_geometry(rows, groups, THREADS_PER_BLOCK)
+
+
+def test_coalesced_patterns_run_only_where_a_row_holds_whole_warps():
+    """dequantize_pattern_coalesced takes a warp's 32 groups as one run of a
+    row: a row of 64 blocks has whole warps of groups at 1 and 2 blocks a
+    thread (64, 32 groups), not at 4 (16 groups)."""
+    configs = _group_configs(128, 16 * 64, 16, lambda per_thread, coalesced: (per_thread, coalesced),
+                             lambda i, groups: (), store_mappings=(False, True))
+    mappings = [(config["blocks_per_thread"], config["coalesced"]) for config, _ in configs]
+    assert len(configs) == len(set(c["label"] for c, _ in configs))
+    expected = [(per, coalesced) for per in PATTERN_BLOCKS_PER_THREAD for coalesced in (False, True)
+                if not (coalesced and (64 // per) % 32)]
+    assert mappings == [m for m in expected for _ in PATTERN_THREADS]
+    assert (4, True) not in mappings and (2, True) in mappings
 
 
 def test_pattern_pct_needs_the_same_bytes():
